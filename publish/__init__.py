@@ -1,0 +1,1 @@
+"""Publishing: per-tile results to archive-ready catalogs, images, HiPS and MOC."""

@@ -1,0 +1,1 @@
+"""Reduction core: single-epoch exposures to per-tile, per-band products and catalogs."""

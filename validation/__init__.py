@@ -1,0 +1,1 @@
+"""Validation: release products compared with references and truth, as metrics and figures."""
