@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ks4release.atomic import atomic_write_text
 from ks4release.errors import ConfigError
 from ks4release.grid import Tile, tile_by_name
 from ks4release.survey import BANDS
@@ -138,10 +139,23 @@ class SurveySection:
 class RefcatSource:
     """Where one reference catalog comes from."""
 
-    source: str = _doc("One of 'local', 'tap', 'vizier'.", default="local")
+    source: str = _doc(
+        "One of 'local' (a file), 'tap' (the archive's TAP service, cached) or 'vizier' "
+        "(VizieR via astroquery, cached; Gaia DR3 and Gaia XP only).",
+        default="local",
+    )
     path: str = _doc(
         "For source = 'local': Parquet or FITS file with the archive's column names, "
         "relative to this file.",
+        default="",
+    )
+    tap_url: str = _doc(
+        "For source = 'tap': TAP base URL; empty = the archive's own service (Gaia: "
+        "https://gea.esac.esa.int/tap-server/tap, DELVE: https://datalab.noirlab.edu/tap).",
+        default="",
+    )
+    vizier_url: str = _doc(
+        "For source = 'vizier': VizieR server base URL; empty = https://vizier.cds.unistra.fr.",
         default="",
     )
 
@@ -150,12 +164,62 @@ class RefcatSource:
             raise ValueError(f"source must be one of {', '.join(_REFCAT_SOURCES)}")
         if self.source == "local" and not self.path:
             raise ValueError("a local reference catalog needs a path")
+        for name in ("tap_url", "vizier_url"):
+            url = getattr(self, name)
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{name} must start with http:// or https://, got {url!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RefcatSection:
-    """``[refcat.*]``: the reference catalogs for calibration and validation."""
+    """``[refcat]``: the reference catalogs for calibration and validation."""
 
+    cache_dir: str = _doc(
+        "Cache of catalogs fetched from TAP or VizieR (Parquet per HEALPix cell with a JSON "
+        "sidecar), relative to this file.",
+        default="refcat/cache",
+    )
+    cache_order: int = _doc(
+        "HEALPix order of the cache cells (7 = cells of about 0.2 deg2).", default=7
+    )
+    offline: bool = _doc(
+        "Use the cache only; a region whose cells are not all cached is an error.",
+        default=False,
+    )
+    row_limit: int = _doc(
+        "Most rows one query may return (TAP MAXREC, VizieR -out.max); a truncated answer is "
+        "split into the cell's four sub-cells, down to split_max_order.",
+        default=1_000_000,
+    )
+    split_max_order: int = _doc(
+        "Finest HEALPix order a truncated cell query is split down to before giving up.",
+        default=10,
+    )
+    timeout_s: float = _doc("Timeout of every HTTP request, seconds.", default=120.0)
+    async_timeout_s: float = _doc(
+        "Longest wait for an asynchronous TAP job, seconds.", default=3600.0
+    )
+    async_area_deg2: float = _doc(
+        "Cell queries covering more than this area (deg2) run as asynchronous TAP jobs.",
+        default=0.25,
+    )
+    retries: int = _doc(
+        "Retries after a timeout, connection failure or HTTP 5xx/429.", default=3
+    )
+    backoff_s: float = _doc(
+        "Pause before the first retry, seconds; doubled before each further retry.",
+        default=2.0,
+    )
+    tile_margin_deg: float = _doc(
+        "Margin around a tile footprint when fetching its reference sources, deg (covers the "
+        "4'/7' dithers and the matching radius).",
+        default=0.2,
+    )
+    propagate_to_epoch: float = _doc(
+        "Move Gaia positions from epoch 2016.0 to this epoch (Julian year) with their proper "
+        "motions; 0 = no propagation, as in DR1.",
+        default=0.0,
+    )
     gaia_dr3: RefcatSource = _doc(
         "Gaia DR3 gaia_source (astrometry, recovery).",
         default=RefcatSource(path="refcat/gaia_dr3.parquet"),
@@ -168,6 +232,33 @@ class RefcatSection:
         "DELVE DR2 objects (spurious-source cleaning, recovery).",
         default=RefcatSource(path="refcat/delve_dr2.parquet"),
     )
+
+    def __post_init__(self) -> None:
+        if not self.cache_dir.strip():
+            raise ValueError("cache_dir must not be empty")
+        if not 0 <= self.cache_order <= 12:
+            raise ValueError(f"cache_order must be in [0, 12], got {self.cache_order}")
+        if not self.cache_order <= self.split_max_order <= 12:
+            raise ValueError(f"split_max_order must be in [cache_order, 12], got "
+                             f"{self.split_max_order}")
+        if self.row_limit < 1:
+            raise ValueError(f"row_limit must be >= 1, got {self.row_limit}")
+        for name in ("timeout_s", "async_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.async_area_deg2 < 0:
+            raise ValueError(f"async_area_deg2 must be >= 0, got {self.async_area_deg2}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.backoff_s < 0:
+            raise ValueError(f"backoff_s must be >= 0, got {self.backoff_s}")
+        if self.tile_margin_deg < 0:
+            raise ValueError(f"tile_margin_deg must be >= 0, got {self.tile_margin_deg}")
+        if self.propagate_to_epoch != 0.0 and not 1900.0 <= self.propagate_to_epoch <= 2100.0:
+            raise ValueError("propagate_to_epoch must be 0 (off) or a Julian year in "
+                             f"[1900, 2100], got {self.propagate_to_epoch}")
+        if self.delve_dr2.source == "vizier":
+            raise ValueError("delve_dr2 is not in VizieR: use source = 'tap' or 'local'")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,7 +462,4 @@ def save_config(config: ReleaseConfig, path: str | Path) -> Path:
     """Write ``config`` to ``path`` atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(config_to_toml(config), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, config_to_toml(config))

@@ -8,7 +8,7 @@ from astropy import units as u
 from astropy.table import MaskedColumn, Table
 
 from ks4release.errors import InputError
-from ks4release.refcat_format import (
+from ks4release.refcat.formats import (
     DELVE_DR2,
     GAIA_DR3,
     GAIA_XP,

@@ -12,6 +12,8 @@ a local file into an astropy Table with canonical lower-case names and units, af
 * ``ra``/``dec``, where present, are finite, with 0 <= ra < 360 and -90 <= dec <= 90 deg.
 
 Violations raise :class:`ks4release.errors.InputError` naming the file and the column.
+:func:`conform_table` applies the same checks to a table already in memory (a TAP or VizieR
+result, a cache file).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "REFCAT_FORMATS",
     "refcat_format",
     "read_refcat",
+    "conform_table",
 ]
 
 _KIND_NAMES = {"f": "float", "i": "integer", "U": "string"}
@@ -195,7 +198,7 @@ def _kind_ok(expected: str, actual: str) -> bool:
     return actual in "US"
 
 
-def _convert(path: Path, spec: RefColumn, column) -> MaskedColumn | np.ndarray:
+def _convert(path: str | os.PathLike[str], spec: RefColumn, column) -> MaskedColumn | np.ndarray:
     """Check the kind of ``column`` and return it with the canonical dtype and unit."""
     kind = column.dtype.kind
     if not _kind_ok(spec.kind, kind):
@@ -227,7 +230,7 @@ def _convert(path: Path, spec: RefColumn, column) -> MaskedColumn | np.ndarray:
     return data
 
 
-def _check_coordinates(path: Path, table: Table) -> None:
+def _check_coordinates(path: str | os.PathLike[str], table: Table) -> None:
     for name, low, high, high_text in (("ra", 0.0, 360.0, "< 360"), ("dec", -90.0, 90.0, "<= 90")):
         if name not in table.colnames:
             continue
@@ -258,9 +261,20 @@ def read_refcat(path: str | os.PathLike[str], catalog: RefcatFormat | str) -> Ta
     their canonical lower-case names, with units and descriptions; other columns are dropped.
     ``meta`` records the catalog name, archive table and source file.
     """
-    fmt = refcat_format(catalog) if isinstance(catalog, str) else catalog
     path = Path(path)
-    raw = _read_table(path)
+    return conform_table(_read_table(path), catalog, origin=path)
+
+
+def conform_table(raw: Table, catalog: RefcatFormat | str,
+                  origin: str | os.PathLike[str]) -> Table:
+    """Check ``raw`` against format ``catalog`` and return it in canonical form.
+
+    The same checks and conversions as :func:`read_refcat`, for a table that is already in
+    memory (a TAP or VizieR result, a cache file). ``origin`` names where the table came from
+    in error messages (a file, or a service URL) and is recorded as ``meta["source"]``.
+    """
+    fmt = refcat_format(catalog) if isinstance(catalog, str) else catalog
+    path = origin
     by_lower: dict[str, str] = {}
     for name in raw.colnames:
         key = name.lower()
@@ -275,7 +289,8 @@ def read_refcat(path: str | os.PathLike[str], catalog: RefcatFormat | str) -> Ta
             path, f"required column {missing[0]!r} of {fmt.archive_table} is missing "
             f"(required: {', '.join(fmt.required)})", column=missing[0],
         )
-    out = Table(meta={"refcat": fmt.name, "archive_table": fmt.archive_table, "source": str(path)})
+    out = Table(meta={"refcat": fmt.name, "archive_table": fmt.archive_table,
+                      "source": os.fspath(path)})
     for spec in fmt.columns:
         if spec.name not in by_lower:
             continue
