@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dask
 import pytest
-from engine_tasks import forget, slow_stage, two_stages, upper
+from engine_tasks import forget, two_stages, upper
 from rich.console import Console
 
 from ks4release.atomic import ReleasePathError, temporary_sibling

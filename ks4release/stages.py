@@ -1,0 +1,213 @@
+"""The stage graph: which stages make a release and which tasks each stage runs.
+
+A stage's ``plan`` turns a context (the release configuration and directory) into tasks; the
+engine runs them, skips those whose stamps are current, and isolates failures. Stages talk
+through files in the release directory (layout in the README), so each can be rerun alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ks4release.config import CONFIG_FILENAME, ReleaseConfig
+from ks4release.engine import Stage, Task
+from ks4release.errors import ConfigError
+from ks4release.reduction.ingest import ingest_exposure, write_inventory
+from ks4release.simulate import (
+    SOURCES_PATH,
+    SimulationConfig,
+    mask_path,
+    plan_survey,
+    write_exposure,
+    write_release_config,
+    write_sky,
+)
+
+__all__ = [
+    "ReleaseContext",
+    "SimulationContext",
+    "dr1_stages",
+    "simulation_stages",
+    "ingest_json_path",
+    "inventory_path",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleaseContext:
+    """What the stages of a release need to plan their tasks."""
+
+    config: ReleaseConfig
+    release_dir: Path
+
+    @classmethod
+    def from_config(cls, config: ReleaseConfig) -> ReleaseContext:
+        """The context of the release that ``config`` describes."""
+        return cls(config=config, release_dir=config.release_dir)
+
+    def exposure_files(self) -> list[Path]:
+        """Every exposure file matched by ``[inputs] exposures``, sorted, without repeats."""
+        found: set[Path] = set()
+        for pattern in self.config.inputs.exposures:
+            found.update(p.resolve() for p in self.config.base_dir.glob(pattern) if p.is_file())
+        files = sorted(found)
+        if not files:
+            raise ConfigError(
+                self.config.source_path or "release.toml",
+                "inputs.exposures",
+                f"no exposure file matches {list(self.config.inputs.exposures)} under "
+                f"{self.config.base_dir}",
+            )
+        stems: dict[str, Path] = {}
+        for path in files:
+            if path.stem in stems:
+                raise ConfigError(
+                    self.config.source_path or "release.toml",
+                    "inputs.exposures",
+                    f"two exposures share the name {path.stem!r}: {stems[path.stem]} and {path}",
+                )
+            stems[path.stem] = path
+        return files
+
+    def known_tiles(self) -> list[str] | None:
+        """Tile names an exposure may carry; None means any KS4 grid tile."""
+        tiles = self.config.tiles()
+        return [t.name for t in tiles] if tiles else None
+
+
+def ingest_json_path(release_dir: Path, exposure: Path) -> Path:
+    """Where the ingest stage writes the summary of one exposure."""
+    return release_dir / "work" / "ingest" / f"{exposure.stem}.json"
+
+
+def inventory_path(release_dir: Path, tile: str, band: str) -> Path:
+    """Where the inventory of one tile and band goes."""
+    return release_dir / "work" / tile / band / "inventory.ecsv"
+
+
+def _plan_ingest(ctx: ReleaseContext) -> list[Task]:
+    """One task per exposure file: validate it and summarise it as JSON."""
+    known = ctx.known_tiles()
+    return [
+        Task(
+            stage="ingest",
+            key=path.stem,
+            func=ingest_exposure,
+            kwargs={"path": path, "out_json": ingest_json_path(ctx.release_dir, path),
+                    "known_tiles": known},
+            inputs=(path,),
+            outputs=(ingest_json_path(ctx.release_dir, path),),
+            file=path,
+        )
+        for path in ctx.exposure_files()
+    ]
+
+
+def _plan_inventory(ctx: ReleaseContext) -> list[Task]:
+    """One task per tile and band: the table of its validated exposures."""
+    groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for path in ctx.exposure_files():
+        summary = ingest_json_path(ctx.release_dir, path)
+        if not summary.is_file():  # its ingest failed; the engine has reported it
+            continue
+        info = json.loads(summary.read_text())
+        if info["band"] in ctx.config.survey.bands:
+            groups[(info["tile"], info["band"])].append(summary)
+    return [
+        Task(
+            stage="inventory",
+            key=f"{tile}/{band}",
+            func=write_inventory,
+            kwargs={"tile": tile, "band": band, "summaries": sorted(paths),
+                    "out_path": inventory_path(ctx.release_dir, tile, band)},
+            inputs=tuple(sorted(paths)),
+            outputs=(inventory_path(ctx.release_dir, tile, band),),
+            tile=tile,
+            band=band,
+        )
+        for (tile, band), paths in sorted(groups.items())
+    ]
+
+
+def dr1_stages() -> list[Stage]:
+    """Every stage of ``ks4release build dr1``, in order."""
+    return [
+        Stage(name="ingest", description="Validate exposures", plan=_plan_ingest),
+        Stage(name="inventory", description="Inventory per tile and band", plan=_plan_inventory),
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationContext:
+    """What the simulation stages need: the settings and the folder to write into."""
+
+    config: SimulationConfig
+    directory: Path
+
+
+_REFCAT_FILES = ("refcat/gaia_dr3.parquet", "refcat/gaia_xp.parquet", "refcat/delve_dr2.parquet")
+_TRUTH_TABLES = (SOURCES_PATH, "truth/exposures.parquet", "truth/zeropoints.parquet")
+
+
+def _plan_sky(ctx: SimulationContext) -> list[Task]:
+    """One task: the true sources, the truth tables and the reference catalogs."""
+    out = ctx.directory
+    return [
+        Task(
+            stage="simulate-sky",
+            key="sky",
+            func=write_sky,
+            kwargs={"cfg": ctx.config, "out_dir": out},
+            outputs=tuple(out / p for p in _TRUTH_TABLES + _REFCAT_FILES),
+        )
+    ]
+
+
+def _plan_exposures(ctx: SimulationContext) -> list[Task]:
+    """One task per simulated exposure: its raw file and its truth masks."""
+    out = ctx.directory
+    sources = out / SOURCES_PATH
+    return [
+        Task(
+            stage="simulate-exposures",
+            key=exposure.stem,
+            func=write_exposure,
+            kwargs={"exposure": exposure, "sources_path": sources, "cfg": ctx.config,
+                    "out_dir": out},
+            inputs=(sources,),
+            outputs=(out / exposure.rel_path, mask_path(out, exposure)),
+            tile=exposure.tile,
+            band=exposure.band,
+        )
+        for exposure in plan_survey(ctx.config).exposures
+    ]
+
+
+def _plan_release_config(ctx: SimulationContext) -> list[Task]:
+    """Last, the release.toml that marks the simulated survey as complete."""
+    out = ctx.directory
+    exposures = plan_survey(ctx.config).exposures
+    return [
+        Task(
+            stage="simulate-config",
+            key="release.toml",
+            func=write_release_config,
+            kwargs={"cfg": ctx.config, "out_dir": out},
+            inputs=tuple(out / e.rel_path for e in exposures),
+            outputs=(out / CONFIG_FILENAME,),
+        )
+    ]
+
+
+def simulation_stages() -> list[Stage]:
+    """The stages of ``ks4release simulate``, in order."""
+    return [
+        Stage(name="simulate-sky", description="Simulate the sky and reference catalogs",
+              plan=_plan_sky),
+        Stage(name="simulate-exposures", description="Simulate exposures",
+              plan=_plan_exposures),
+        Stage(name="simulate-config", description="Write release.toml", plan=_plan_release_config),
+    ]

@@ -1,0 +1,166 @@
+"""The command line end to end: simulate, build dr1, bad input, a killed build, help texts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from ks4release.cli import cli, main
+
+#: A survey small enough for end-to-end tests: one tile, two bands, 1/32-size chips.
+TINY = ["--tiles-ra", "1", "--tiles-dec", "1", "--bands", "VI", "--scale", "0.03125"]
+
+
+def digests(root: Path, *, skip: tuple[str, ...] = ("logs", "work/stamps")) -> dict[str, str]:
+    """sha256 of every file under ``root``, keyed by relative path, leaving out ``skip``."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not any(rel.startswith(s) for s in skip):
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_survey(tmp_path_factory) -> Path:
+    """A simulated one-tile survey, made once for the module (copied by tests that change it)."""
+    directory = tmp_path_factory.mktemp("survey") / "demo"
+    assert main(["simulate", str(directory), *TINY, "--local", "--no-progress"]) == 0
+    return directory
+
+
+def copy_of(survey: Path, tmp_path: Path) -> Path:
+    """A private copy of the survey without build products."""
+    target = tmp_path / "release"
+    shutil.copytree(survey, target, ignore=shutil.ignore_patterns("work", "logs"))
+    return target
+
+
+def test_every_command_has_help(capsys):
+    for args in (["--help"], ["simulate", "--help"], ["build", "--help"], ["build", "dr1", "--help"],
+                 ["config", "--help"], ["config", "show", "--help"], ["config", "check", "--help"],
+                 ["refcat", "--help"], ["refcat", "fetch", "--help"], ["refcat", "info", "--help"]):
+        assert main(args) == 0, args
+        assert "Usage:" in capsys.readouterr().out
+
+
+def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
+    release = copy_of(tiny_survey, tmp_path)
+    assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
+    assert "build OK" in capsys.readouterr().err
+    for band in "VI":
+        inventory = Table.read(release / "work" / "0000.000-62" / band / "inventory.ecsv")
+        raws = sorted((release / "raw" / "0000.000-62" / band).glob("*.fits"))
+        assert len(inventory) == len(raws) >= 4
+        assert np.all(np.diff(inventory["mjd"]) >= 0)
+    # A second build has nothing to do.
+    assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
+    assert "build OK" in capsys.readouterr().err
+    assert len(list((release / "logs").glob("build-*.log"))) == 2
+
+
+def break_exposures(release: Path) -> dict[str, str]:
+    """Add three broken exposures; returns file name -> what the error must say."""
+    raw = sorted((release / "raw" / "0000.000-62" / "V").glob("*.fits"))[0]
+    folder = release / "raw" / "0000.000-62" / "V"
+    (folder / "garbage.fits").write_bytes(b"this is not a FITS file" * 200)
+    with fits.open(raw) as hdul:
+        del hdul["NN"]
+        hdul.writeto(folder / "no_nn.fits")
+    with fits.open(raw) as hdul:
+        hdul[0].header["FILTER"] = "Z"
+        hdul.writeto(folder / "filter_z.fits")
+    return {
+        "garbage.fits": "not a readable FITS file",
+        "no_nn.fits": "extension 'NN' is missing",
+        "filter_z.fits": "FILTER 'Z' is not a KS4 band",
+    }
+
+
+def test_bad_exposures_are_named_and_the_rest_is_built(tiny_survey, tmp_path, capsys):
+    release = copy_of(tiny_survey, tmp_path)
+    expected = break_exposures(release)
+    assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    for name, message in expected.items():
+        assert name in err and message in err, (name, err)
+    # Nothing else is lost: both bands are inventoried from their valid exposures.
+    for band in "VI":
+        inventory = Table.read(release / "work" / "0000.000-62" / band / "inventory.ecsv")
+        assert not any(Path(f).name in expected for f in inventory["file"])
+        assert len(inventory) >= 4
+    # Once the bad files are gone the rerun is clean and redoes only what they touched.
+    for name in expected:
+        (release / "raw" / "0000.000-62" / "V" / name).unlink()
+    assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
+
+
+def test_misspelt_config_key_is_named(tiny_survey, tmp_path, capsys):
+    release = copy_of(tiny_survey, tmp_path)
+    config = release / "release.toml"
+    config.write_text(config.read_text().replace("[engine]\n", "[engine]\nworkrs = 2\n"))
+    assert main(["build", "dr1", str(release), "--local"]) == 2
+    err = capsys.readouterr().err
+    assert "engine.workrs" in err and "did you mean 'workers'" in err
+    assert main(["config", "check", str(release)]) == 2
+    assert not (release / "work").exists()
+
+
+def test_config_show_is_a_valid_default_config(tmp_path, capsys):
+    assert main(["config", "show"]) == 0
+    (tmp_path / "release.toml").write_text(capsys.readouterr().out)
+    assert main(["config", "check", str(tmp_path / "release.toml")]) == 0
+
+
+def test_simulation_on_a_cluster_equals_the_local_one(tiny_survey, tmp_path):
+    """Same seed, different execution (2 Dask worker processes): byte-identical files."""
+    other = tmp_path / "cluster"
+    assert main(["simulate", str(other), *TINY, "--workers", "2", "--no-progress"]) == 0
+    assert digests(other) == digests(tiny_survey)
+
+
+def _ks4release(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from ks4release.cli import main; sys.exit(main())",
+            *args]
+
+
+@pytest.mark.slow
+def test_killed_simulation_and_build_resume_to_the_same_files(tiny_survey, tmp_path):
+    """SIGKILL a simulate+build in the middle; the rerun finishes with identical outputs."""
+    release = tmp_path / "killed"
+    stamps = release / "work" / "stamps" / "simulate-exposures"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_ks4release("simulate", str(release), *TINY, "--local",
+                                        "--no-progress"),
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if stamps.is_dir() and len(list(stamps.glob("*.json"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the simulation ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len(list(stamps.glob("*.json")))
+    assert 3 <= n_done < 8
+    assert not (release / "release.toml").exists(), "an unfinished survey must not look finished"
+
+    assert main(["simulate", str(release), *TINY, "--local", "--no-progress"]) == 0
+    assert digests(release, skip=("logs", "work")) == digests(tiny_survey, skip=("logs", "work"))
+    assert not [p for p in release.rglob(".*") if ".tmp" in p.name]
+
+
+def test_cli_group_lists_only_working_commands():
+    assert sorted(cli.commands) == ["build", "config", "refcat", "simulate"]
