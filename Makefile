@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.ks4release-installed
-DEBIAN_PACKAGES := aladin
+DEBIAN_PACKAGES := aladin swarp
 
 .PHONY: dr1 test bench system-deps
 

@@ -41,6 +41,7 @@ __all__ = [
     "load_config",
     "save_config",
     "config_to_toml",
+    "documented",
 ]
 
 #: Name of the configuration file inside a release directory.
@@ -49,8 +50,11 @@ CONFIG_FILENAME = "release.toml"
 _REFCAT_SOURCES = ("local", "tap", "vizier")
 
 
-def _doc(text: str, **kwargs: Any) -> Any:
-    """A dataclass field whose documentation travels with it."""
+def documented(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose documentation travels with it (into release.toml comments).
+
+    Every settings section uses it: ``threshold: float = documented("...", default=1.5)``.
+    """
     return field(metadata={"doc": text}, **kwargs)
 
 
@@ -58,8 +62,8 @@ def _doc(text: str, **kwargs: Any) -> Any:
 class ReleaseSection:
     """``[release]``: what the release is called and where its products go."""
 
-    name: str = _doc("Release name, written into product metadata.", default="ks4-dr1")
-    output: str = _doc(
+    name: str = documented("Release name, written into product metadata.", default="ks4-dr1")
+    output: str = documented(
         "Release directory for every product, relative to this file.", default="."
     )
 
@@ -72,7 +76,7 @@ class ReleaseSection:
 class InputsSection:
     """``[inputs]``: where the single-epoch exposures are."""
 
-    exposures: tuple[str, ...] = _doc(
+    exposures: tuple[str, ...] = documented(
         "Glob patterns of exposure files (multi-extension FITS), relative to this file.",
         default=("raw/**/*.fits",),
     )
@@ -86,9 +90,9 @@ class InputsSection:
 class CustomTile:
     """``[[survey.custom_tiles]]``: a tile that is not on the KS4 grid (the scaled demo)."""
 
-    name: str = _doc("Tile name, as in the TILE header keyword.")
-    ra: float = _doc("Centre right ascension, deg (ICRS).")
-    dec: float = _doc("Centre declination, deg (ICRS).")
+    name: str = documented("Tile name, as in the TILE header keyword.")
+    ra: float = documented("Centre right ascension, deg (ICRS).")
+    dec: float = documented("Centre declination, deg (ICRS).")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ra < 360.0:
@@ -101,20 +105,20 @@ class CustomTile:
 class SurveySection:
     """``[survey]``: which tiles and bands make up the release."""
 
-    bands: tuple[str, ...] = _doc(
+    bands: tuple[str, ...] = documented(
         "Bands to process, from B, V, R, I.", default=tuple(b.name for b in BANDS)
     )
-    camera_scale: float = _doc(
+    camera_scale: float = documented(
         "CCD scale factor the exposures were taken with (1.0 = the real KMTNet camera; the "
         "demo survey shrinks chips, gaps and tile spacing together).",
         default=1.0,
     )
-    tiles: tuple[str, ...] = _doc(
+    tiles: tuple[str, ...] = documented(
         "KS4 grid tiles to process (names like '0376.321-70'); empty = every tile found in "
         "the inputs.",
         default=(),
     )
-    custom_tiles: tuple[CustomTile, ...] = _doc(
+    custom_tiles: tuple[CustomTile, ...] = documented(
         "Tiles with explicit centres, used instead of the grid (the scaled demo survey).",
         default=(),
     )
@@ -139,22 +143,22 @@ class SurveySection:
 class RefcatSource:
     """Where one reference catalog comes from."""
 
-    source: str = _doc(
+    source: str = documented(
         "One of 'local' (a file), 'tap' (the archive's TAP service, cached) or 'vizier' "
         "(VizieR via astroquery, cached; Gaia DR3 and Gaia XP only).",
         default="local",
     )
-    path: str = _doc(
+    path: str = documented(
         "For source = 'local': Parquet or FITS file with the archive's column names, "
         "relative to this file.",
         default="",
     )
-    tap_url: str = _doc(
+    tap_url: str = documented(
         "For source = 'tap': TAP base URL; empty = the archive's own service (Gaia: "
         "https://gea.esac.esa.int/tap-server/tap, DELVE: https://datalab.noirlab.edu/tap).",
         default="",
     )
-    vizier_url: str = _doc(
+    vizier_url: str = documented(
         "For source = 'vizier': VizieR server base URL; empty = https://vizier.cds.unistra.fr.",
         default="",
     )
@@ -174,61 +178,61 @@ class RefcatSource:
 class RefcatSection:
     """``[refcat]``: the reference catalogs for calibration and validation."""
 
-    cache_dir: str = _doc(
+    cache_dir: str = documented(
         "Cache of catalogs fetched from TAP or VizieR (Parquet per HEALPix cell with a JSON "
         "sidecar), relative to this file.",
         default="refcat/cache",
     )
-    cache_order: int = _doc(
+    cache_order: int = documented(
         "HEALPix order of the cache cells (7 = cells of about 0.2 deg2).", default=7
     )
-    offline: bool = _doc(
+    offline: bool = documented(
         "Use the cache only; a region whose cells are not all cached is an error.",
         default=False,
     )
-    row_limit: int = _doc(
+    row_limit: int = documented(
         "Most rows one query may return (TAP MAXREC, VizieR -out.max); a truncated answer is "
         "split into the cell's four sub-cells, down to split_max_order.",
         default=1_000_000,
     )
-    split_max_order: int = _doc(
+    split_max_order: int = documented(
         "Finest HEALPix order a truncated cell query is split down to before giving up.",
         default=10,
     )
-    timeout_s: float = _doc("Timeout of every HTTP request, seconds.", default=120.0)
-    async_timeout_s: float = _doc(
+    timeout_s: float = documented("Timeout of every HTTP request, seconds.", default=120.0)
+    async_timeout_s: float = documented(
         "Longest wait for an asynchronous TAP job, seconds.", default=3600.0
     )
-    async_area_deg2: float = _doc(
+    async_area_deg2: float = documented(
         "Cell queries covering more than this area (deg2) run as asynchronous TAP jobs.",
         default=0.25,
     )
-    retries: int = _doc(
+    retries: int = documented(
         "Retries after a timeout, connection failure or HTTP 5xx/429.", default=3
     )
-    backoff_s: float = _doc(
+    backoff_s: float = documented(
         "Pause before the first retry, seconds; doubled before each further retry.",
         default=2.0,
     )
-    tile_margin_deg: float = _doc(
+    tile_margin_deg: float = documented(
         "Margin around a tile footprint when fetching its reference sources, deg (covers the "
         "4'/7' dithers and the matching radius).",
         default=0.2,
     )
-    propagate_to_epoch: float = _doc(
+    propagate_to_epoch: float = documented(
         "Move Gaia positions from epoch 2016.0 to this epoch (Julian year) with their proper "
         "motions; 0 = no propagation, as in DR1.",
         default=0.0,
     )
-    gaia_dr3: RefcatSource = _doc(
+    gaia_dr3: RefcatSource = documented(
         "Gaia DR3 gaia_source (astrometry, recovery).",
         default=RefcatSource(path="refcat/gaia_dr3.parquet"),
     )
-    gaia_xp: RefcatSource = _doc(
+    gaia_xp: RefcatSource = documented(
         "Gaia XP synthetic photometry, Johnson-Kron-Cousins B, V, R, I (photometry).",
         default=RefcatSource(path="refcat/gaia_xp.parquet"),
     )
-    delve_dr2: RefcatSource = _doc(
+    delve_dr2: RefcatSource = documented(
         "DELVE DR2 objects (spurious-source cleaning, recovery).",
         default=RefcatSource(path="refcat/delve_dr2.parquet"),
     )
@@ -265,14 +269,14 @@ class RefcatSection:
 class EngineSection:
     """``[engine]``: how the tasks run (Dask distributed)."""
 
-    workers: int = _doc("Worker processes; 0 = sized to this machine.", default=0)
-    threads_per_worker: int = _doc("Threads per worker process.", default=1)
-    scheduler: str = _doc(
+    workers: int = documented("Worker processes; 0 = sized to this machine.", default=0)
+    threads_per_worker: int = documented("Threads per worker process.", default=1)
+    scheduler: str = documented(
         "Address of an existing Dask scheduler (tcp://host:port); empty = start a local "
         "cluster.",
         default="",
     )
-    memory_limit: str = _doc(
+    memory_limit: str = documented(
         "Memory limit per worker ('auto' or a size such as '4GB').", default="auto"
     )
 
@@ -287,11 +291,11 @@ class EngineSection:
 class ReleaseConfig:
     """A whole ``release.toml``; ``source_path`` is the file it was read from, if any."""
 
-    release: ReleaseSection = _doc("The release.", default=ReleaseSection())
-    inputs: InputsSection = _doc("Input exposures.", default=InputsSection())
-    survey: SurveySection = _doc("Tiles and bands.", default=SurveySection())
-    refcat: RefcatSection = _doc("Reference catalogs.", default=RefcatSection())
-    engine: EngineSection = _doc("Task execution.", default=EngineSection())
+    release: ReleaseSection = documented("The release.", default=ReleaseSection())
+    inputs: InputsSection = documented("Input exposures.", default=InputsSection())
+    survey: SurveySection = documented("Tiles and bands.", default=SurveySection())
+    refcat: RefcatSection = documented("Reference catalogs.", default=RefcatSection())
+    engine: EngineSection = documented("Task execution.", default=EngineSection())
     source_path: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
     @property

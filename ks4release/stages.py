@@ -15,6 +15,7 @@ from pathlib import Path
 from ks4release.config import CONFIG_FILENAME, ReleaseConfig
 from ks4release.engine import Stage, Task
 from ks4release.errors import ConfigError
+from ks4release.layout import ingest_json_path, inventory_path
 from ks4release.reduction.ingest import ingest_exposure, write_inventory
 from ks4release.simulate import (
     SOURCES_PATH,
@@ -31,8 +32,6 @@ __all__ = [
     "SimulationContext",
     "dr1_stages",
     "simulation_stages",
-    "ingest_json_path",
-    "inventory_path",
 ]
 
 
@@ -78,16 +77,6 @@ class ReleaseContext:
         return [t.name for t in tiles] if tiles else None
 
 
-def ingest_json_path(release_dir: Path, exposure: Path) -> Path:
-    """Where the ingest stage writes the summary of one exposure."""
-    return release_dir / "work" / "ingest" / f"{exposure.stem}.json"
-
-
-def inventory_path(release_dir: Path, tile: str, band: str) -> Path:
-    """Where the inventory of one tile and band goes."""
-    return release_dir / "work" / tile / band / "inventory.ecsv"
-
-
 def _plan_ingest(ctx: ReleaseContext) -> list[Task]:
     """One task per exposure file: validate it and summarise it as JSON."""
     known = ctx.known_tiles()
@@ -96,10 +85,10 @@ def _plan_ingest(ctx: ReleaseContext) -> list[Task]:
             stage="ingest",
             key=path.stem,
             func=ingest_exposure,
-            kwargs={"path": path, "out_json": ingest_json_path(ctx.release_dir, path),
+            kwargs={"path": path, "out_json": ingest_json_path(ctx.release_dir, path.stem),
                     "known_tiles": known},
             inputs=(path,),
-            outputs=(ingest_json_path(ctx.release_dir, path),),
+            outputs=(ingest_json_path(ctx.release_dir, path.stem),),
             file=path,
         )
         for path in ctx.exposure_files()
@@ -110,7 +99,7 @@ def _plan_inventory(ctx: ReleaseContext) -> list[Task]:
     """One task per tile and band: the table of its validated exposures."""
     groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for path in ctx.exposure_files():
-        summary = ingest_json_path(ctx.release_dir, path)
+        summary = ingest_json_path(ctx.release_dir, path.stem)
         if not summary.is_file():  # its ingest failed; the engine has reported it
             continue
         info = json.loads(summary.read_text())

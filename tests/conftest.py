@@ -16,3 +16,17 @@ def kmtnet_reference() -> Path:
     if not SHARED_REFERENCE.is_dir():
         pytest.skip(f"reference files not found at {SHARED_REFERENCE}")
     return SHARED_REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_survey(tmp_path_factory) -> Path:
+    """A simulated one-tile survey in V and I at 1/16 scale, made once per test session.
+
+    Read-only: a test that changes files copies it first (``shutil.copytree``). Its truth is in
+    ``truth/`` (see the README's "The demo survey").
+    """
+    from ks4release.simulate import SimulationConfig, simulate_survey
+
+    directory = tmp_path_factory.mktemp("tiny_survey") / "survey"
+    simulate_survey(SimulationConfig(n_tiles_ra=1, n_tiles_dec=1, bands=("V", "I")), directory)
+    return directory

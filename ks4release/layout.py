@@ -1,0 +1,86 @@
+"""The layout of a release directory: where every stage reads and writes.
+
+Stages talk through files; this module is the one place that names them, so that a stage, its
+tests and the stages after it agree. Every function takes the release directory first.
+
+::
+
+    <release>/release.toml, logs/
+    <release>/work/ingest/<stem>.json                      validated exposure summary
+    <release>/work/<tile>/<band>/inventory.ecsv            exposures of a tile and band
+    <release>/work/masks/<stem>_mask.fits                  DR1 bad-pixel bits per CCD
+    <release>/work/detect/<stem>_sources.parquet           single-epoch detections (all CCDs)
+    <release>/work/astrometry/<stem>_wcs.fits              fitted WCS and quality per CCD
+    <release>/work/photometry/<stem>_zp.ecsv               zero-point model per amplifier
+    <release>/work/scaled/<stem>.fits                      exposure scaled to ZP = 30, fitted WCS
+    <release>/images/<tile>/<tile>_<band>_{coadd,mask,ndith}.fits
+    <release>/images/<tile>/<tile>_<band>_exposures.json   footprints and MJDs of the inputs
+    <release>/work/stamps/<stage>/<task>.json              what a rerun may skip
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "ingest_json_path",
+    "inventory_path",
+    "mask_path",
+    "sources_path",
+    "wcs_path",
+    "zeropoint_path",
+    "scaled_path",
+    "coadd_path",
+    "coadd_exposures_path",
+]
+
+
+def _work(release_dir: Path, *parts: str) -> Path:
+    return Path(release_dir) / "work" / Path(*parts)
+
+
+def ingest_json_path(release_dir: Path, stem: str) -> Path:
+    """Summary of one validated exposure (ingest stage)."""
+    return _work(release_dir, "ingest", f"{stem}.json")
+
+
+def inventory_path(release_dir: Path, tile: str, band: str) -> Path:
+    """The exposures of one tile and band (inventory stage)."""
+    return _work(release_dir, tile, band, "inventory.ecsv")
+
+
+def mask_path(release_dir: Path, stem: str) -> Path:
+    """Bad-pixel mask of one exposure: a uint8 image per CCD with DR1's bits."""
+    return _work(release_dir, "masks", f"{stem}_mask.fits")
+
+
+def sources_path(release_dir: Path, stem: str) -> Path:
+    """Single-epoch detections of one exposure, all CCDs."""
+    return _work(release_dir, "detect", f"{stem}_sources.parquet")
+
+
+def wcs_path(release_dir: Path, stem: str) -> Path:
+    """Fitted WCS and astrometric quality of each CCD of one exposure."""
+    return _work(release_dir, "astrometry", f"{stem}_wcs.fits")
+
+
+def zeropoint_path(release_dir: Path, stem: str) -> Path:
+    """Zero-point model of each amplifier of one exposure."""
+    return _work(release_dir, "photometry", f"{stem}_zp.ecsv")
+
+
+def scaled_path(release_dir: Path, stem: str) -> Path:
+    """One exposure scaled to ZP = 30 per amplifier, with its fitted WCS."""
+    return _work(release_dir, "scaled", f"{stem}.fits")
+
+
+def coadd_path(release_dir: Path, tile: str, band: str, kind: str) -> Path:
+    """A co-add product of one tile and band; ``kind`` is coadd, mask or ndith."""
+    if kind not in ("coadd", "mask", "ndith"):
+        raise ValueError(f"unknown co-add product {kind!r}; expected coadd, mask or ndith")
+    return Path(release_dir) / "images" / tile / f"{tile}_{band}_{kind}.fits"
+
+
+def coadd_exposures_path(release_dir: Path, tile: str, band: str) -> Path:
+    """Footprint polygon and MJD of every exposure that went into a co-add."""
+    return Path(release_dir) / "images" / tile / f"{tile}_{band}_exposures.json"
