@@ -607,8 +607,10 @@ class Engine:
         n_workers = self.workers or default_worker_count()  # 0 or None: automatic
         log.info("starting a LocalCluster of %d worker(s) x %d thread(s)", n_workers,
                  self.threads_per_worker)
+        # The scheduler serves HTTP (/metrics) even without a dashboard, on port 8787 unless
+        # told otherwise; ":0" takes a free port so concurrent builds never collide.
         with LocalCluster(n_workers=n_workers, threads_per_worker=self.threads_per_worker,
-                          processes=True, dashboard_address=None, memory_limit=self.memory_limit,
+                          processes=True, dashboard_address=":0", memory_limit=self.memory_limit,
                           silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             yield client
 

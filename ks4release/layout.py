@@ -8,6 +8,7 @@ tests and the stages after it agree. Every function takes the release directory 
     <release>/release.toml, logs/
     <release>/work/ingest/<stem>.json                      validated exposure summary
     <release>/work/<tile>/<band>/inventory.ecsv            exposures of a tile and band
+    <release>/work/refcat/<tile>_<catalog>.parquet         reference sources of a tile
     <release>/work/masks/<stem>_mask.fits                  DR1 bad-pixel bits per CCD
     <release>/work/detect/<stem>_sources.parquet           single-epoch detections (all CCDs)
     <release>/work/astrometry/<stem>_wcs.fits              fitted WCS and quality per CCD
@@ -25,6 +26,7 @@ from pathlib import Path
 __all__ = [
     "ingest_json_path",
     "inventory_path",
+    "tile_refcat_path",
     "mask_path",
     "sources_path",
     "wcs_path",
@@ -47,6 +49,11 @@ def ingest_json_path(release_dir: Path, stem: str) -> Path:
 def inventory_path(release_dir: Path, tile: str, band: str) -> Path:
     """The exposures of one tile and band (inventory stage)."""
     return _work(release_dir, tile, band, "inventory.ecsv")
+
+
+def tile_refcat_path(release_dir: Path, tile: str, catalog: str) -> Path:
+    """Reference sources of ``catalog`` over one tile (refcat stage)."""
+    return _work(release_dir, "refcat", f"{tile}_{catalog}.parquet")
 
 
 def mask_path(release_dir: Path, stem: str) -> Path:

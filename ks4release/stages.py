@@ -15,7 +15,9 @@ from pathlib import Path
 from ks4release.config import CONFIG_FILENAME, ReleaseConfig
 from ks4release.engine import Stage, Task
 from ks4release.errors import ConfigError
-from ks4release.layout import ingest_json_path, inventory_path
+from ks4release.grid import Tile, tile_by_name
+from ks4release.layout import ingest_json_path, inventory_path, tile_refcat_path
+from ks4release.refcat.tile import write_tile_refcat
 from ks4release.reduction.ingest import ingest_exposure, write_inventory
 from ks4release.simulate import (
     SOURCES_PATH,
@@ -77,6 +79,25 @@ class ReleaseContext:
         return [t.name for t in tiles] if tiles else None
 
 
+def _ingested(ctx: ReleaseContext) -> list[tuple[Path, dict]]:
+    """(summary path, summary) of every exposure that passed ingest, in file order."""
+    found = []
+    for path in ctx.exposure_files():
+        summary = ingest_json_path(ctx.release_dir, path.stem)
+        if summary.is_file():  # otherwise its ingest failed and the engine has reported it
+            found.append((summary, json.loads(summary.read_text())))
+    return found
+
+
+def _release_tiles(ctx: ReleaseContext) -> list[Tile]:
+    """The configured tiles, or else the grid tiles of the validated exposures."""
+    configured = ctx.config.tiles()
+    if configured:
+        return configured
+    names = sorted({info["tile"] for _, info in _ingested(ctx)})
+    return [tile_by_name(name) for name in names]
+
+
 def _plan_ingest(ctx: ReleaseContext) -> list[Task]:
     """One task per exposure file: validate it and summarise it as JSON."""
     known = ctx.known_tiles()
@@ -98,11 +119,7 @@ def _plan_ingest(ctx: ReleaseContext) -> list[Task]:
 def _plan_inventory(ctx: ReleaseContext) -> list[Task]:
     """One task per tile and band: the table of its validated exposures."""
     groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
-    for path in ctx.exposure_files():
-        summary = ingest_json_path(ctx.release_dir, path.stem)
-        if not summary.is_file():  # its ingest failed; the engine has reported it
-            continue
-        info = json.loads(summary.read_text())
+    for summary, info in _ingested(ctx):
         if info["band"] in ctx.config.survey.bands:
             groups[(info["tile"], info["band"])].append(summary)
     return [
@@ -121,11 +138,39 @@ def _plan_inventory(ctx: ReleaseContext) -> list[Task]:
     ]
 
 
+#: Reference catalogs that the reduction reads per tile (astrometry, zero points).
+_TILE_REFCATS = ("gaia_dr3", "gaia_xp")
+
+
+def _plan_refcat(ctx: ReleaseContext) -> list[Task]:
+    """One task per tile and reference catalog: its sources over the tile, as Parquet."""
+    config_path = ctx.config.source_path
+    refcat = ctx.config.refcat
+    tasks = []
+    for tile in _release_tiles(ctx):
+        for catalog in _TILE_REFCATS:
+            source = getattr(refcat, catalog)
+            out = tile_refcat_path(ctx.release_dir, tile.name, catalog)
+            tasks.append(Task(
+                stage="refcat",
+                key=f"{tile.name}/{catalog}",
+                func=write_tile_refcat,
+                kwargs={"catalog": catalog, "tile": tile, "config_path": config_path,
+                        "out_path": out},
+                inputs=(ctx.config.resolve(source.path),) if source.source == "local" else (),
+                outputs=(out,),
+                params={"refcat": refcat, "camera_scale": ctx.config.survey.camera_scale},
+                tile=tile.name,
+            ))
+    return tasks
+
+
 def dr1_stages() -> list[Stage]:
     """Every stage of ``ks4release build dr1``, in order."""
     return [
         Stage(name="ingest", description="Validate exposures", plan=_plan_ingest),
         Stage(name="inventory", description="Inventory per tile and band", plan=_plan_inventory),
+        Stage(name="refcat", description="Reference catalogs per tile", plan=_plan_refcat),
     ]
 
 

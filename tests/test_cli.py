@@ -64,6 +64,13 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
         raws = sorted((release / "raw" / "0000.000-62" / band).glob("*.fits"))
         assert len(inventory) == len(raws) >= 4
         assert np.all(np.diff(inventory["mjd"]) >= 0)
+    # The tile's reference sources: every local row inside the footprint and margin, no other.
+    for catalog in ("gaia_dr3", "gaia_xp"):
+        tile_rows = Table.read(release / "work" / "refcat" / f"0000.000-62_{catalog}.parquet")
+        all_rows = Table.read(release / "refcat" / f"{catalog}.parquet")
+        assert 0 < len(tile_rows) <= len(all_rows)
+        assert set(tile_rows["source_id"]) <= set(all_rows["source_id"])
+        assert tile_rows.meta["tile"] == "0000.000-62"
     # A second build has nothing to do.
     assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
     assert "build OK" in capsys.readouterr().err
