@@ -17,7 +17,8 @@ test: $(INSTALLED) system-deps
 	$(BIN)/python -m pytest
 
 bench: $(INSTALLED) system-deps
-	$(BIN)/python benchmarks/bench_simulate.py
+	mkdir -p benchmarks/results
+	$(BIN)/python benchmarks/bench_simulate.py --out benchmarks/results/simulate.json
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,8 +1,11 @@
-"""Benchmark of ks4release.simulate: the demo survey and one full-size exposure.
+"""Benchmark of ``ks4release simulate``: the demo survey and one full-size exposure.
 
-Writes JSON with wall time and peak memory of each case. Each case runs in its own child
-process, so ``ru_maxrss`` (peak resident memory) is that case's alone; ``tracemalloc`` gives the
-peak of Python and NumPy allocations inside it.
+Writes JSON with wall time and peak memory of each case. The demo case runs the command itself
+(``ks4release simulate DIR``, on its Dask LocalCluster, and again with ``--local`` in one
+process); the full-size case runs the two task functions of the simulation stages for one
+exposure. Each case runs in its own child process, so ``ru_maxrss`` (peak resident memory) is
+that case's alone (for the command: of its largest process, a Dask worker or the driver);
+``tracemalloc`` gives the peak of Python and NumPy allocations of the in-process case.
 
     python benchmarks/bench_simulate.py --out bench_simulate.json [--skip-full | --skip-demo]
                                         [--workdir DIR]
@@ -19,50 +22,71 @@ import multiprocessing as mp
 import platform
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
 
-def _demo(workdir: str) -> dict:
-    """Simulate the default demo survey."""
-    from ks4release.simulate import SimulationConfig, plan_survey, simulate_survey
+def _bytes_under(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
-    cfg = SimulationConfig()
-    out = Path(workdir) / "demo"
-    simulate_survey(cfg, out)
-    files = list(out.rglob("*"))
-    return {"exposures": len(plan_survey(cfg).exposures),
-            "bytes_written": sum(f.stat().st_size for f in files if f.is_file())}
+
+def _command(workdir: str, *options: str) -> dict:
+    """Run ``ks4release simulate`` on the default demo survey as a user would."""
+    from ks4release.simulate import SimulationConfig, plan_survey
+
+    out = Path(workdir) / ("demo" + "".join(options).replace("-", "_"))
+    command = [sys.executable, "-m", "ks4release.cli", "simulate", str(out), "--no-progress",
+               *options]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return {"command": " ".join(["ks4release", *command[3:]]),
+            "exposures": len(plan_survey(SimulationConfig()).exposures),
+            "bytes_written": _bytes_under(out)}
+
+
+def _demo_cluster(workdir: str) -> dict:
+    """The demo survey through the command on its default LocalCluster."""
+    return _command(workdir)
+
+
+def _demo_local(workdir: str) -> dict:
+    """The demo survey through the command in one process (``--local``)."""
+    return _command(workdir, "--local")
 
 
 def _full_exposure(workdir: str) -> dict:
-    """Simulate one full-size exposure (scale 1.0, four 9232 x 9216 CCDs)."""
-    from ks4release.simulate import SimulationConfig, make_sources, plan_survey
-    from ks4release.simulate.writer import _write_rendered
+    """One full-size exposure (scale 1.0, four 9232 x 9216 CCDs), as the stages make it."""
+    from ks4release.simulate import SimulationConfig, plan_survey, write_exposure, write_sky
 
     cfg = SimulationConfig(scale=1.0, tiles=("0000.000-62",), bands=("R",))
-    plan = plan_survey(cfg)
+    out = Path(workdir) / "full"
     t0 = time.perf_counter()
-    sources = make_sources(cfg, plan)
+    sources = write_sky(cfg, out)
     t1 = time.perf_counter()
-    paths = _write_rendered(plan.exposures[0], sources, cfg, Path(workdir) / "full")
+    paths = write_exposure(plan_survey(cfg).exposures[0], sources, cfg, out)
     t2 = time.perf_counter()
-    return {"ccd_shape": list(cfg.camera.ccds[0].shape), "n_sources": len(sources),
-            "make_sources_s": round(t1 - t0, 2), "render_and_write_s": round(t2 - t1, 2),
+    return {"ccd_shape": list(cfg.camera.ccds[0].shape),
+            "sky_and_refcats_s": round(t1 - t0, 2), "render_and_write_s": round(t2 - t1, 2),
             "bytes_written": sum(p.stat().st_size for p in paths)}
 
 
+_CASES = {"demo_survey_cluster": _demo_cluster, "demo_survey_local": _demo_local,
+          "full_size_exposure": _full_exposure}
+
+
 def _child(name: str, workdir: str, queue: mp.Queue) -> None:
-    """Run one case with tracemalloc and report time and peak memory."""
+    """Run one case and report its time and peak memory."""
     tracemalloc.start()
     t0 = time.perf_counter()
-    extra = {"demo_survey": _demo, "full_size_exposure": _full_exposure}[name](workdir)
+    extra = _CASES[name](workdir)
     wall = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                 resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     queue.put({"case": name, "wall_s": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024, 1),
                "peak_tracemalloc_mb": round(peak / 2**20, 1), **extra})
 
@@ -87,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_simulate_"))
-    cases = ([] if args.skip_demo else ["demo_survey"]) + (
+    cases = ([] if args.skip_demo else ["demo_survey_cluster", "demo_survey_local"]) + (
         [] if args.skip_full else ["full_size_exposure"])
     results = {"machine": {"python": platform.python_version(), "cpus": mp.cpu_count()},
                "cases": [run_case(c, str(workdir)) for c in cases]}
