@@ -16,12 +16,22 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from ks4release import __version__
-from ks4release.config import CONFIG_FILENAME, ReleaseConfig, config_to_toml, load_config
+from ks4release.config import (
+    CONFIG_FILENAME,
+    ReleaseConfig,
+    config_to_toml,
+    load_config,
+)
 from ks4release.engine import Engine, RunSummary
 from ks4release.errors import Ks4ReleaseError
 from ks4release.refcat.cli import refcat_group
 from ks4release.simulate import SimulationConfig
-from ks4release.stages import ReleaseContext, SimulationContext, dr1_stages, simulation_stages
+from ks4release.stages import (
+    ReleaseContext,
+    SimulationContext,
+    dr1_stages,
+    simulation_stages,
+)
 
 __all__ = ["main", "cli"]
 

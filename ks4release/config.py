@@ -26,6 +26,15 @@ from typing import Any
 from ks4release.atomic import atomic_write_text
 from ks4release.errors import ConfigError
 from ks4release.grid import Tile, tile_by_name
+from ks4release.settings import (
+    AstrometrySettings,
+    CoaddSettings,
+    DetectSettings,
+    MaskSettings,
+    ScaleSettings,
+    ZeropointSettings,
+    documented,
+)
 from ks4release.survey import BANDS
 
 __all__ = [
@@ -48,14 +57,6 @@ __all__ = [
 CONFIG_FILENAME = "release.toml"
 
 _REFCAT_SOURCES = ("local", "tap", "vizier")
-
-
-def documented(text: str, **kwargs: Any) -> Any:
-    """A dataclass field whose documentation travels with it (into release.toml comments).
-
-    Every settings section uses it: ``threshold: float = documented("...", default=1.5)``.
-    """
-    return field(metadata={"doc": text}, **kwargs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,6 +297,14 @@ class ReleaseConfig:
     survey: SurveySection = documented("Tiles and bands.", default=SurveySection())
     refcat: RefcatSection = documented("Reference catalogs.", default=RefcatSection())
     engine: EngineSection = documented("Task execution.", default=EngineSection())
+    masks: MaskSettings = documented("Bad-pixel masks.", default=MaskSettings())
+    detect: DetectSettings = documented("Single-epoch detection.", default=DetectSettings())
+    astrometry: AstrometrySettings = documented(
+        "Astrometric solution against Gaia DR3.", default=AstrometrySettings())
+    zeropoint: ZeropointSettings = documented(
+        "Per-amplifier zero points against Gaia XP.", default=ZeropointSettings())
+    scale: ScaleSettings = documented("Scaling to ZP = 30.", default=ScaleSettings())
+    coadd: CoaddSettings = documented("Co-adds per tile and band.", default=CoaddSettings())
     source_path: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
     @property

@@ -39,7 +39,14 @@ from typing import Any
 
 from . import __version__
 from .atomic import ReleasePathError, clean_stale_temporaries, ensure_inside
-from .stamps import canonical, file_fingerprint, outputs_exist, read_stamp, safe_name, write_stamp
+from .stamps import (
+    canonical,
+    file_fingerprint,
+    outputs_exist,
+    read_stamp,
+    safe_name,
+    write_stamp,
+)
 
 __all__ = [
     "Engine",
@@ -667,8 +674,13 @@ class Engine:
             yield None
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         console = Console(file=sys.stderr)
         with Progress(TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(),

@@ -7,8 +7,10 @@ through files in the release directory (layout in the README), so each can be re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +18,35 @@ from ks4release.config import CONFIG_FILENAME, ReleaseConfig
 from ks4release.engine import Stage, Task
 from ks4release.errors import ConfigError
 from ks4release.grid import Tile, tile_by_name
-from ks4release.layout import ingest_json_path, inventory_path, tile_refcat_path
-from ks4release.refcat.tile import write_tile_refcat
+from ks4release.layout import (
+    coadd_exposures_path,
+    coadd_path,
+    ingest_json_path,
+    inventory_path,
+    mask_path,
+    scaled_path,
+    sources_path,
+    tile_refcat_path,
+    wcs_path,
+    zeropoint_path,
+)
+from ks4release.reduction.astrometry import run_astrometry
+from ks4release.reduction.coadd import run_coadd
+from ks4release.reduction.detect import run_detect
 from ks4release.reduction.ingest import ingest_exposure, write_inventory
+from ks4release.reduction.masks import run_masks
+from ks4release.reduction.scale import run_scale
+from ks4release.reduction.zeropoint import run_zeropoint
+from ks4release.refcat.tile import write_tile_refcat
 from ks4release.simulate import (
     SOURCES_PATH,
     SimulationConfig,
-    mask_path,
     plan_survey,
     write_exposure,
     write_release_config,
     write_sky,
 )
+from ks4release.simulate import mask_path as truth_mask_path
 
 __all__ = [
     "ReleaseContext",
@@ -138,6 +157,124 @@ def _plan_inventory(ctx: ReleaseContext) -> list[Task]:
     ]
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Exposure:
+    """A validated exposure as the per-exposure stages see it."""
+
+    path: Path
+    stem: str
+    tile: str
+    band: str
+
+
+def _exposures(ctx: ReleaseContext) -> list[_Exposure]:
+    """Every exposure that passed ingest, in the configured bands."""
+    return [
+        _Exposure(path=Path(info["file"]), stem=summary.stem, tile=info["tile"],
+                  band=info["band"])
+        for summary, info in _ingested(ctx)
+        if info["band"] in ctx.config.survey.bands
+    ]
+
+
+def _per_exposure(ctx: ReleaseContext, stage: str, func: Callable[..., None],
+                  output: Callable[[Path, str], Path],
+                  reads: Callable[[_Exposure], dict[str, Path]],
+                  settings: object, extra_inputs: tuple[Path, ...] = ()) -> list[Task]:
+    """One task per exposure calling ``func(**reads(e), out_path=output(...), settings=...)``.
+
+    ``reads`` names the files a task reads (its keyword arguments); they are also its inputs,
+    so a task reruns when any of them changes and is blocked when one could not be made.
+    """
+    tasks = []
+    for e in _exposures(ctx):
+        files = reads(e)
+        out = output(ctx.release_dir, e.stem)
+        tasks.append(Task(
+            stage=stage, key=e.stem, func=func,
+            kwargs={**files, "out_path": out, "settings": settings},
+            inputs=(*files.values(), *extra_inputs), outputs=(out,),
+            tile=e.tile, band=e.band, file=e.path,
+        ))
+    return tasks
+
+
+def _plan_masks(ctx: ReleaseContext) -> list[Task]:
+    """Bad-pixel masks of every exposure (DR1 bits 1, 2, 4, 8)."""
+    settings = ctx.config.masks
+    bpm: tuple[Path, ...] = ()
+    if settings.bad_pixel_map:
+        bpm = (ctx.config.resolve(settings.bad_pixel_map),)
+        settings = dataclasses.replace(settings, bad_pixel_map=str(bpm[0]))
+    return _per_exposure(ctx, "masks", run_masks, mask_path,
+                         lambda e: {"exposure": e.path}, settings, extra_inputs=bpm)
+
+
+def _plan_detect(ctx: ReleaseContext) -> list[Task]:
+    """Single-epoch detections of every exposure, masked pixels excluded."""
+    rd = ctx.release_dir
+    return _per_exposure(ctx, "detect", run_detect, sources_path,
+                         lambda e: {"exposure": e.path, "mask": mask_path(rd, e.stem)},
+                         ctx.config.detect)
+
+
+def _plan_astrometry(ctx: ReleaseContext) -> list[Task]:
+    """Astrometric solution of every exposure against its tile's Gaia DR3 sources."""
+    rd = ctx.release_dir
+    return _per_exposure(
+        ctx, "astrometry", run_astrometry, wcs_path,
+        lambda e: {"exposure": e.path, "sources": sources_path(rd, e.stem),
+                   "gaia": tile_refcat_path(rd, e.tile, "gaia_dr3"),
+                   "mask": mask_path(rd, e.stem)},
+        ctx.config.astrometry)
+
+
+def _plan_zeropoint(ctx: ReleaseContext) -> list[Task]:
+    """Per-amplifier zero points of every exposure against its tile's Gaia XP stars."""
+    rd = ctx.release_dir
+    return _per_exposure(
+        ctx, "zeropoint", run_zeropoint, zeropoint_path,
+        lambda e: {"exposure": e.path, "mask": mask_path(rd, e.stem), "wcs": wcs_path(rd, e.stem),
+                   "gaia_xp": tile_refcat_path(rd, e.tile, "gaia_xp")},
+        ctx.config.zeropoint)
+
+
+def _plan_scale(ctx: ReleaseContext) -> list[Task]:
+    """Every exposure background-subtracted and scaled to ZP = 30 with its fitted WCS."""
+    rd = ctx.release_dir
+    return _per_exposure(
+        ctx, "scale", run_scale, scaled_path,
+        lambda e: {"exposure": e.path, "mask": mask_path(rd, e.stem), "wcs": wcs_path(rd, e.stem),
+                   "zeropoints": zeropoint_path(rd, e.stem)},
+        ctx.config.scale)
+
+
+def _plan_coadd(ctx: ReleaseContext) -> list[Task]:
+    """One co-add per tile and band from its scaled exposures and their masks."""
+    rd = ctx.release_dir
+    groups: dict[tuple[str, str], list[_Exposure]] = defaultdict(list)
+    for e in _exposures(ctx):
+        groups[(e.tile, e.band)].append(e)
+    centres = {t.name: t for t in _release_tiles(ctx)}
+    tasks = []
+    for (tile, band), exposures in sorted(groups.items()):
+        if tile not in centres:
+            continue
+        scaled = [scaled_path(rd, e.stem) for e in exposures]
+        masks = [mask_path(rd, e.stem) for e in exposures]
+        tasks.append(Task(
+            stage="coadd", key=f"{tile}/{band}", func=run_coadd,
+            kwargs={"tile": tile, "band": band, "ra": centres[tile].ra_deg,
+                    "dec": centres[tile].dec_deg, "scaled": scaled, "masks": masks,
+                    "release_dir": rd, "settings": ctx.config.coadd},
+            inputs=(*scaled, *masks),
+            outputs=(*(coadd_path(rd, tile, band, kind) for kind in ("coadd", "mask", "ndith")),
+                     coadd_exposures_path(rd, tile, band)),
+            tile=tile, band=band,
+        ))
+    return tasks
+
+
 #: Reference catalogs that the reduction reads per tile (astrometry, zero points).
 _TILE_REFCATS = ("gaia_dr3", "gaia_xp")
 
@@ -171,6 +308,13 @@ def dr1_stages() -> list[Stage]:
         Stage(name="ingest", description="Validate exposures", plan=_plan_ingest),
         Stage(name="inventory", description="Inventory per tile and band", plan=_plan_inventory),
         Stage(name="refcat", description="Reference catalogs per tile", plan=_plan_refcat),
+        Stage(name="masks", description="Bad-pixel masks", plan=_plan_masks),
+        Stage(name="detect", description="Single-epoch detection", plan=_plan_detect),
+        Stage(name="astrometry", description="Astrometry against Gaia DR3",
+              plan=_plan_astrometry),
+        Stage(name="zeropoint", description="Zero points against Gaia XP", plan=_plan_zeropoint),
+        Stage(name="scale", description="Scale exposures to ZP = 30", plan=_plan_scale),
+        Stage(name="coadd", description="Co-adds per tile and band", plan=_plan_coadd),
     ]
 
 
@@ -212,7 +356,7 @@ def _plan_exposures(ctx: SimulationContext) -> list[Task]:
             kwargs={"exposure": exposure, "sources_path": sources, "cfg": ctx.config,
                     "out_dir": out},
             inputs=(sources,),
-            outputs=(out / exposure.rel_path, mask_path(out, exposure)),
+            outputs=(out / exposure.rel_path, truth_mask_path(out, exposure)),
             tile=exposure.tile,
             band=exposure.band,
         )

@@ -18,8 +18,9 @@ from astropy.table import Table
 
 from ks4release.cli import cli, main
 
-#: A survey small enough for end-to-end tests: one tile, two bands, 1/32-size chips.
-TINY = ["--tiles-ra", "1", "--tiles-dec", "1", "--bands", "VI", "--scale", "0.03125"]
+#: A survey small enough for end-to-end tests: one tile, two bands, 1/16-size chips (the
+#: smallest with enough Gaia XP stars per exposure for the zero points).
+TINY = ["--tiles-ra", "1", "--tiles-dec", "1", "--bands", "VI", "--scale", "0.0625"]
 
 
 def digests(root: Path, *, skip: tuple[str, ...] = ("logs", "work/stamps")) -> dict[str, str]:
@@ -71,6 +72,10 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
         assert 0 < len(tile_rows) <= len(all_rows)
         assert set(tile_rows["source_id"]) <= set(all_rows["source_id"])
         assert tile_rows.meta["tile"] == "0000.000-62"
+    # Every stage ran: one co-add, mask and NDITH map per band.
+    for band in "VI":
+        for kind in ("coadd", "mask", "ndith"):
+            assert (release / "images" / "0000.000-62" / f"0000.000-62_{band}_{kind}.fits").is_file()
     # A second build has nothing to do.
     assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
     assert "build OK" in capsys.readouterr().err

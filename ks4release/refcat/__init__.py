@@ -17,7 +17,12 @@ from ks4release.refcat.exceptions import (
     RefcatOverflowError,
     RefcatServiceError,
 )
-from ks4release.refcat.fetch import DEFAULT_TAP_URLS, FetchStats, fetch_region, service_url
+from ks4release.refcat.fetch import (
+    DEFAULT_TAP_URLS,
+    FetchStats,
+    fetch_region,
+    service_url,
+)
 from ks4release.refcat.formats import (
     DELVE_DR2,
     GAIA_DR3,

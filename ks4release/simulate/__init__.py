@@ -24,7 +24,12 @@ from ks4release.simulate.masks import DR1_BITS, MaskBit, mask_bit_descriptions
 from ks4release.simulate.plan import ExposurePlan, SurveyPlan, demo_tiles, plan_survey
 from ks4release.simulate.refcat import VEGA_FLUX_W_M2_NM, VEGA_TO_AB
 from ks4release.simulate.render import amp_zeropoints, ccd_true_wcs, render_exposure
-from ks4release.simulate.sky import GAIA_EPOCH_MJD, make_sources, positions_at, stellar_locus
+from ks4release.simulate.sky import (
+    GAIA_EPOCH_MJD,
+    make_sources,
+    positions_at,
+    stellar_locus,
+)
 from ks4release.simulate.writer import (
     SOURCES_PATH,
     mask_path,

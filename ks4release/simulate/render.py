@@ -32,8 +32,17 @@ from ks4release.camera import CCD
 from ks4release.simulate import artifacts
 from ks4release.simulate.arguments import SimulationConfig
 from ks4release.simulate.astrometry import (
-    approx_wcs, sip_coefficient, tangent_offset, true_wcs)
-from ks4release.simulate.headers import ccd_header, mask_primary_header, primary_header, wcs_cards
+    approx_wcs,
+    sip_coefficient,
+    tangent_offset,
+    true_wcs,
+)
+from ks4release.simulate.headers import (
+    ccd_header,
+    mask_primary_header,
+    primary_header,
+    wcs_cards,
+)
 from ks4release.simulate.plan import ExposurePlan, rng_for
 from ks4release.simulate.sky import positions_at
 from ks4release.survey import band, site

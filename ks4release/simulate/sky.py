@@ -18,7 +18,6 @@ Galaxies
 
 from __future__ import annotations
 
-
 import numpy as np
 from astropy import units as u
 from astropy.table import Table

@@ -10,20 +10,30 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-
 from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
 
 from ks4release.atomic import atomic_path
 from ks4release.config import (
-    CustomTile, InputsSection, RefcatSection, RefcatSource, ReleaseConfig, ReleaseSection,
-    SurveySection, save_config)
+    CustomTile,
+    InputsSection,
+    RefcatSection,
+    RefcatSource,
+    ReleaseConfig,
+    ReleaseSection,
+    SurveySection,
+    save_config,
+)
 from ks4release.simulate.arguments import SimulationConfig
 from ks4release.simulate.plan import ExposurePlan, SurveyPlan, plan_survey
 from ks4release.simulate.refcat import delve_catalog, gaia_dr3_catalog, gaia_xp_catalog
 from ks4release.simulate.render import (
-    amp_zeropoints, exposure_zeropoint_e, render_exposure, sky_level_e)
+    amp_zeropoints,
+    exposure_zeropoint_e,
+    render_exposure,
+    sky_level_e,
+)
 from ks4release.simulate.sky import make_sources
 
 __all__ = [

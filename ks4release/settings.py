@@ -1,0 +1,499 @@
+"""Settings of the reduction stages: one frozen dataclass per ``release.toml`` section.
+
+Each field is made with :func:`documented`, so its meaning and default travel into
+``ks4release config show`` and the comments of a written ``release.toml``. The stage modules in
+:mod:`ks4release.reduction` take these as their ``settings`` argument; they live in the
+vocabulary so that the configuration (:mod:`ks4release.config`) can hold them without importing
+the reduction. Every number that DR1 does not state is a default of ours.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ks4release.camera import CCD_NAMES, COADD_PIXEL_SCALE_ARCSEC, N_AMPLIFIERS, Camera
+from ks4release.survey import REFERENCE_ZEROPOINT
+
+__all__ = [
+    "documented",
+    "MaskSettings",
+    "DetectSettings",
+    "AstrometrySettings",
+    "ZeropointSettings",
+    "ScaleSettings",
+    "CoaddSettings",
+]
+
+#: Every DR1 bad-pixel bit (1 cosmic ray or crosstalk, 2 bleed, 4 CCD defect, 8 amplifier defect).
+_DR1_BITS_ALL = 15
+
+
+def documented(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose documentation travels with it (into release.toml comments).
+
+    Every settings section uses it: ``threshold: float = documented("...", default=1.5)``.
+    """
+    return field(metadata={"doc": text}, **kwargs)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    """Each named field must be > 0."""
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(obj, name)}")
+
+
+def _at_least(obj: Any, low: float, *names: str) -> None:
+    """Each named field must be >= ``low``."""
+    for name in names:
+        if not getattr(obj, name) >= low:
+            raise ValueError(f"{name} must be >= {low:g}, got {getattr(obj, name)}")
+
+
+def _fraction(obj: Any, *names: str) -> None:
+    """Each named field must be in (0, 1]."""
+    for name in names:
+        if not 0.0 < getattr(obj, name) <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {getattr(obj, name)}")
+
+
+def _bits(obj: Any, *names: str) -> None:
+    """Each named field must be a bit set of 8 bits."""
+    for name in names:
+        if not 0 <= getattr(obj, name) <= 255:
+            raise ValueError(f"{name} must be a bit mask in [0, 255], got {getattr(obj, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskSettings:
+    """``[masks]``: how the bad-pixel masks are made (DR1 states none of these numbers)."""
+
+    amp_level_nsigma: float = documented(
+        "An amplifier segment whose median departs from the median of the CCD's segments by more "
+        "than this many times their typical noise is defective (bit 8).",
+        default=10.0)
+    amp_noise_ratio: float = documented(
+        "An amplifier segment whose robust noise is more than this factor above or below the "
+        "typical noise of the CCD's segments is defective (bit 8).",
+        default=2.0)
+    bad_column_block_rows: int = documented(
+        "Rows per block when comparing a column with its neighbours, pixels.",
+        default=32)
+    bad_column_half_width: int = documented(
+        "Neighbouring columns on each side a column is compared with, pixels.",
+        default=3)
+    bad_column_nsigma: float = documented(
+        "A block of a column is bad when its median departs from its neighbours' by more than "
+        "this many times the robust scatter of such departures.",
+        default=5.0)
+    bad_column_min_blocks: int = documented(
+        "Shortest run of bad blocks taken as a bad column, blocks.",
+        default=3)
+    bad_column_margin_px: int = documented(
+        "Rows added at each end of a bad column, pixels.",
+        default=2)
+    bad_pixel_map: str = documented(
+        "Optional static bad-pixel map: a FITS file with one uint8 image per CCD (EXTNAME KK, MM, "
+        "NN, TT), non-zero = bad, OR'd into bit 4; empty = none.",
+        default="")
+    saturation_fraction: float = documented(
+        "Pixels at or above this fraction of SATURATE are saturated (bit 2).",
+        default=0.98)
+    bleed_directions: tuple[int, ...] = documented(
+        "Bleed direction of each CCD in the order KK, MM, NN, TT: +1 towards +Y, -1 towards -Y, 0 "
+        "= infer from the data (falls back to both ways when undecided).",
+        default=tuple(Camera.kmtnet().ccd(name).bleed_direction for name in CCD_NAMES))
+    bleed_margin_px: int = documented(
+        "Pixels added beyond each saturated run along the bleed direction (the partly filled end "
+        "of a trail).",
+        default=2)
+    amp_reversed_readout: tuple[bool, ...] = documented(
+        "Per amplifier (AMPSEC1..8), true when its readout starts at its highest column: "
+        "amplifiers read out in mirrored directions, so crosstalk ghosts are mirrored between "
+        "neighbours.",
+        default=(False, True) * 4)
+    crosstalk_source_fraction: float = documented(
+        "Pixels at or above this fraction of SATURATE are crosstalk sources.",
+        default=0.5)
+    crosstalk_coefficient: float = documented(
+        "Crosstalk ghost / source charge between neighbouring amplifiers.",
+        default=0.002)
+    crosstalk_falloff: float = documented(
+        "Factor applied to the crosstalk coefficient per further amplifier of distance.",
+        default=0.5)
+    crosstalk_min_e: float = documented(
+        "Predicted crosstalk ghosts of at least this many electrons are flagged (bit 1).",
+        default=10.0)
+    crosstalk_grow_px: int = documented(
+        "Predicted crosstalk footprints are dilated by this many pixels.",
+        default=1)
+    cr_sigclip: float = documented(
+        "astroscrappy sigclip: Laplacian-to-noise limit of a cosmic-ray pixel.",
+        default=4.5)
+    cr_sigfrac: float = documented(
+        "astroscrappy sigfrac: fraction of sigclip for the neighbours of a cosmic-ray pixel.",
+        default=0.3)
+    cr_objlim: float = documented(
+        "astroscrappy objlim: minimum contrast between the Laplacian and the fine-structure image "
+        "(higher protects star cores; the PSF FWHM is ~5 px).",
+        default=5.0)
+    cr_niter: int = documented(
+        "astroscrappy niter: iterations of L.A.Cosmic (2 finds as many hits as 4 on the demo "
+        "survey in half the time).",
+        default=2)
+    cr_block_rows: int = documented(
+        "Rows of the CCD given to astroscrappy at a time (bounds memory on full-size chips); 0 = "
+        "the whole chip at once.",
+        default=2048)
+    cr_block_overlap: int = documented(
+        "Rows shared by consecutive astroscrappy blocks, pixels.",
+        default=32)
+    cr_edge_pad_px: int = documented(
+        "Pixels mirrored beyond the chip's edges before astroscrappy (stars cut by the edge "
+        "otherwise look sharp).",
+        default=16)
+
+    def __post_init__(self) -> None:
+        """Check every field; errors name the field."""
+        _positive(self, "amp_level_nsigma", "bad_column_nsigma", "crosstalk_coefficient",
+                  "crosstalk_min_e", "cr_sigclip", "cr_objlim")
+        _at_least(self, 1.0, "bad_column_block_rows", "bad_column_half_width",
+                  "bad_column_min_blocks", "cr_niter")
+        if not self.amp_noise_ratio > 1.0:
+            raise ValueError(f"amp_noise_ratio must be > 1, got {self.amp_noise_ratio}")
+        _at_least(self, 0.0, "bad_column_margin_px", "bleed_margin_px", "crosstalk_grow_px",
+                  "cr_block_rows", "cr_block_overlap", "cr_edge_pad_px")
+        _fraction(self, "saturation_fraction", "crosstalk_source_fraction", "crosstalk_falloff",
+                  "cr_sigfrac")
+        if len(self.bleed_directions) != len(CCD_NAMES) or not set(self.bleed_directions) <= {
+                -1, 0, 1}:
+            raise ValueError("bleed_directions needs one of -1, 0, +1 per CCD (KK, MM, NN, TT), "
+                             f"got {self.bleed_directions}")
+        if len(self.amp_reversed_readout) != N_AMPLIFIERS:
+            raise ValueError(f"amp_reversed_readout needs {N_AMPLIFIERS} values, got "
+                             f"{len(self.amp_reversed_readout)}")
+        if self.cr_block_rows and self.cr_block_rows <= 2 * self.cr_block_overlap:
+            raise ValueError(f"cr_block_rows must be 0 (whole chip) or more than twice "
+                             f"cr_block_overlap ({self.cr_block_overlap}), "
+                             f"got {self.cr_block_rows}")
+
+    def bleed_direction(self, ccd_name: str) -> int:
+        """The configured bleed direction of CCD ``ccd_name`` (+1, -1, or 0 = infer)."""
+        return self.bleed_directions[CCD_NAMES.index(ccd_name)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectSettings:
+    """``[detect]``: sep source extraction on single-epoch CCDs (DR1 used SExtractor)."""
+
+    thresh_sigma: float = documented(
+        "Detection threshold in units of the local background RMS (DR1: not stated, 'low').",
+        default=1.5)
+    min_area_px: int = documented(
+        "Minimum number of pixels above threshold (DR1 DETECT_MINAREA 9).",
+        default=9)
+    deblend_nthresh: int = documented(
+        "Number of deblending sub-thresholds.",
+        default=32)
+    deblend_cont: float = documented(
+        "Minimum contrast for deblending (DR1 DEBLEND_MINCONT).",
+        default=5e-05)
+    back_size_px: int = documented(
+        "Background mesh size, pixels.",
+        default=64)
+    back_filter_size: int = documented(
+        "Background median filter size, meshes.",
+        default=3)
+    aperture_diameter_arcsec: float = documented(
+        "Diameter of the fixed circular aperture, arcsec (DR1 MAG_APER5 = 5 arcsec).",
+        default=5.0)
+    mask_bits: int = documented(
+        "Bad-pixel mask bits that exclude a pixel from background and detection (1 cosmic "
+        "ray/crosstalk, 2 bleed, 4 bad column, 8 dead amplifier).",
+        default=15)
+    saturation_fraction: float = documented(
+        "A footprint pixel at or above this fraction of SATURATE flags the source saturated.",
+        default=0.98)
+
+    def __post_init__(self) -> None:
+        """Check every field; errors name the field."""
+        _positive(self, "thresh_sigma", "aperture_diameter_arcsec")
+        _at_least(self, 1.0, "min_area_px", "deblend_nthresh", "back_size_px", "back_filter_size")
+        _fraction(self, "deblend_cont", "saturation_fraction")
+        _bits(self, "mask_bits")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AstrometrySettings:
+    """``[astrometry]``: Gaia DR3 astrometric solution and DR1's quality check."""
+
+    sip_degree: int = documented(
+        "Highest total degree of the polynomial fitted on top of the prior distortion (1 = prior "
+        "+ affine map; the .ahead models are cubic). Fewer stars lower it (see "
+        "min_stars_per_term).",
+        default=3)
+    max_offset_arcsec: float = documented(
+        "Largest offset of the header WCS searched for, per axis, arcsec.",
+        default=30.0)
+    offset_bin_arcsec: float = documented(
+        "Bin size of the offset-voting histogram, arcsec.",
+        default=1.0)
+    initial_match_radius_arcsec: float = documented(
+        "Match radius after the offset search (covers the unmodelled distortion), arcsec.",
+        default=3.0)
+    match_radius_arcsec: float = documented(
+        "Match radius with the fitted model, arcsec (DR1 validation: 1.0).",
+        default=1.0)
+    clip_sigma: float = documented(
+        "Residuals beyond this many robust sigmas are rejected.",
+        default=3.0)
+    n_iterations: int = documented(
+        "Match-clip-fit iterations.",
+        default=4)
+    min_snr: float = documented(
+        "Detections below this S/N are not used.",
+        default=5.0)
+    bad_flags: int = documented(
+        "Detection flags that exclude a source from the fit (1 masked pixels in the aperture, 4 "
+        "saturated, 8 edge, 16 aperture truncated).",
+        default=29)
+    ref_mag_limit: float = documented(
+        "Faintest Gaia G used for matching, mag.",
+        default=21.0)
+    position_floor_arcsec: float = documented(
+        "Added in quadrature to every position error in the fit weights, arcsec.",
+        default=0.01)
+    propagate_proper_motion: bool = documented(
+        "Move Gaia positions from 2016.0 to the exposure epoch (DR1: no).",
+        default=False)
+    prior_radial_cubic_deg: float = documented(
+        "Prior focal-plane distortion d(xi) = c xi r^2 (deg^-2) about the optical axis, the cubic "
+        "term of the KMTNet .ahead models (PV1_7 ~ PV1_9 ~ -0.01); it assumes each CCD header's "
+        "CRPIX is the optical axis. 0 = no prior.",
+        default=-0.01)
+    min_stars_per_term: float = documented(
+        "Matched stars needed per polynomial term and axis before the fit uses a higher degree "
+        "(few stars: the prior distortion and an affine map).",
+        default=8.0)
+    min_matches: int = documented(
+        "A chip needs at least this many kept matches (guards against a chip without data; the "
+        "shared model constrains chips with few stars).",
+        default=2)
+    subsection_side: int = documented(
+        "Sub-sections per chip side of the quality check (DR1: 8, i.e. 64).",
+        default=8)
+    min_good_subsections: int = documented(
+        "Good sub-sections a chip needs to pass (DR1: 62 of 64).",
+        default=62)
+    min_match_rate: float = documented(
+        "Least fraction of expected Gaia stars matched in a good sub-section (DR1: not stated).",
+        default=0.5)
+    max_subsection_rms_arcsec: float = documented(
+        "Largest RMS per axis of the matched residuals in a good sub-section, arcsec (DR1: not "
+        "stated).",
+        default=0.1)
+    qa_mag_range: tuple[float, ...] = documented(
+        "Gaia G range of the stars expected in the quality check, mag (brighter saturate, fainter "
+        "may be lost in the noise).",
+        default=(14.0, 20.0))
+    isolation_arcsec: float = documented(
+        "Expected stars have no brighter Gaia star within this radius, arcsec (a neighbour's halo "
+        "or bleed trail swallows them).",
+        default=10.0)
+    edge_margin_px: float = documented(
+        "Expected stars lie at least this far from the chip edge and from masked pixels, px.",
+        default=3.0)
+    mask_bits: int = documented(
+        "Mask bits that make a pixel masked in the quality check.",
+        default=15)
+
+    def __post_init__(self) -> None:
+        """Check every field; errors name the field."""
+        _positive(self, "max_offset_arcsec", "offset_bin_arcsec", "initial_match_radius_arcsec",
+                  "match_radius_arcsec", "clip_sigma", "min_stars_per_term",
+                  "max_subsection_rms_arcsec")
+        _at_least(self, 0.0, "min_snr", "position_floor_arcsec", "isolation_arcsec",
+                  "edge_margin_px")
+        _at_least(self, 1.0, "sip_degree", "n_iterations", "min_matches", "subsection_side")
+        _fraction(self, "min_match_rate")
+        _bits(self, "bad_flags", "mask_bits")
+        if not 0 <= self.min_good_subsections <= self.subsection_side**2:
+            raise ValueError(f"min_good_subsections must be in [0, {self.subsection_side**2}], "
+                             f"got {self.min_good_subsections}")
+        if len(self.qa_mag_range) != 2 or not self.qa_mag_range[0] < self.qa_mag_range[1]:
+            raise ValueError(f"qa_mag_range must be (bright, faint), got {self.qa_mag_range}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeropointSettings:
+    """Photometry and fit of the per-amplifier zero points (``[zeropoint]``)."""
+
+    aperture_r50: float = documented(
+        "Photometric aperture radius in units of the stars' median half-light radius (5 ~ 3 FWHM "
+        "for a Moffat beta = 3 PSF).",
+        default=5.0)
+    correction_factor: float = documented(
+        "Radius of the curve-of-growth aperture, in units of the photometric aperture.",
+        default=2.0)
+    background_box_px: int = documented(
+        "Box size of the sep background mesh, px.",
+        default=64)
+    detect_sigma: float = documented(
+        "Detection threshold (sigma) of the sources searched for blends.",
+        default=3.0)
+    blend_fraction: float = documented(
+        "A star is dropped when other detected sources within its aperture (plus two half-light "
+        "radii) carry more than this fraction of its flux.",
+        default=0.005)
+    saturation_fraction: float = documented(
+        "A star is dropped when a pixel within 2 half-light radii reaches this fraction of "
+        "SATURATE.",
+        default=0.9)
+    max_ref_err_mag: float = documented(
+        "Largest accepted Gaia XP magnitude error, mag.",
+        default=0.05)
+    error_floor_mag: float = documented(
+        "Added in quadrature to each star's error, mag.",
+        default=0.003)
+    clip_sigma: float = documented(
+        "Outlier rejection threshold in robust standard deviations.",
+        default=3.5)
+    colour_pivot: float = documented(
+        "(V-I)_AB colour at which the zero point is defined, mag.",
+        default=0.4)
+    prior_colour_term: float = documented(
+        "Prior width of the colour term per exposure (band and site), mag/mag.",
+        default=0.1)
+    prior_ccd_offset_mag: float = documented(
+        "Prior width of a CCD's offset from the exposure zero point (gain included), mag.",
+        default=0.1)
+    prior_ccd_slope_mag: float = documented(
+        "Prior width of a CCD's zero-point gradient over its height, mag.",
+        default=0.2)
+    prior_amp_offset_mag: float = documented(
+        "Prior width of an amplifier's offset from its CCD, mag.",
+        default=0.02)
+    prior_amp_slope_mag: float = documented(
+        "Prior width of an amplifier's gradient from its CCD's, mag over the CCD height.",
+        default=0.03)
+    min_stars_amp: int = documented(
+        "Amplifiers with fewer stars get the FEW_STARS flag.",
+        default=3)
+
+    def __post_init__(self) -> None:
+        """Check every field; errors name the field."""
+        _positive(self, "aperture_r50", "detect_sigma", "max_ref_err_mag", "clip_sigma",
+                  "prior_colour_term", "prior_ccd_offset_mag", "prior_ccd_slope_mag",
+                  "prior_amp_offset_mag", "prior_amp_slope_mag")
+        _at_least(self, 1.0, "background_box_px", "min_stars_amp")
+        _at_least(self, 0.0, "error_floor_mag")
+        _fraction(self, "blend_fraction", "saturation_fraction")
+        if not self.correction_factor > 1.0:
+            raise ValueError(f"correction_factor must be > 1, got {self.correction_factor}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleSettings:
+    """Background subtraction and scaling of the exposures (``[scale]``)."""
+
+    zp_target: float = documented(
+        "Zero point of the scaled images, AB mag giving 1 count (DR1: 30).",
+        default=REFERENCE_ZEROPOINT)
+    background_box_px: int = documented(
+        "Box size of the sep background mesh, px.",
+        default=64)
+    background_filter: int = documented(
+        "Median filter size of the background mesh, boxes.",
+        default=3)
+
+    def __post_init__(self) -> None:
+        """Check every field; errors name the field."""
+        _positive(self, "zp_target")
+        _at_least(self, 8.0, "background_box_px")
+        _at_least(self, 1.0, "background_filter")
+        if not math.isfinite(self.zp_target):
+            raise ValueError(f"zp_target must be a finite magnitude, got {self.zp_target}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoaddSettings:
+    """``[coadd]``: how the co-adds are made and measured."""
+
+    pixel_scale_arcsec: float = documented(
+        "Pixel scale of the co-add grid, arcsec/px (DR1: 0.4).", default=COADD_PIXEL_SCALE_ARCSEC)
+    grid_margin_arcsec: float = documented(
+        "Margin added on every side of the dithered field when sizing the tile grid, arcsec at "
+        "full camera size (scaled with the camera); 120 gives DR1's ~22000 x 22000 px.",
+        default=120.0)
+    square_grid: bool = documented(
+        "Make the tile grid square (the larger side for both), as DR1's 22000 x 22000 co-adds.",
+        default=True)
+    combine_type: str = documented("SWarp COMBINE_TYPE (DR1: MEDIAN).", default="MEDIAN")
+    resampling_type: str = documented("SWarp RESAMPLING_TYPE (DR1: LANCZOS3).",
+                                      default="LANCZOS3")
+    swarp_binary: str = documented("SWarp executable (Debian package 'swarp').", default="SWarp")
+    projection_err_px: float = documented(
+        "SWarp PROJECTION_ERR: largest error of its approximated pixel mapping, output px. "
+        "SWarp's 0.001 is never met by a distorted KMTNet CCD and forces the exact mapping "
+        "(4.5x slower); 0.01 (0.004 arcsec) changes fluxes by < 3e-4.", default=0.01)
+    nthreads: int = documented("Threads SWarp may use.", default=1)
+    timeout_s: float = documented("Longest a SWarp run may take, s.", default=3600.0)
+    ignore_bits: int = documented(
+        "Mask bits of input pixels whose values must not be used (DR1 bits 1, 2, 4, 8 = 15): "
+        "filled when in a short run (fill_max_gap_px), weight 0 otherwise.", default=_DR1_BITS_ALL)
+    fill_max_gap_px: int = documented(
+        "Masked runs up to this many pixels along a row (cosmic rays, bad columns, bleed "
+        "trails) are filled by linear interpolation between their good neighbours and keep "
+        "weight 1; longer runs get weight 0. SWarp zeroes the weight of every output pixel "
+        "whose LANCZOS3 kernel touches a zero-weight input pixel, so masking every cosmic ray "
+        "would leave ~10% of each exposure out of the median.", default=16)
+    map_step_px: int = documented(
+        "Output pixels between exact WCS evaluations when projecting masks (spline between).",
+        default=16)
+    star_snr_min: float = documented(
+        "Least S/N of a star used for the seeing measurement.", default=50.0)
+    star_count_max: int = documented(
+        "Most stars fitted for the seeing (the brightest unsaturated ones).", default=300)
+    depth_aperture_fwhm: float = documented(
+        "Diameter of the limiting-magnitude aperture in units of the measured seeing FWHM.",
+        default=2.0)
+    depth_sigma: float = documented("Significance of the limiting magnitude (DR1: 5).",
+                                    default=5.0)
+    depth_grid: int = documented(
+        "The limiting magnitude is the median of the local ones in depth_grid x depth_grid "
+        "cells of the tile, so that an artifact in one exposure (a stray-light ring lifted "
+        "through the median) does not set the depth of the whole tile.", default=4)
+    depth_apertures: int = documented(
+        "Random empty apertures drawn per cell for the limiting magnitude.", default=400)
+    quality_window_px: int = documented(
+        "Seeing and depth are measured in the central window of this many pixels a side (the "
+        "whole demo co-add; a third of the area of a full-size 22000 x 22000 one, whose "
+        "detection maps would otherwise need several GB).", default=12000)
+    seed: int = documented("Seed of the random aperture positions.", default=1)
+
+    def __post_init__(self) -> None:
+        for name in ("pixel_scale_arcsec", "timeout_s", "depth_aperture_fwhm", "depth_sigma",
+                     "star_snr_min", "projection_err_px"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.grid_margin_arcsec < 0:
+            raise ValueError(f"grid_margin_arcsec must be >= 0, got {self.grid_margin_arcsec}")
+        for name in ("nthreads", "map_step_px", "star_count_max", "depth_apertures", "depth_grid",
+                     "quality_window_px", "fill_max_gap_px"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ignore_bits",):
+            if not 0 <= getattr(self, name) <= 255:
+                raise ValueError(f"{name} must be a uint8 bit mask, got {getattr(self, name)}")
+        if self.combine_type not in ("MEDIAN", "AVERAGE", "WEIGHTED", "CLIPPED"):
+            raise ValueError(f"combine_type must be MEDIAN, AVERAGE, WEIGHTED or CLIPPED, got "
+                             f"{self.combine_type!r}")
+        if not self.resampling_type.startswith(("LANCZOS", "BILINEAR", "NEAREST")):
+            raise ValueError(f"resampling_type must be a SWarp type such as LANCZOS3, got "
+                             f"{self.resampling_type!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The grid

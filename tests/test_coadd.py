@@ -1,0 +1,508 @@
+"""Co-adds (ks4release.reduction.coadd*) against the truth of a simulated survey.
+
+The scaled exposures and masks that the photometry and mask stages will write are made here from
+the truth (:func:`write_scaled_from_truth`): raw data minus the true sky, times
+``10**(0.4 * (30 - zp(y)))`` per amplifier, with the true TAN-SIP WCS and the DR1 bits of the
+truth masks. The survey is the demo model (one tile, V and I, 1/16 scale) with a tenth of the
+galaxies, so that one small tile holds enough isolated stars for a 0.005 mag photometric check;
+everything else (seeing, noise, artifacts, distortion) is the demo's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import sep
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ks4release.reduction.coadd import (
+    CoaddSettings,
+    fill_masked_pixels,
+    limiting_magnitude,
+    run_coadd,
+    tile_grid,
+)
+from ks4release.reduction.coadd_maps import project_ccd
+from ks4release.reduction.coadd_swarp import run_swarp, sip_to_tpv_header, tpv_terms
+from scipy.ndimage import binary_dilation
+from scipy.spatial import cKDTree
+
+from ks4release.camera import CCD_NAMES, Camera
+from ks4release.errors import StageError
+from ks4release.layout import coadd_exposures_path, coadd_path, mask_path, scaled_path
+from ks4release.simulate import SimulationConfig, simulate_survey
+from ks4release.simulate.sky import positions_at
+from ks4release.survey import site
+
+TILE = "0000.000-62"
+BAND = "V"
+TILE_RA, TILE_DEC = 0.0, -62.0
+# Truth-only mask bits (ks4release.simulate.masks.MaskBit).
+COSMIC, SATELLITE, STRAY_LIGHT, CROSSTALK = 1, 16, 32, 128
+
+
+def _quiet_wcs(header: fits.Header) -> WCS:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header, relax=True)
+
+
+def write_scaled_from_truth(survey: Path, release: Path, band: str) -> list[str]:
+    """Scaled exposures and DR1 masks of one band from the truth (see module docstring)."""
+    exposures = pd.read_parquet(survey / "truth" / "exposures.parquet")
+    zps = pd.read_parquet(survey / "truth" / "zeropoints.parquet")
+    stems = []
+    for _, exp in exposures[exposures.band == band].iterrows():
+        with fits.open(survey / exp.file) as raw, \
+                fits.open(survey / "truth" / "masks" / f"{exp.stem}_mask.fits") as truth:
+            scaled = fits.HDUList([fits.PrimaryHDU(header=raw[0].header.copy())])
+            masks = fits.HDUList([fits.PrimaryHDU()])
+            for name in CCD_NAMES:
+                data = raw[name].data.astype(np.float64) - exp[f"sky_adu_{name}"]
+                ny = data.shape[0]
+                rows = np.arange(ny)[:, None]
+                for _, amp in zps[(zps.file == exp.file) & (zps.ccd == name)].iterrows():
+                    zp = amp.zp_y0 + amp.zp_slope * rows / ny
+                    data[:, amp.x_start:amp.x_stop] *= 10 ** (0.4 * (30.0 - zp))
+                header = _quiet_wcs(truth[name].header).to_header(relax=True)
+                header["EXTNAME"] = name
+                header["ASTOK"] = True
+                header["GAIN"] = raw[name].header["GAIN"]
+                header["SATURATE"] = raw[name].header["SATURATE"]
+                scaled.append(fits.ImageHDU(data.astype(np.float32), header))
+                masks.append(fits.ImageHDU((truth[name].data & 15).astype(np.uint8),
+                                           fits.Header([("EXTNAME", name)])))
+        for path, hdul in ((scaled_path(release, exp.stem), scaled),
+                           (mask_path(release, exp.stem), masks)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            hdul.writeto(path)
+        stems.append(exp.stem)
+    return stems
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """The sparse-galaxy survey, its scaled exposures and the V co-add (SWarp, ~20 s)."""
+    root = tmp_path_factory.mktemp("coadd")
+    survey = root / "survey"
+    simulate_survey(SimulationConfig(n_tiles_ra=1, n_tiles_dec=1, bands=("V", "I"),
+                                     galaxy_density_deg2=3000.0), survey)
+    release = root / "release"
+    stems = write_scaled_from_truth(survey, release, BAND)
+    result = run_coadd(tile=TILE, band=BAND, ra=TILE_RA, dec=TILE_DEC,
+                       scaled=[scaled_path(release, s) for s in stems],
+                       masks=[mask_path(release, s) for s in stems], release_dir=release,
+                       settings=CoaddSettings(nthreads=2))
+    paths = {kind: coadd_path(release, TILE, BAND, kind) for kind in ("coadd", "mask", "ndith")}
+    with fits.open(paths["coadd"]) as hdul:
+        image, header = hdul[0].data.astype(np.float32), hdul[0].header.copy()
+    return {"survey": survey, "release": release, "stems": stems, "result": result,
+            "image": image, "header": header, "wcs": _quiet_wcs(header),
+            "mask": fits.getdata(paths["mask"]), "ndith": fits.getdata(paths["ndith"]),
+            "truth_sources": pd.read_parquet(survey / "truth" / "sources.parquet"),
+            "truth_exposures": pd.read_parquet(survey / "truth" / "exposures.parquet")
+            .query("band == @BAND")}
+
+
+def _truth_masks(built: dict) -> dict[str, fits.HDUList]:
+    return {s: fits.open(built["survey"] / "truth" / "masks" / f"{s}_mask.fits")
+            for s in built["stems"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_tpv_terms_skip_the_radial_terms():
+    ks = [k for k, _, _ in tpv_terms(7)]
+    assert ks[:4] == [0, 1, 2, 4] and 3 not in ks and 11 not in ks and 23 not in ks
+    assert max(ks) == 38 and len(ks) == 36
+    with pytest.raises(ValueError, match="order"):
+        tpv_terms(8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(order=st.integers(2, 5), seed=st.integers(0, 2**31 - 1),
+       rotation=st.floats(-180.0, 180.0), crpix=st.floats(-3000.0, 3000.0))
+def test_sip_to_tpv_reproduces_the_sip_wcs(order, seed, rotation, crpix):
+    """TPV converted from any SIP (order 2-5, any rotation, CRPIX off the chip) maps every
+    pixel of the chip to the same sky position to 1e-6 arcsec."""
+    rng = np.random.default_rng(seed)
+    scale = 0.395 / 3600.0
+    c, s = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+    header = fits.Header()
+    header.update({"CTYPE1": "RA---TAN-SIP", "CTYPE2": "DEC--TAN-SIP", "CRVAL1": 10.0,
+                   "CRVAL2": -62.0, "CRPIX1": crpix, "CRPIX2": -crpix / 2,
+                   "CD1_1": -scale * c, "CD1_2": scale * s, "CD2_1": scale * s,
+                   "CD2_2": scale * c, "A_ORDER": order, "B_ORDER": order})
+    for p in range(order + 1):
+        for q in range(order + 1 - p):
+            if p + q >= 2:  # up to ~3 px at 4000 px from CRPIX
+                header[f"A_{p}_{q}"] = rng.normal(0, 3.0 / 4000.0 ** (p + q - 1))
+                header[f"B_{p}_{q}"] = rng.normal(0, 3.0 / 4000.0 ** (p + q - 1))
+    shape = (600, 500)
+    tpv = sip_to_tpv_header(header, shape)
+    assert tpv["CTYPE1"] == "RA---TPV" and "A_ORDER" not in tpv
+    x, y = np.meshgrid(np.linspace(0, 499, 13), np.linspace(0, 599, 11))
+    ra1, dec1 = _quiet_wcs(header).all_pix2world(x.ravel(), y.ravel(), 0)
+    ra2, dec2 = _quiet_wcs(tpv).all_pix2world(x.ravel(), y.ravel(), 0)
+    sep_arcsec = np.hypot((ra1 - ra2) * math.cos(math.radians(-62.0)), dec1 - dec2) * 3600
+    assert sep_arcsec.max() < 1e-6
+
+
+def test_tile_grid_is_dr1_sized_and_centred():
+    wcs, shape = tile_grid(321.23, -70.0, Camera.kmtnet(1.0))
+    assert shape == (21886, 21886)  # DR1: ~22000 x 22000
+    assert wcs.wcs.crpix[0] == wcs.wcs.crpix[1] == (21886 + 1) / 2
+    assert np.allclose(wcs.wcs.cd, [[-0.4 / 3600, 0], [0, 0.4 / 3600]])
+    ra, dec = wcs.wcs_pix2world([[(21886 - 1) / 2, (21886 - 1) / 2]], 0)[0]
+    assert (ra, dec) == pytest.approx((321.23, -70.0), abs=1e-9)
+    again, shape_again = tile_grid(321.23, -70.0, Camera.kmtnet(1.0))
+    assert shape_again == shape and again.to_header() == wcs.to_header()
+    with pytest.raises(ValueError, match="pixel_scale_arcsec"):
+        tile_grid(0.0, 0.0, Camera.kmtnet(1.0), pixel_scale_arcsec=0.0)
+
+
+@pytest.mark.parametrize("field, value", [("nthreads", 0), ("pixel_scale_arcsec", -1.0),
+                                          ("ignore_bits", 300), ("combine_type", "SUM"),
+                                          ("grid_margin_arcsec", -5.0)])
+def test_settings_name_the_bad_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        CoaddSettings(**{field: value})
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), max_gap=st.integers(1, 8))
+def test_fill_masked_pixels_restores_planes_and_keeps_long_runs(seed, max_gap):
+    """On a plane, filled pixels equal the plane; only runs longer than max_gap or touching a
+    row end stay bad (and hold 0); good pixels never change."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:20, :30]
+    plane = (3.0 + 0.5 * x - 0.25 * y).astype(np.float32)
+    bad = rng.random(plane.shape) < 0.3
+    filled, still_bad = fill_masked_pixels(np.where(bad, 1e6, plane), bad, max_gap)
+    assert np.allclose(filled[~still_bad], plane[~still_bad], atol=1e-4)
+    assert np.all(filled[still_bad] == 0) and np.all(still_bad <= bad)
+    for row in range(bad.shape[0]):
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], still_bad[row].astype(int), [0]])))
+        for start, stop in zip(runs[::2], runs[1::2]):
+            assert stop - start > max_gap or start == 0 or stop == bad.shape[1]
+
+
+def test_limiting_magnitude_of_white_noise():
+    """On white noise of sigma 10 an aperture of area A has noise 10 sqrt(A) (a large aperture:
+    for small ones partial pixels and the 1-sigma source mask lower the figure by up to 6%)."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(0.0, 10.0, (600, 600)).astype(np.float32)
+    depth, sigma, n, cells = limiting_magnitude(image, np.ones(image.shape, bool), 16.0,
+                                                n_apertures=500, seed=2, grid=2)
+    expected = 10.0 * math.sqrt(math.pi * 64.0)
+    assert cells == 4 and n > 1000 and sigma == pytest.approx(expected, rel=0.06)
+    assert depth == pytest.approx(30 - 2.5 * math.log10(5 * expected), abs=0.07)
+
+
+def test_swarp_failure_is_a_stage_error(tmp_path):
+    command = ["SWarp", str(tmp_path / "missing.fits"), "-IMAGEOUT_NAME",
+               str(tmp_path / "out.fits"), "-WRITE_XML", "N"]
+    with pytest.raises(StageError) as info:
+        run_swarp(command, timeout_s=60, tile=TILE, band=BAND, cwd=tmp_path)
+    text = str(info.value)
+    assert TILE in text and "band V" in text and "missing.fits" in text and "SWarp" in text
+
+
+# --------------------------------------------------------------------------------------------
+# The co-add against truth
+
+
+def _on_unmasked_artifact(built: dict, ra: np.ndarray, dec: np.ndarray, radius_arcsec: float
+                          ) -> np.ndarray:
+    """True where a satellite trail or stray-light ring (truth bits DR1 does not mask) of any
+    exposure lies within ``radius_arcsec``: the median leaves ~0.4 sigma of one exposure there."""
+    hit = np.zeros(ra.size, dtype=bool)
+    reach = math.ceil(radius_arcsec / 0.395) + 2
+    for hdul in _truth_masks(built).values():
+        for name in CCD_NAMES:
+            artifact = (hdul[name].data & (SATELLITE | STRAY_LIGHT)) != 0
+            if not artifact.any():
+                continue
+            cx, cy = _quiet_wcs(hdul[name].header).all_world2pix(ra, dec, 0)
+            ny, nx = artifact.shape
+            for k in np.flatnonzero((cx > -reach) & (cx < nx + reach) & (cy > -reach)
+                                    & (cy < ny + reach)):
+                x0, y0 = max(0, round(float(cx[k])) - reach), max(0, round(float(cy[k])) - reach)
+                hit[k] |= bool(artifact[y0:round(float(cy[k])) + reach + 1,
+                                        x0:round(float(cx[k])) + reach + 1].any())
+    return hit
+
+
+def _isolated_stars(built: dict, radius_px: float) -> np.ndarray:
+    """Indices of truth stars (15 < m < 18.5: bright enough that the aperture noise stays well
+    below 0.005 mag) whose neighbours put < 0.1% of the star's flux into the aperture (as point
+    sources, every truth source within 60"), with no bleed trail or amplifier defect (bits 2, 8)
+    in the aperture, at least two exposures over all of it and no satellite trail or
+    stray-light ring of any exposure near it."""
+    src, wcs = built["truth_sources"], built["wcs"]
+    mean_mjd = float(built["truth_exposures"].mjd.mean())
+    ra, dec = positions_at(src, mean_mjd)
+    x, y = wcs.all_world2pix(ra, dec, 0)
+    mag = src[f"mag_{BAND}"].to_numpy()
+    ny, nx = built["image"].shape
+    fwhm_px = built["header"]["SEEING"] / 0.4
+    alpha = fwhm_px / (2 * math.sqrt(2 ** (1 / 3) - 1))
+    tree = cKDTree(np.c_[x, y])
+    keep = []
+    candidates = np.flatnonzero((src.type == "star").to_numpy() & (mag > 15) & (mag < 18.5)
+                                & (x > 100) & (x < nx - 100) & (y > 100) & (y < ny - 100))
+    yy, xx = np.mgrid[:ny, :nx]
+    r = math.ceil(radius_px)
+    ay, ax = np.mgrid[-r:r + 1, -r:r + 1]
+    in_aperture = ax**2 + ay**2 <= radius_px**2
+    ax, ay = ax[in_aperture], ay[in_aperture]
+    candidates = candidates[~_on_unmasked_artifact(built, ra[candidates], dec[candidates],
+                                                    radius_px * 0.4 + 2.0)]
+    for i in candidates:
+        near = [j for j in tree.query_ball_point([x[i], y[i]], 150) if j != i]
+        # share of each neighbour's flux inside the aperture, as a point source (Moffat 3)
+        ox, oy = x[near] - x[i], y[near] - y[i]
+        density = (1 + ((ax[None] - ox[:, None]) ** 2 + (ay[None] - oy[:, None]) ** 2)
+                   / alpha**2) ** -3 * 2 / (math.pi * alpha**2)
+        contamination = np.sum(10 ** (-0.4 * (mag[near] - mag[i])) * density.sum(axis=1))
+        box = (slice(int(y[i] - radius_px - 1), int(y[i] + radius_px + 2)),
+               slice(int(x[i] - radius_px - 1), int(x[i] + radius_px + 2)))
+        inside = (xx[box] - x[i]) ** 2 + (yy[box] - y[i]) ** 2 <= (radius_px + 1) ** 2
+        clean = not np.any(built["mask"][box][inside] & 10)
+        covered = built["ndith"][box][inside].min() >= 2
+        if contamination < 1e-3 and clean and covered:
+            keep.append(i)
+    return np.array(keep, dtype=int), x, y
+
+
+def test_aperture_photometry_of_isolated_stars_matches_truth(built):
+    """8" radius apertures, Moffat (beta = 3, the simulator's PSF) aperture correction at the
+    measured seeing; truth magnitude includes the site colour term of the exposures (median)."""
+    radius_arcsec = 8.0
+    radius_px = radius_arcsec / 0.4
+    idx, x, y = _isolated_stars(built, radius_px)
+    assert idx.size >= 8
+    # as the catalogs will: minus the background map, which takes out the low plateaus that a
+    # stray-light ring in one exposure leaves through the median (~0.4 sigma of one exposure)
+    image = np.ascontiguousarray(built["image"])
+    no_data = built["ndith"] == 0
+    first = sep.Background(image, mask=no_data, bw=64, bh=64)
+    _, segmap = sep.extract(image - first.back(), 1.5, err=first.globalrms, mask=no_data,
+                            minarea=5, segmentation_map=True)
+    sources = binary_dilation(segmap > 0, np.ones((21, 21), dtype=bool))
+    background = sep.Background(image, mask=no_data | sources, bw=128, bh=128)
+    flux, _, _ = sep.sum_circle(image - background.back(), x[idx], y[idx], radius_px, subpix=5)
+    alpha = built["header"]["SEEING"] / (2 * math.sqrt(2 ** (1 / 3) - 1))
+    enclosed = 1 - (1 + (radius_arcsec / alpha) ** 2) ** -2
+    src = built["truth_sources"].iloc[idx]
+    colour_term = np.median([site(s).colour_term for s in built["truth_exposures"].site])
+    expected = src[f"mag_{BAND}"] - colour_term * (src.mag_V - src.mag_I)
+    offset = 30 - 2.5 * np.log10(flux / enclosed) - expected.to_numpy()
+    logging.getLogger(__name__).info("photometry: %d stars, median offset %.4f mag", idx.size,
+                                     np.median(offset))
+    assert abs(np.median(offset)) < 0.005, f"median offset {np.median(offset):.4f} mag"
+
+
+def test_star_positions_match_truth(built):
+    """Windowed centroids of bright stars on the co-add vs true positions at the mean epoch."""
+    idx, x, y = _isolated_stars(built, 8.0 / 0.4)
+    xw, yw, flag = sep.winpos(built["image"], x[idx], y[idx], 0.6 * built["header"]["SEEING"]
+                              / 0.4 / 2.355 * 2)
+    assert np.all(flag == 0)
+    offset = np.hypot(xw - x[idx], yw - y[idx]) * 0.4
+    logging.getLogger(__name__).info("astrometry: %d stars, median offset %.4f arcsec",
+                                     idx.size, np.median(offset))
+    assert np.median(offset) < 0.03
+
+
+def _output_pixels_in_exposures(built: dict, step: int):
+    """Every ``step``-th output pixel, and per exposure its CCD and pixel via the true WCS."""
+    ny, nx = built["image"].shape
+    gy, gx = np.mgrid[step // 2:ny:step, step // 2:nx:step]
+    ra, dec = built["wcs"].wcs_pix2world(gx.ravel(), gy.ravel(), 0)
+    per_exposure = {}
+    for stem, hdul in _truth_masks(built).items():
+        hits = []
+        for name in CCD_NAMES:
+            w = _quiet_wcs(hdul[name].header)
+            cx, cy = w.all_world2pix(ra, dec, 0, tolerance=1e-6, maxiter=50)
+            hits.append((name, cx, cy, hdul[name].data))
+        per_exposure[stem] = hits
+    return gy.ravel(), gx.ravel(), per_exposure
+
+
+def test_ndith_equals_true_coverage_away_from_edges(built):
+    """NDITH = exposures whose CCD holds the pixel on data that enters the median, wherever the
+    pixel is more than 4 input pixels from the edge of a CCD or of a region without data (the
+    dead amplifier and masked runs too long to fill: LANCZOS3 reaches 3 pixels)."""
+    settings_ = CoaddSettings()
+    gy, gx, per_exposure = _output_pixels_in_exposures(built, step=3)
+    count = np.zeros(gy.size, dtype=int)
+    ambiguous = np.zeros(gy.size, dtype=bool)
+    pad, reach = 8, 4
+    square = np.ones((2 * reach + 1, 2 * reach + 1), dtype=bool)
+    for hits in per_exposure.values():
+        for _, cx, cy, truth in hits:
+            dr1 = (truth & settings_.ignore_bits) != 0
+            _, still_bad = fill_masked_pixels(np.zeros(truth.shape), dr1,
+                                              settings_.fill_max_gap_px)
+            no_data = np.pad(still_bad, pad, constant_values=True)
+            band = binary_dilation(no_data, square) & binary_dilation(~no_data, square)
+            ny, nx = no_data.shape
+            ix = np.rint(cx).astype(int) + pad
+            iy = np.rint(cy).astype(int) + pad
+            on = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+            ambiguous[on] |= band[iy[on], ix[on]]
+            count[on] += ~no_data[iy[on], ix[on]]
+    ndith = built["ndith"][gy, gx]
+    clear = ~ambiguous
+    agree = np.mean(ndith[clear] == count[clear])
+    logging.getLogger(__name__).info("NDITH agrees on %.5f of %d pixels", agree, clear.sum())
+    assert clear.sum() > 0.6 * clear.size
+    assert agree == 1.0, f"NDITH agrees with truth on {agree:.5f} of the pixels"
+    assert set(np.unique(built["ndith"])) <= set(range(len(built["stems"]) + 1))
+
+
+def test_no_cosmic_ray_or_satellite_residual_above_5_sigma(built):
+    """5-sigma detections (sep, 3x3 conv kernel, minarea 5) that match no truth source within
+    3" must not lie on a cosmic ray or satellite trail of any exposure (at NDITH >= 3)."""
+    image = np.ascontiguousarray(built["image"])
+    valid = built["ndith"] >= 3
+    bkg = sep.Background(image, mask=~valid)
+    kernel = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float32)
+    objects = sep.extract(image - bkg.back(), 5.0, err=bkg.globalrms, mask=~valid, minarea=5,
+                          filter_kernel=kernel)
+    wcs = built["wcs"]
+    ra, dec = wcs.all_pix2world(objects["x"], objects["y"], 0)
+    src = built["truth_sources"]
+    tx, ty = wcs.all_world2pix(*positions_at(src, float(built["truth_exposures"].mjd.mean())), 0)
+    distance, _ = cKDTree(np.c_[tx, ty]).query(np.c_[objects["x"], objects["y"]])
+    unmatched = distance > 3.0 / 0.4
+    on_artifact = np.zeros(objects.size, dtype=bool)
+    n_cosmic, n_satellite = 0, 0
+    for hdul in _truth_masks(built).values():
+        for name in CCD_NAMES:
+            truth = hdul[name].data
+            cosmic = ((truth & COSMIC) != 0) & ((truth & CROSSTALK) == 0)
+            satellite = (truth & SATELLITE) != 0
+            artifact = cosmic | satellite
+            n_cosmic += int(cosmic.sum())
+            n_satellite += int(satellite.sum())
+            cx, cy = _quiet_wcs(hdul[name].header).all_world2pix(ra, dec, 0)
+            ny, nx = truth.shape
+            for dx in range(-3, 4):
+                for dy in range(-3, 4):
+                    jx, jy = np.rint(cx).astype(int) + dx, np.rint(cy).astype(int) + dy
+                    ok = (jx >= 0) & (jx < nx) & (jy >= 0) & (jy < ny)
+                    on_artifact[ok] |= artifact[jy[ok], jx[ok]]
+    assert n_cosmic > 20 and n_satellite > 1000  # the inputs do have both
+    assert objects.size > 30
+    residuals = objects[unmatched & on_artifact]
+    logging.getLogger(__name__).info(
+        "residuals: %d detections, %d unmatched, %d of them on an artifact", objects.size,
+        unmatched.sum(), residuals.size)
+    assert residuals.size == 0, f"residuals at {list(zip(residuals['x'], residuals['y']))}"
+
+
+def test_seeing_and_depth_match_what_was_injected(built):
+    """Seeing within 10% of the median injected FWHM; the 5-sigma flux limit within 10% of the
+    one predicted from the injected sky, read noise and zero points (median of N exposures)."""
+    exposures = built["truth_exposures"]
+    header = built["header"]
+    assert header["SEEING"] == pytest.approx(np.median(exposures.seeing_fwhm_arcsec), rel=0.10)
+    zps = pd.read_parquet(built["survey"] / "truth" / "zeropoints.parquet")
+    camera = Camera.kmtnet(1 / 16)
+    sigmas = []
+    for _, exp in exposures.iterrows():
+        per_ccd = []
+        for ccd in camera.ccds:
+            zp = zps[(zps.file == exp.file) & (zps.ccd == ccd.name)]
+            zp_mean = float(np.mean(zp.zp_y0 + zp.zp_slope / 2))
+            sky_e = exp[f"sky_adu_{ccd.name}"] * ccd.gain_e_per_adu
+            noise_adu = math.sqrt(sky_e + ccd.read_noise_e**2) / ccd.gain_e_per_adu
+            per_ccd.append(noise_adu * 10 ** (0.4 * (30 - zp_mean)))
+        sigmas.append(np.mean(per_ccd))
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0, 1, (200_000, len(sigmas))) * np.array(sigmas)
+    sigma_median = float(np.std(np.median(draws, axis=1)))
+    diameter = header["DEPTHAPD"]
+    n_input_pixels = math.pi * diameter**2 / 4 / camera.pixel_scale_arcsec**2
+    predicted = 30 - 2.5 * math.log10(5 * sigma_median * math.sqrt(n_input_pixels))
+    flux_ratio = 10 ** (-0.4 * (header["MAGLIM"] - predicted))
+    logging.getLogger(__name__).info(
+        "seeing %.3f vs injected %.3f; MAGLIM %.3f vs predicted %.3f (5-sigma flux ratio %.3f)",
+        header["SEEING"], np.median(exposures.seeing_fwhm_arcsec), header["MAGLIM"], predicted,
+        flux_ratio)
+    assert flux_ratio == pytest.approx(1.0, abs=0.10)
+
+
+def test_products_headers_and_exposures_json(built):
+    header, release = built["header"], built["release"]
+    assert header["MAGZERO"] == 30.0 and header["NCOMBINE"] == len(built["stems"])
+    assert header["MJD-OBS"] == pytest.approx(built["truth_exposures"].mjd.min())
+    assert header["MJD-END"] == pytest.approx(built["truth_exposures"].mjd.max())
+    assert "CD1_1" in header and "PC1_1" not in header
+    wcs, shape = tile_grid(TILE_RA, TILE_DEC, Camera.kmtnet(1 / 16))
+    assert built["image"].shape == shape
+    assert np.allclose(built["wcs"].wcs.crpix, wcs.wcs.crpix)
+    assert built["mask"].dtype == np.uint8 and not np.any(built["mask"] & ~np.uint8(15))
+    payload = json.loads(coadd_exposures_path(release, TILE, BAND).read_text())
+    assert payload["tile"] == TILE and payload["band"] == BAND
+    by_stem = {e["stem"]: e for e in payload["exposures"]}
+    assert set(by_stem) == set(built["stems"])
+    truth_wcs = {s: h for s, h in _truth_masks(built).items()}
+    for _, exp in built["truth_exposures"].iterrows():
+        entry = by_stem[exp.stem]
+        assert entry["ok"] and entry["mjd"] == pytest.approx(exp.mjd) and entry["site"] == exp.site
+        corners = np.array(entry["ccds"]["KK"])
+        w = _quiet_wcs(truth_wcs[exp.stem]["KK"].header)
+        x, _ = w.all_world2pix(corners[:, 0], corners[:, 1], 0)
+        assert np.allclose(np.sort(x), [-0.5, -0.5, 575.5, 575.5], atol=1e-3)
+    # the dead amplifier (bit 8) shows in the mask map wherever only it covers a pixel
+    assert np.any(built["mask"] & 8)
+
+
+def test_mask_projection_spline_matches_exact_mapping(built):
+    """The mask projected with the coarse spline mapping (every 16 px) equals the one from the
+    exact WCS at every output pixel but a handful at bit boundaries."""
+    with fits.open(built["survey"] / "truth" / "masks" / f"{built['stems'][0]}_mask.fits") as h:
+        mask, wcs = h["MM"].data & 15, _quiet_wcs(h["MM"].header)
+    shape = built["image"].shape
+    coarse = project_ccd(mask, wcs, built["wcs"], shape, step=16)
+    exact = project_ccd(mask, wcs, built["wcs"], shape, step=1)
+    assert (coarse.y0, coarse.x0) == (exact.y0, exact.x0) and np.any(exact.bits)
+    assert np.mean(coarse.bits != exact.bits) < 1e-4
+
+
+def test_excluded_ccds_are_logged_and_left_out(built, tmp_path, caplog):
+    """ASTOK = F drops a CCD: NDITH is 0 where only it covered, the JSON says why."""
+    release = built["release"]
+    stem = built["stems"][0]
+    copy = tmp_path / "work" / "scaled" / f"{stem}.fits"
+    copy.parent.mkdir(parents=True)
+    with fits.open(scaled_path(release, stem)) as hdul:
+        for name in ("MM", "NN", "TT"):
+            hdul[name].header["ASTOK"] = False
+        hdul.writeto(copy)
+    with caplog.at_level(logging.WARNING, logger="ks4release.reduction.coadd"):
+        run_coadd(tile=TILE, band=BAND, ra=TILE_RA, dec=TILE_DEC, scaled=[copy],
+                  masks=[mask_path(release, stem)], release_dir=tmp_path,
+                  settings=CoaddSettings(depth_apertures=100))
+    assert sum("excluded" in r.getMessage() for r in caplog.records) == 3
+    ndith = fits.getdata(coadd_path(tmp_path, TILE, BAND, "ndith"))
+    image = fits.getdata(coadd_path(tmp_path, TILE, BAND, "coadd"))
+    assert ndith.max() == 1 and 0.15 < np.mean(ndith) < 0.35  # one CCD of four
+    assert np.all(image[ndith == 0] == 0)
+    entry = json.loads(coadd_exposures_path(tmp_path, TILE, BAND).read_text())["exposures"][0]
+    assert list(entry["ccds"]) == ["KK"] and entry["excluded_ccds"]["NN"] == "ASTOK = False"
