@@ -378,6 +378,11 @@ class ZeropointSettings:
     prior_amp_slope_mag: float = documented(
         "Prior width of an amplifier's gradient from its CCD's, mag over the CCD height.",
         default=0.03)
+    fallback_aperture_correction: float = documented(
+        "Aperture correction (large / small aperture flux) used for an exposure in which no "
+        "clean star measures it; 1 = none (the zero point is then too faint by the PSF's true "
+        "correction, about 0.005-0.01 mag for a Moffat beta = 3 PSF).",
+        default=1.0)
     min_stars_amp: int = documented(
         "Amplifiers with fewer stars get the FEW_STARS flag.",
         default=3)
@@ -390,6 +395,7 @@ class ZeropointSettings:
         _at_least(self, 1.0, "background_box_px", "min_stars_amp")
         _at_least(self, 0.0, "error_floor_mag")
         _fraction(self, "blend_fraction", "saturation_fraction")
+        _at_least(self, 1.0, "fallback_aperture_correction")
         if not self.correction_factor > 1.0:
             raise ValueError(f"correction_factor must be > 1, got {self.correction_factor}")
 

@@ -72,6 +72,7 @@ The Gaia XP Johnson-Kron-Cousins magnitudes are Vega magnitudes; ``m_AB = m_Vega
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Mapping
@@ -113,6 +114,8 @@ __all__ = [
     "celestial_wcs",
     "run_zeropoint",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: m_AB - m_Vega of the Johnson-Kron-Cousins bands (Blanton & Roweis 2007, AJ 133, 734, table 1).
 VEGA_TO_AB = {"B": -0.09, "V": 0.02, "R": 0.21, "I": 0.45}
@@ -633,6 +636,13 @@ def measure_exposure(exposure: Path, mask: Path | str, wcs: Path, gaia_xp: Path,
     stars = vstack(tables) if tables else Table(
         names=_STAR_COLUMNS, dtype=(float,) * 6 + (int, bool, "U2", int) + (float,) * 3)
     apcorr, n_apcorr = aperture_correction(stars)
+    usable_big = (np.asarray(stars["cut"]) == 0) & np.asarray(stars["big_ok"], bool)
+    if not math.isfinite(apcorr) and not usable_big.any():
+        # Too crowded or too sparse for a curve of growth: take the configured correction
+        # rather than lose the exposure; the zero point then carries its (small) error.
+        apcorr = settings.fallback_aperture_correction
+        logger.warning("%s: no clean star measures the aperture correction; using %.4f",
+                       Path(exposure).name, apcorr)
     stars["m_inst"], stars["m_inst_err"] = instrumental_mags(stars, apcorr)
     stars["use"] = ((np.asarray(stars["cut"]) == 0) & np.isfinite(stars["m_inst"])
                     & np.isfinite(stars["m_ref"]) & np.isfinite(stars["colour"])
