@@ -85,6 +85,7 @@ def _swarp_inputs(prep: dict, folder: Path, convert_sip: bool) -> tuple[list[Pat
     """SWarp input files as run_coadd writes them (or with the SIP headers left as they are)."""
     import numpy as np
     from astropy.io import fits
+
     from ks4release.reduction.coadd import fill_masked_pixels
     from ks4release.reduction.coadd_swarp import (
         SwarpCcd,
@@ -112,10 +113,9 @@ def _swarp_inputs(prep: dict, folder: Path, convert_sip: bool) -> tuple[list[Pat
 
 
 def _swarp_case(prep: dict, out: Path, convert_sip: bool) -> dict:
+    from ks4release.camera import Camera
     from ks4release.reduction.coadd import tile_grid
     from ks4release.reduction.coadd_swarp import swarp_command
-
-    from ks4release.camera import Camera
 
     folder = out / ("plain" if convert_sip else "sip")
     folder.mkdir(parents=True, exist_ok=True)
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
     import numpy as np
-    from ks4release.reduction.coadd_swarp import swarp_version
 
     from ks4release.layout import coadd_path
+    from ks4release.reduction.coadd_swarp import swarp_version
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)

@@ -25,6 +25,7 @@ from ks4release.config import (
 from ks4release.engine import Engine, RunSummary
 from ks4release.errors import Ks4ReleaseError
 from ks4release.refcat.cli import refcat_group
+from ks4release.schema_cli import schema_group
 from ks4release.simulate import SimulationConfig
 from ks4release.stages import (
     ReleaseContext,
@@ -184,6 +185,7 @@ def config_check(path: Path) -> None:
 
 
 cli.add_command(refcat_group)
+cli.add_command(schema_group)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

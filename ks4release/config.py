@@ -30,7 +30,9 @@ from ks4release.settings import (
     AstrometrySettings,
     CoaddSettings,
     DetectSettings,
+    ExportSettings,
     MaskSettings,
+    MasterSettings,
     ScaleSettings,
     ZeropointSettings,
     documented,
@@ -305,6 +307,8 @@ class ReleaseConfig:
         "Per-amplifier zero points against Gaia XP.", default=ZeropointSettings())
     scale: ScaleSettings = documented("Scaling to ZP = 30.", default=ScaleSettings())
     coadd: CoaddSettings = documented("Co-adds per tile and band.", default=CoaddSettings())
+    master: MasterSettings = documented("Master catalogs.", default=MasterSettings())
+    export: ExportSettings = documented("Catalog exports.", default=ExportSettings())
     source_path: Path | None = field(default=None, compare=False, metadata={"internal": True})
 
     @property

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ks4release.camera import CCD_NAMES, COADD_PIXEL_SCALE_ARCSEC, N_AMPLIFIERS, Camera
-from ks4release.survey import REFERENCE_ZEROPOINT
+from ks4release.survey import BANDS, REFERENCE_ZEROPOINT
 
 __all__ = [
     "documented",
@@ -24,8 +24,12 @@ __all__ = [
     "ZeropointSettings",
     "ScaleSettings",
     "CoaddSettings",
+    "MasterSettings",
+    "ExportSettings",
 ]
 
+#: Band suffixes of the catalog columns (b, v, r, i).
+_CATALOG_BANDS = tuple(b.name.lower() for b in BANDS)
 #: Every DR1 bad-pixel bit (1 cosmic ray or crosstalk, 2 bleed, 4 CCD defect, 8 amplifier defect).
 _DR1_BITS_ALL = 15
 
@@ -503,3 +507,83 @@ class CoaddSettings:
 
 # --------------------------------------------------------------------------------------------
 # The grid
+
+
+@dataclass(frozen=True, kw_only=True)
+class MasterSettings:
+    """Settings of the master catalogs (``[master]``)."""
+
+    link_radius_arcsec: float = documented(
+        "Linking length of detections of one source on different tiles, arcsec (DR1: 0.5).",
+        default=0.5)
+    band_merge_radius_arcsec: float = documented(
+        "Matching radius of the per-tile band merge of single-mode lists, arcsec (DR1: 0.8).",
+        default=0.8)
+    band_merge_order: tuple[str, ...] = documented(
+        "Order in which single-band lists are merged (band letters). DR1 merges two bands, "
+        "then a third, then the fourth, but the band names are lost from the published text; "
+        "the default goes from the deepest band to the shallowest.",
+        default=("i", "r", "v", "b"))
+    detection_band: str = documented(
+        "Band whose S/N and FLAGS select detections of the dual-mode catalogs (DR1: I).",
+        default="i")
+    snr_min: float = documented(
+        "Detections need S/N > snr_min. DR1's threshold is lost from the published text; 3 "
+        "keeps low-significance detections as DR1 describes.", default=3.0)
+    flags_max: int = documented(
+        "Detections need FLAGS < flags_max (DR1: 4, which drops saturated detections).",
+        default=4)
+    chunk_rows: int = documented(
+        "Sources aggregated and written per Parquet row group.", default=200_000)
+    sfd_ngp: str = documented(
+        "SFD (1998) E(B-V) map of the northern Galactic hemisphere (SFD_dust_4096_ngp.fits); "
+        "empty = no map, ebmv_sfd is null.", default="")
+    sfd_sgp: str = documented(
+        "SFD (1998) E(B-V) map of the southern Galactic hemisphere (SFD_dust_4096_sgp.fits).",
+        default="")
+    release_name: str = documented("Release name written into the catalog metadata.",
+                                   default="ks4-dr1")
+
+    def __post_init__(self) -> None:
+        for name in ("link_radius_arcsec", "band_merge_radius_arcsec"):
+            if not 0.0 < getattr(self, name) <= 10.0:
+                raise ValueError(f"{name} must be in (0, 10] arcsec, got {getattr(self, name)}")
+        if sorted(self.band_merge_order) != sorted(_CATALOG_BANDS):
+            raise ValueError(f"band_merge_order must be a permutation of {_CATALOG_BANDS}, got "
+                             f"{self.band_merge_order}")
+        if self.detection_band not in _CATALOG_BANDS:
+            raise ValueError(f"detection_band must be one of {_CATALOG_BANDS}, got {self.detection_band!r}")
+        if not 0 < self.flags_max <= 256:
+            raise ValueError(f"flags_max must be in (0, 256], got {self.flags_max}")
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if bool(self.sfd_ngp) != bool(self.sfd_sgp):
+            raise ValueError("sfd_ngp and sfd_sgp must both be set or both be empty")
+
+
+# --- staging: tile catalogs -> one Arrow file of float64 columns -----------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportSettings:
+    """Settings of the catalog exports (``[export]``)."""
+
+    chunk_rows: int = documented("Rows read and written at a time.", default=200_000)
+    part_rows: int = documented(
+        "Rows per file of the formats written in parts (VOTable, VizieR).", default=500_000)
+    title: str = documented(
+        "Title of the VizieR ReadMe.",
+        default="KMTNet Synoptic Survey of the Southern Sky (KS4) first data release catalogs")
+    author: str = documented("First author of the VizieR ReadMe.", default="KS4 team")
+    release_name: str = documented("Release name written into the file metadata.",
+                                   default="ks4-dr1")
+    check: bool = documented(
+        "Run the schema checker on every exported file and write READY only if all pass "
+        "(off only to time the writers alone).", default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_rows", "part_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.part_rows < self.chunk_rows:
+            raise ValueError("part_rows must be >= chunk_rows")

@@ -60,6 +60,14 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.time import Time
 from astropy.wcs import WCS
+from scipy.ndimage import maximum_filter
+from scipy.spatial import cKDTree
+
+from ks4release import __version__
+from ks4release.atomic import atomic_path
+from ks4release.camera import PIXEL_SCALE_ARCSEC
+from ks4release.errors import InputError
+from ks4release.exposure import read_exposure_header
 from ks4release.reduction.astrometry_fit import (
     FocalPlaneModel,
     fit_focal_plane,
@@ -74,14 +82,6 @@ from ks4release.reduction.astrometry_match import (
     subsection_index,
 )
 from ks4release.reduction.detect import read_mask
-from scipy.ndimage import maximum_filter
-from scipy.spatial import cKDTree
-
-from ks4release import __version__
-from ks4release.atomic import atomic_path
-from ks4release.camera import PIXEL_SCALE_ARCSEC
-from ks4release.errors import InputError
-from ks4release.exposure import read_exposure_header
 from ks4release.refcat.formats import read_refcat
 from ks4release.refcat.propagate import propagate_positions
 from ks4release.settings import AstrometrySettings

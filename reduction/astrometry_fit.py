@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, Sip
+
 from ks4release.reduction.astrometry_match import gnomonic, inverse_gnomonic
 
 __all__ = [

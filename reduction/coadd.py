@@ -38,6 +38,14 @@ import numpy as np
 import sep
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
+from scipy.ndimage import maximum_filter
+from scipy.optimize import least_squares
+
+from ks4release import __version__
+from ks4release.atomic import atomic_path, atomic_write_text
+from ks4release.camera import CCD_NAMES, COADD_PIXEL_SCALE_ARCSEC, Camera
+from ks4release.errors import InputError, StageError
+from ks4release.layout import coadd_exposures_path, coadd_path
 from ks4release.reduction.coadd_maps import (
     accumulate_mask,
     ccd_corners_deg,
@@ -52,14 +60,6 @@ from ks4release.reduction.coadd_swarp import (
     swarp_version,
     write_swarp_exposure,
 )
-from scipy.ndimage import maximum_filter
-from scipy.optimize import least_squares
-
-from ks4release import __version__
-from ks4release.atomic import atomic_path, atomic_write_text
-from ks4release.camera import CCD_NAMES, COADD_PIXEL_SCALE_ARCSEC, Camera
-from ks4release.errors import InputError, StageError
-from ks4release.layout import coadd_exposures_path, coadd_path
 from ks4release.settings import CoaddSettings
 from ks4release.survey import DITHER_OFFSETS_ARCMIN, REFERENCE_ZEROPOINT
 

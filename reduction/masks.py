@@ -44,6 +44,10 @@ from pathlib import Path
 import astroscrappy
 import numpy as np
 from astropy.io import fits
+
+from ks4release import __version__
+from ks4release.atomic import atomic_path
+from ks4release.exposure import CcdInfo, read_ccd, read_exposure_header
 from ks4release.reduction.masks_defects import (
     amplifier_defects,
     bad_columns,
@@ -56,10 +60,6 @@ from ks4release.reduction.masks_saturation import (
     infer_bleed_direction,
     saturated_pixels,
 )
-
-from ks4release import __version__
-from ks4release.atomic import atomic_path
-from ks4release.exposure import CcdInfo, read_ccd, read_exposure_header
 from ks4release.settings import MaskSettings
 
 __all__ = [

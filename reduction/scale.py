@@ -23,13 +23,13 @@ import numpy as np
 import sep
 from astropy.io import fits
 from astropy.table import Table
-from ks4release.reduction.zeropoint import read_mask_ccd, read_wcs_ccd
 
 from ks4release import __version__
 from ks4release.atomic import atomic_path
 from ks4release.camera import CCD_NAMES
 from ks4release.errors import InputError
 from ks4release.exposure import read_ccd, read_exposure_header
+from ks4release.reduction.zeropoint import read_mask_ccd, read_wcs_ccd
 from ks4release.settings import ScaleSettings
 from ks4release.survey import REFERENCE_ZEROPOINT
 

@@ -26,12 +26,12 @@ import functools
 import io
 import re
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
 import warnings
 from dataclasses import dataclass, field
-import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from xml.sax.saxutils import escape
 

@@ -8,9 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ks4release.atomic import (ReleasePathError, atomic_path, atomic_write_bytes,
-                               atomic_write_text, clean_stale_temporaries, ensure_inside,
-                               is_temporary_name, temporary_sibling)
+from ks4release.atomic import (
+    ReleasePathError,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    clean_stale_temporaries,
+    ensure_inside,
+    is_temporary_name,
+    temporary_sibling,
+)
 
 
 def test_atomic_path_renames_on_success_and_leaves_no_temporary(tmp_path):

@@ -51,7 +51,8 @@ def copy_of(survey: Path, tmp_path: Path) -> Path:
 def test_every_command_has_help(capsys):
     for args in (["--help"], ["simulate", "--help"], ["build", "--help"], ["build", "dr1", "--help"],
                  ["config", "--help"], ["config", "show", "--help"], ["config", "check", "--help"],
-                 ["refcat", "--help"], ["refcat", "fetch", "--help"], ["refcat", "info", "--help"]):
+                 ["refcat", "--help"], ["refcat", "fetch", "--help"], ["refcat", "info", "--help"],
+                 ["schema", "--help"], ["schema", "check", "--help"]):
         assert main(args) == 0, args
         assert "Usage:" in capsys.readouterr().out
 
@@ -175,4 +176,4 @@ def test_killed_simulation_and_build_resume_to_the_same_files(tiny_survey, tmp_p
 
 
 def test_cli_group_lists_only_working_commands():
-    assert sorted(cli.commands) == ["build", "config", "refcat", "simulate"]
+    assert sorted(cli.commands) == ["build", "config", "refcat", "schema", "simulate"]

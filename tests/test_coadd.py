@@ -24,6 +24,12 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.ndimage import binary_dilation
+from scipy.spatial import cKDTree
+
+from ks4release.camera import CCD_NAMES, Camera
+from ks4release.errors import StageError
+from ks4release.layout import coadd_exposures_path, coadd_path, mask_path, scaled_path
 from ks4release.reduction.coadd import (
     CoaddSettings,
     fill_masked_pixels,
@@ -33,12 +39,6 @@ from ks4release.reduction.coadd import (
 )
 from ks4release.reduction.coadd_maps import project_ccd
 from ks4release.reduction.coadd_swarp import run_swarp, sip_to_tpv_header, tpv_terms
-from scipy.ndimage import binary_dilation
-from scipy.spatial import cKDTree
-
-from ks4release.camera import CCD_NAMES, Camera
-from ks4release.errors import StageError
-from ks4release.layout import coadd_exposures_path, coadd_path, mask_path, scaled_path
 from ks4release.simulate import SimulationConfig, simulate_survey
 from ks4release.simulate.sky import positions_at
 from ks4release.survey import site

@@ -9,7 +9,15 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table, vstack
 from astropy.wcs import WCS
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from test_zeropoint import (
+    exposure_row,
+    fit_exposure,
+    three_sites,  # noqa: F401, F811  (the shared survey fixture)
+    write_truth_inputs,
+)
 
 from ks4release.exposure import read_ccd
 from ks4release.reduction.scale import ScaleSettings, run_scale, scale_factors
@@ -21,8 +29,6 @@ from ks4release.reduction.zeropoint import (
     read_mask_ccd,
 )
 from ks4release.simulate import positions_at
-from test_zeropoint import exposure_row, fit_exposure, write_truth_inputs
-from test_zeropoint import three_sites  # noqa: F401, F811  (the shared survey fixture)
 
 AMPS = tuple((i * 72, (i + 1) * 72) for i in range(8))
 

@@ -14,9 +14,9 @@ from astropy.wcs import WCS
 
 from ks4release.simulate import (
     DR1_BITS,
+    VEGA_TO_AB,
     MaskBit,
     SimulationConfig,
-    VEGA_TO_AB,
     ccd_true_wcs,
     make_sources,
     mask_path,

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table, vstack
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from ks4release.errors import InputError
 from ks4release.reduction.zeropoint import (

@@ -1,0 +1,102 @@
+"""Cross-tile linking of detections and the per-tile band merge of single-mode catalogs.
+
+* :func:`link_detections` groups detections of one source seen on several overlapping tiles:
+  friends-of-friends within DR1's 0.5 arcsec, where only detections from *different* tiles are
+  friends (two detections on the same tile are two sources that the extraction separated).
+* :func:`merge_bands` merges one tile's single-band source lists hierarchically (DR1 4.2.2):
+  the first band's list, then each further band matched one-to-one within 0.8 arcsec to the
+  running mean positions of what has been merged so far; unmatched sources start new entries.
+
+Both work on plain arrays in degrees. Group labels depend on row order only through their
+numbering: the partition into groups does not change when the input rows are permuted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+__all__ = [
+    "link_detections",
+    "mean_positions",
+    "match_nearest",
+    "unit_vectors",
+]
+
+
+def unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+    """Cartesian unit vectors (n, 3) of positions in degrees."""
+    ra = np.radians(np.asarray(ra_deg, dtype=np.float64))
+    dec = np.radians(np.asarray(dec_deg, dtype=np.float64))
+    cos_dec = np.cos(dec)
+    return np.column_stack([cos_dec * np.cos(ra), cos_dec * np.sin(ra), np.sin(dec)])
+
+
+def _chord(radius_arcsec: float) -> float:
+    return 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
+
+
+def link_detections(ra_deg: np.ndarray, dec_deg: np.ndarray, tile_codes: np.ndarray,
+                    radius_arcsec: float) -> np.ndarray:
+    """Group labels (int64, 0..n_groups-1) of detections linked across tiles.
+
+    Parameters
+    ----------
+    ra_deg, dec_deg : ndarray
+        Detection positions, deg.
+    tile_codes : ndarray of int
+        Tile of each detection; detections of the same tile are never linked directly.
+    radius_arcsec : float
+        Linking length (DR1: 0.5 arcsec).
+    """
+    n = len(ra_deg)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    tree = cKDTree(unit_vectors(ra_deg, dec_deg))
+    pairs = tree.query_pairs(_chord(radius_arcsec), output_type="ndarray")
+    tile_codes = np.asarray(tile_codes)
+    pairs = pairs[tile_codes[pairs[:, 0]] != tile_codes[pairs[:, 1]]]
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
+                       shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def mean_positions(ra_deg: np.ndarray, dec_deg: np.ndarray, labels: np.ndarray,
+                   n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unweighted mean position of each group, with right ascension taken across 0/360."""
+    ra = np.asarray(ra_deg, dtype=np.float64)
+    first = np.full(n_groups, np.nan)
+    first[labels[::-1]] = ra[::-1]  # the first member of each group is the reference
+    offset = (ra - first[labels] + 180.0) % 360.0 - 180.0
+    counts = np.bincount(labels, minlength=n_groups)
+    mean_ra = (first + np.bincount(labels, offset, minlength=n_groups) / counts) % 360.0
+    mean_dec = np.bincount(labels, np.asarray(dec_deg, dtype=np.float64),
+                           minlength=n_groups) / counts
+    return mean_ra, mean_dec
+
+
+def match_nearest(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.ndarray,
+                  radius_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one nearest-neighbour match of list 2 onto list 1 within ``radius_arcsec``.
+
+    Returns the matched row indices ``(rows1, rows2)``, sorted by ``rows1``.
+
+    Each row of list 1 takes its nearest row of list 2; when several rows of list 1 want the
+    same row of list 2, the closest wins (ties: the lower row of list 1) and the others stay
+    unmatched.
+    """
+    if len(ra1) == 0 or len(ra2) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    tree = cKDTree(unit_vectors(ra2, dec2))
+    dist, idx = tree.query(unit_vectors(ra1, dec1), k=1,
+                           distance_upper_bound=_chord(radius_arcsec))
+    left = np.flatnonzero(np.isfinite(dist))
+    right = idx[left]
+    order = np.lexsort((left, dist[left]))
+    left, right = left[order], right[order]
+    _, first = np.unique(right, return_index=True)
+    keep = first[np.argsort(left[first], kind="stable")]
+    return left[keep].astype(np.int64), right[keep].astype(np.int64)
