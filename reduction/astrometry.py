@@ -68,6 +68,7 @@ from ks4release.atomic import atomic_path
 from ks4release.camera import PIXEL_SCALE_ARCSEC
 from ks4release.errors import InputError
 from ks4release.exposure import read_exposure_header
+from ks4release.projection import gnomonic
 from ks4release.reduction.astrometry_fit import (
     FocalPlaneModel,
     fit_focal_plane,
@@ -76,7 +77,6 @@ from ks4release.reduction.astrometry_fit import (
     wcs_header,
 )
 from ks4release.reduction.astrometry_match import (
-    gnomonic,
     match_nearest,
     offset_search,
     subsection_index,

@@ -27,7 +27,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, Sip
 
-from ks4release.reduction.astrometry_match import gnomonic, inverse_gnomonic
+from ks4release.projection import gnomonic, inverse_gnomonic
 
 __all__ = [
     "FocalPlaneModel",

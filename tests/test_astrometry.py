@@ -17,6 +17,7 @@ from scipy.spatial import cKDTree
 from ks4release.camera import Camera
 from ks4release.errors import InputError
 from ks4release.layout import sources_path, wcs_path
+from ks4release.projection import gnomonic
 from ks4release.reduction.astrometry import (
     QA_CARDS,
     AstrometrySettings,
@@ -35,7 +36,6 @@ from ks4release.reduction.astrometry_fit import (
     poly_terms,
 )
 from ks4release.reduction.astrometry_match import (
-    gnomonic,
     match_nearest,
     offset_search,
     subsection_index,

@@ -17,8 +17,7 @@ from astropy.wcs import WCS
 
 from ks4release.camera import CCD, PIXEL_SCALE_ARCSEC
 
-__all__ = ["AHEAD_CUBIC_DEG", "sip_coefficient", "true_wcs", "approx_wcs", "tangent_offset",
-           "tangent_point"]
+__all__ = ["AHEAD_CUBIC_DEG", "sip_coefficient", "true_wcs", "approx_wcs"]
 
 #: Cubic radial distortion of the .ahead models, d(xi) = AHEAD_CUBIC_DEG * xi * r^2 (degrees).
 AHEAD_CUBIC_DEG = -0.01
@@ -67,26 +66,3 @@ def true_wcs(ccd: CCD, ra_deg: float, dec_deg: float, rotation_deg: float, k: fl
     w.sip = Sip(a, b, None, None, w.wcs.crpix)
     w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
     return w
-
-
-def tangent_offset(ra0: float, dec0: float, ra: np.ndarray, dec: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Gnomonic (xi, eta) in degrees of (ra, dec) about (ra0, dec0); xi grows east."""
-    a0, d0 = math.radians(ra0), math.radians(dec0)
-    a, d = np.radians(ra), np.radians(dec)
-    cosc = math.sin(d0) * np.sin(d) + math.cos(d0) * np.cos(d) * np.cos(a - a0)
-    xi = np.cos(d) * np.sin(a - a0) / cosc
-    eta = (math.cos(d0) * np.sin(d) - math.sin(d0) * np.cos(d) * np.cos(a - a0)) / cosc
-    return np.degrees(xi), np.degrees(eta)
-
-
-def tangent_point(ra0: float, dec0: float, xi_deg: np.ndarray, eta_deg: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`tangent_offset`: (ra, dec) in degrees, RA wrapped to [0, 360)."""
-    a0, d0 = math.radians(ra0), math.radians(dec0)
-    xi, eta = np.radians(xi_deg), np.radians(eta_deg)
-    # Standard inverse gnomonic projection without the division by rho (safe at rho = 0).
-    denom = math.cos(d0) - eta * math.sin(d0)
-    ra = a0 + np.arctan2(xi, denom)
-    dec = np.arctan2(math.sin(d0) + eta * math.cos(d0), np.hypot(xi, denom))
-    return np.degrees(ra) % 360.0, np.degrees(dec)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ks4release.grid import Tile, tile_by_name
+from ks4release.projection import gnomonic, inverse_gnomonic
 from ks4release.simulate.arguments import SimulationConfig
-from ks4release.simulate.astrometry import tangent_offset, tangent_point
 from ks4release.survey import (
     DITHER_OFFSETS_ARCMIN,
     DR1_MJD_RANGE,
@@ -90,9 +90,9 @@ def demo_tiles(cfg: SimulationConfig) -> list[Tile]:
     for tile in cfg.block_tiles:
         if tile.name not in cfg.tile_names:
             continue
-        xi, eta = tangent_offset(anchor.ra_deg, anchor.dec_deg, np.array([tile.ra_deg]),
+        xi, eta = gnomonic(anchor.ra_deg, anchor.dec_deg, np.array([tile.ra_deg]),
                                  np.array([tile.dec_deg]))
-        ra, dec = tangent_point(anchor.ra_deg, anchor.dec_deg, xi * cfg.scale, eta * cfg.scale)
+        ra, dec = inverse_gnomonic(anchor.ra_deg, anchor.dec_deg, xi * cfg.scale, eta * cfg.scale)
         out.append(Tile(index=tile.index, name=tile.name, ra_deg=float(ra[0]),
                         dec_deg=float(dec[0])))
     return out
@@ -105,7 +105,7 @@ def _footprint(cfg: SimulationConfig, tiles: list[Tile]) -> tuple[float, float, 
     dx = max(abs(d[0]) for d in DITHER_OFFSETS_ARCMIN) / 60.0 * cfg.scale
     dy = max(abs(d[1]) for d in DITHER_OFFSETS_ARCMIN) / 60.0 * cfg.scale
     margin = 60.0 / 3600.0 + 3.0 * cfg.dither_jitter_arcsec * cfg.scale / 3600.0
-    xi, eta = tangent_offset(anchor.ra_deg, anchor.dec_deg, np.array([t.ra_deg for t in tiles]),
+    xi, eta = gnomonic(anchor.ra_deg, anchor.dec_deg, np.array([t.ra_deg for t in tiles]),
                              np.array([t.dec_deg for t in tiles]))
     hx = w / 2 * 1.05 + dx + margin
     hy = h / 2 * 1.05 + dy + margin
@@ -161,7 +161,7 @@ def _pointing(cfg: SimulationConfig, rng: np.random.Generator, tile: Tile, numbe
     if number > 4:
         jitter = rng.normal(0.0, cfg.dither_jitter_arcsec * cfg.scale / 3600.0, 2)
         xi, eta = xi + jitter[0], eta + jitter[1]
-    ra, dec = tangent_point(tile.ra_deg, tile.dec_deg, np.array([xi]), np.array([eta]))
+    ra, dec = inverse_gnomonic(tile.ra_deg, tile.dec_deg, np.array([xi]), np.array([eta]))
     return dither, float(ra[0]), float(dec[0])
 
 
@@ -188,7 +188,7 @@ def _exposure(cfg: SimulationConfig, tile: Tile, band_name: str, number: int,
     dither, ra, dec = _pointing(cfg, rng, tile, number)
     c = _conditions(cfg, rng, band_name)
     err_deg = c["pointing_error_arcsec"] / 3600.0
-    tra, tdec = tangent_point(ra, dec, np.array([err_deg * math.cos(c["pointing_angle"])]),
+    tra, tdec = inverse_gnomonic(ra, dec, np.array([err_deg * math.cos(c["pointing_angle"])]),
                               np.array([err_deg * math.sin(c["pointing_angle"])]))
     stem = f"{tile.name}_{band_name}_{number:02d}"
     return ExposurePlan(

@@ -29,12 +29,12 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from ks4release.camera import CCD
+from ks4release.projection import gnomonic
 from ks4release.simulate import artifacts
 from ks4release.simulate.arguments import SimulationConfig
 from ks4release.simulate.astrometry import (
     approx_wcs,
     sip_coefficient,
-    tangent_offset,
     true_wcs,
 )
 from ks4release.simulate.headers import (
@@ -103,7 +103,7 @@ def _on_chip(exposure: ExposurePlan, ccd: CCD, w: WCS, ra: np.ndarray, dec: np.n
              margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices and true pixel positions (0-based) of sources within ``margin`` px of the chip."""
     scale_deg = abs(w.wcs.cd[1, 1])
-    xi, eta = tangent_offset(exposure.true_ra_deg, exposure.true_dec_deg, ra, dec)
+    xi, eta = gnomonic(exposure.true_ra_deg, exposure.true_dec_deg, ra, dec)
     fx, fy = -xi / scale_deg - ccd.x0_px, eta / scale_deg - ccd.y0_px
     r = math.hypot(max(abs(ccd.x0_px), abs(ccd.x0_px + ccd.nx)),
                    max(abs(ccd.y0_px), abs(ccd.y0_px + ccd.ny)))

@@ -22,8 +22,8 @@ import numpy as np
 from astropy import units as u
 from astropy.table import Table
 
+from ks4release.projection import inverse_gnomonic
 from ks4release.simulate.arguments import SimulationConfig
-from ks4release.simulate.astrometry import tangent_point
 from ks4release.simulate.plan import SurveyPlan, demo_tiles, rng_for
 
 __all__ = ["make_sources", "positions_at", "stellar_locus", "GAIA_EPOCH_MJD", "SOURCE_COLUMNS"]
@@ -79,7 +79,7 @@ def _uniform_positions(rng: np.random.Generator, plan: SurveyPlan, n: int
     """Positions uniform over the footprint."""
     x0, x1, y0, y1 = plan.footprint_deg
     xi, eta = rng.uniform(x0, x1, n), rng.uniform(y0, y1, n)
-    return tangent_point(plan.centre_deg[0], plan.centre_deg[1], xi, eta)
+    return inverse_gnomonic(plan.centre_deg[0], plan.centre_deg[1], xi, eta)
 
 
 def _star_vi(rng: np.random.Generator, v: np.ndarray) -> np.ndarray:
@@ -113,7 +113,7 @@ def _bright_star_positions(cfg: SimulationConfig, plan: SurveyPlan, rng: np.rand
             for _ in range(cfg.bright_stars_per_ccd):
                 fx = ccd.x0_px + rng.uniform(0.2, 0.8) * ccd.nx
                 fy = ccd.y0_px + rng.uniform(0.2, 0.8) * ccd.ny
-                r, d = tangent_point(tile.ra_deg, tile.dec_deg, np.array([-fx * p]),
+                r, d = inverse_gnomonic(tile.ra_deg, tile.dec_deg, np.array([-fx * p]),
                                      np.array([fy * p]))
                 ras.append(r[0])
                 decs.append(d[0])
