@@ -17,7 +17,8 @@ system) and speaks enough of the real protocols for pyvo and astroquery to run u
 Faults are switched on with attributes: ``fail_statuses`` (HTTP codes for the next requests),
 ``delay_s`` (answer late), ``malformed`` (cut the VOTable short), ``max_rows`` (server limit),
 ``async_polls`` (EXECUTING answers before COMPLETED). ``requests`` logs every request.
-The server stops itself after ``lifetime_s`` even if a test forgets to.
+The server stops itself after ``lifetime_s`` even if a test forgets to (15 minutes: long
+enough for a module-scoped server on a loaded machine, short enough to be bounded).
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class ArchiveServer:
     """A TAP service and a VizieR endpoint on 127.0.0.1 serving :func:`make_sky` tables."""
 
     tables: dict[str, Table] = field(default_factory=make_sky)
-    lifetime_s: float = 60.0
+    lifetime_s: float = 900.0
     fail_statuses: list[int] = field(default_factory=list)
     delay_s: float = 0.0
     malformed: bool = False
