@@ -134,8 +134,8 @@ def _run_async(url: str, query: str, limits: QueryLimits, session: requests.Sess
             if time.monotonic() > deadline:
                 try:
                     job.abort()
-                except DALServiceError:
-                    pass
+                except DALServiceError as exc:  # the timeout below is the error that matters
+                    _log.warning("could not abort async job %s: %s", job.url, exc)
                 raise RefcatServiceError(
                     f"async job {job.url} did not finish within {limits.async_timeout_s:g} s "
                     f"(last phase {phase})", service=url, query=query)
