@@ -68,13 +68,12 @@ from ks4release.atomic import atomic_path
 from ks4release.camera import PIXEL_SCALE_ARCSEC
 from ks4release.errors import InputError
 from ks4release.exposure import read_exposure_header
-from ks4release.projection import gnomonic
+from ks4release.projection import gnomonic, tan_wcs_header
 from ks4release.reduction.astrometry_fit import (
     FocalPlaneModel,
     fit_focal_plane,
     model_wcs,
     poly_terms,
-    wcs_header,
 )
 from ks4release.reduction.astrometry_match import (
     match_nearest,
@@ -625,7 +624,7 @@ def _qa_header(sol: ChipSolution, settings: AstrometrySettings) -> fits.Header:
     h["EXTNAME"] = (sol.name, "CCD name")
     h["IMAGEW"] = (sol.shape[1], "[pix] width of the CCD image (NAXIS1)")
     h["IMAGEH"] = (sol.shape[0], "[pix] height of the CCD image (NAXIS2)")
-    h.extend(wcs_header(sol.wcs).cards)
+    h.extend(tan_wcs_header(sol.wcs).cards)
 
     def number(value: float) -> float:
         return round(float(value), 5) if math.isfinite(value) else -1.0

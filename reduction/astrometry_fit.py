@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.io import fits
 from astropy.wcs import WCS, Sip
 
 from ks4release.projection import gnomonic, inverse_gnomonic
@@ -34,7 +33,6 @@ __all__ = [
     "poly_terms",
     "fit_focal_plane",
     "model_wcs",
-    "wcs_header",
 ]
 
 #: Constant terms below this (deg, ~0.4 micro-arcsec) end the tangent-point iteration.
@@ -206,40 +204,4 @@ def model_wcs(model: FocalPlaneModel, crpix: tuple[float, float], shape: tuple[i
     w.wcs.set()
     return w
 
-
-def _sip_cards(header: fits.Header, name: str, coeffs: np.ndarray, min_order: int,
-               what: str) -> None:
-    order = coeffs.shape[0] - 1
-    header[f"{name}_ORDER"] = (order, f"{what} SIP polynomial order")
-    for p in range(order + 1):
-        for q in range(order + 1 - p):
-            if p + q >= min_order and coeffs[p, q] != 0.0:
-                header[f"{name}_{p}_{q}"] = (float(coeffs[p, q]), f"{what} SIP coefficient")
-
-
-def wcs_header(w: WCS) -> fits.Header:
-    """FITS cards of a TAN or TAN-SIP WCS with a CD matrix (no PC/CDELT; see tools.md)."""
-    sip = w.sip is not None
-    suffix = "-SIP" if sip else ""
-    h = fits.Header()
-    h["CTYPE1"] = ("RA---TAN" + suffix, "gnomonic projection" + (" + SIP" if sip else ""))
-    h["CTYPE2"] = ("DEC--TAN" + suffix, "gnomonic projection" + (" + SIP" if sip else ""))
-    h["CUNIT1"] = ("deg", "unit of CRVAL1 and CD1_*")
-    h["CUNIT2"] = ("deg", "unit of CRVAL2 and CD2_*")
-    h["CRVAL1"] = (float(w.wcs.crval[0]), "[deg] RA at the reference pixel")
-    h["CRVAL2"] = (float(w.wcs.crval[1]), "[deg] Dec at the reference pixel")
-    h["CRPIX1"] = (float(w.wcs.crpix[0]), "[pix] reference pixel, axis 1 (1-based)")
-    h["CRPIX2"] = (float(w.wcs.crpix[1]), "[pix] reference pixel, axis 2 (1-based)")
-    cd = w.wcs.cd if w.wcs.has_cd() else w.pixel_scale_matrix
-    for i in range(2):
-        for j in range(2):
-            h[f"CD{i + 1}_{j + 1}"] = (float(cd[i, j]), "[deg/pix] linear transformation")
-    h["RADESYS"] = ("ICRS", "celestial reference frame")
-    if sip:
-        _sip_cards(h, "A", w.sip.a, 2, "forward")
-        _sip_cards(h, "B", w.sip.b, 2, "forward")
-        if w.sip.ap is not None:
-            _sip_cards(h, "AP", w.sip.ap, 0, "inverse")
-            _sip_cards(h, "BP", w.sip.bp, 0, "inverse")
-    return h
 

@@ -46,6 +46,7 @@ from ks4release.atomic import atomic_path, atomic_write_text
 from ks4release.camera import CCD_NAMES, COADD_PIXEL_SCALE_ARCSEC, Camera
 from ks4release.errors import InputError, StageError
 from ks4release.layout import coadd_exposures_path, coadd_path
+from ks4release.projection import tan_wcs_header
 from ks4release.reduction.coadd_maps import (
     accumulate_mask,
     ccd_corners_deg,
@@ -121,17 +122,6 @@ def tile_grid(ra_deg: float, dec_deg: float, camera: Camera, *,
     wcs.wcs.cunit = ["deg", "deg"]
     wcs.wcs.radesys = "ICRS"
     return wcs, (ny, nx)
-
-
-def _grid_header(wcs: WCS) -> fits.Header:
-    """WCS cards with a CD matrix (``to_header`` writes PC + CDELT, which Hipsgen misreads)."""
-    header = wcs.to_header()
-    for key in ("PC1_1", "PC1_2", "PC2_1", "PC2_2", "CDELT1", "CDELT2"):
-        header.remove(key, ignore_missing=True)
-    for i in range(2):
-        for j in range(2):
-            header[f"CD{i + 1}_{j + 1}"] = float(wcs.wcs.cd[i, j])
-    return header
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,7 +553,7 @@ def _quality(coadd: np.ndarray, mask_map: np.ndarray, ndith: np.ndarray,
 def _coadd_header(tile: str, band: str, grid_wcs: WCS, used: list[_Exposure], quality: dict,
                   settings: CoaddSettings) -> fits.Header:
     """WCS, photometric scale, image quality and provenance of a co-add."""
-    header = _grid_header(grid_wcs)
+    header = tan_wcs_header(grid_wcs)
     mjds = [e.mjd for e in used]
 
     def finite(value: float) -> float | None:
@@ -602,7 +592,7 @@ def _write_products(release_dir: Path, tile: str, band: str, coadd: np.ndarray,
                     mask_map: np.ndarray, ndith: np.ndarray, header: fits.Header,
                     footprints: list[dict], grid_wcs: WCS) -> None:
     """Write the three images and the exposures JSON, each atomically."""
-    wcs_header = _grid_header(grid_wcs)
+    wcs_header = tan_wcs_header(grid_wcs)
     products = (
         ("coadd", coadd, header),
         ("mask", mask_map, wcs_header + fits.Header([

@@ -13,6 +13,7 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from ks4release.camera import CCD, N_AMPLIFIERS
+from ks4release.projection import tan_wcs_header
 from ks4release.simulate.masks import mask_bit_descriptions
 from ks4release.simulate.plan import ExposurePlan
 
@@ -43,35 +44,8 @@ def primary_header(exposure: ExposurePlan, scale: float, seed: int) -> fits.Head
 
 def wcs_cards(w: WCS, header: fits.Header) -> None:
     """Write ``w`` (TAN, optionally with SIP) as CD-matrix cards into ``header``."""
-    sip = w.sip is not None
-    suffix = "-SIP" if sip else ""
-    header["CTYPE1"] = ("RA---TAN" + suffix, "gnomonic projection" + (" + SIP" if sip else ""))
-    header["CTYPE2"] = ("DEC--TAN" + suffix, "gnomonic projection" + (" + SIP" if sip else ""))
-    header["CUNIT1"] = ("deg", "unit of CRVAL1 and CD1_*")
-    header["CUNIT2"] = ("deg", "unit of CRVAL2 and CD2_*")
-    header["CRVAL1"] = (float(w.wcs.crval[0]), "[deg] right ascension at the reference pixel")
-    header["CRVAL2"] = (float(w.wcs.crval[1]), "[deg] declination at the reference pixel")
-    header["CRPIX1"] = (float(w.wcs.crpix[0]), "[pix] reference pixel (optical axis), axis 1")
-    header["CRPIX2"] = (float(w.wcs.crpix[1]), "[pix] reference pixel (optical axis), axis 2")
-    cd = w.wcs.cd
-    for i in range(2):
-        for j in range(2):
-            header[f"CD{i + 1}_{j + 1}"] = (float(cd[i, j]), "[deg/pix] linear transformation")
-    header["RADESYS"] = ("ICRS", "celestial reference frame")
-    if sip:
-        _sip_cards(w, header)
-
-
-def _sip_cards(w: WCS, header: fits.Header) -> None:
-    """A_ORDER/B_ORDER and the non-zero SIP coefficients."""
-    for name, coeffs in (("A", w.sip.a), ("B", w.sip.b)):
-        order = coeffs.shape[0] - 1
-        header[f"{name}_ORDER"] = (order, "SIP polynomial order")
-        for p in range(order + 1):
-            for q in range(order + 1 - p):
-                if coeffs[p, q] != 0.0:
-                    header[f"{name}_{p}_{q}"] = (float(coeffs[p, q]),
-                                                 "[pix^(1-p-q)] SIP coefficient")
+    for card in tan_wcs_header(w).cards:
+        header[card.keyword] = (card.value, card.comment)
 
 
 def ccd_header(ccd: CCD, w: WCS) -> fits.Header:
