@@ -14,7 +14,7 @@ exposures and masks made from the truth as in ``tests/test_coadd.py``:
   median position offset of bright stars against truth shows why the headers are converted.
 
 Each case runs in its own child process (the simulation too, so that no child inherits a large
-parent's peak): ``python_peak_rss_mb`` is that process's ``ru_maxrss`` (for ``ours`` everything
+parent's peak): ``peak_rss_mb`` is that process's ``ru_maxrss`` (for ``ours`` everything
 but the SWarp binary); the SWarp binary's own peak is measured with GNU ``time`` in the SWarp
 cases (Linux carries a parent's peak into a forked child, so ``RUSAGE_CHILDREN`` cannot tell). An in-process reproject-based co-add is not run:
 ``reproject`` is not a dependency, and ``../shared/docs/tools.md`` measured it 4-7x slower than
@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from harness import machine, run_in_child
 
 TILE, BAND = "0000.000-62", "V"
 _TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -135,25 +135,18 @@ def _swarp_case(prep: dict, out: Path, convert_sip: bool) -> dict:
             "swarp_peak_rss_mb": round(int(rss_kb[-1]) / 1024, 1) if rss_kb else None}
 
 
-def _child(name: str, prep: dict, out: str, queue: mp.Queue) -> None:
+def _case(name: str, prep: dict, out: str) -> dict:
+    """One case of the benchmark, by name (run in a fresh process by :func:`_run`)."""
     warnings.simplefilter("ignore")
-    func = {"prepare": lambda: _prepare(Path(out)),
-            "ours": lambda: _ours(prep, Path(out)),
-            "swarp_plain": lambda: _swarp_case(prep, Path(out), True),
-            "swarp_sip_headers": lambda: _swarp_case(prep, Path(out), False)}[name]
-    result = func()
-    result["python_peak_rss_mb"] = round(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    queue.put(result)
+    if name == "prepare":
+        return _prepare(Path(out))
+    if name == "ours":
+        return _ours(prep, Path(out))
+    return _swarp_case(prep, Path(out), name == "swarp_plain")
 
 
 def _run(name: str, prep: dict, out: Path) -> dict:
-    queue: mp.Queue = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=_child, args=(name, prep, str(out), queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return run_in_child(_case, name, prep, str(out))
 
 
 def _bright_stars(prep: dict, image_path: Path) -> dict:
@@ -208,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = (ours["flux"] > 0) & (plain["flux"] > 0)
         ratio = plain["flux"][ok] / ours["flux"][ok]
         report = {
-            "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                        "cpus": mp.cpu_count(), "swarp": swarp_version()},
+            "machine": {**machine(), "platform": platform.platform(), "swarp": swarp_version()},
             "inputs": {"tile": TILE, "band": BAND, "exposures": len(prep["stems"]),
                        "camera_scale": 1 / 16, "ccd_shape": [576, 576],
                        "prepare_s": round(prepare_s, 2)},

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import platform
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from harness import machine, run_in_child
 
 _FULL_PIXELS = 9232 * 9216
 
@@ -63,25 +62,6 @@ def _case(scale: float, workdir: str) -> dict:
             "full_size_ccd_estimate_s": round(mean * _FULL_PIXELS / pixels, 1)}
 
 
-def _child(scale: float, workdir: str, queue: mp.Queue) -> None:
-    t0 = time.perf_counter()
-    result = _case(scale, workdir)
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({**result, "wall_s_with_simulation": round(time.perf_counter() - t0, 2),
-               "peak_rss_mb": round(rss_kb / 1024, 1)})
-
-
-def run_case(scale: float, workdir: str) -> dict:
-    """Run one scale in a fresh process and return its measurements."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(scale, workdir, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the scales and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench_masks_"))
     try:
-        results = {"machine": {"python": platform.python_version(), "cpus": mp.cpu_count()},
-                   "cases": [run_case(s, str(workdir)) for s in args.scales]}
+        results = {"machine": machine(),
+                   "cases": [run_in_child(_case, s, str(workdir)) for s in args.scales]}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

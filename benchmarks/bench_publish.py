@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import platform
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import machine, run_in_child
 
 ROWS_PER_TILE = 250_000
 OVERLAP = 0.12  # deg of a 1-deg tile side shared with each neighbour
@@ -182,21 +180,15 @@ def _peer(workdir: Path, args: dict) -> dict:
 _CASES = {"merge": _merge, "export": _export, "check": _check, "peer": _peer}
 
 
-def _child(kind: str, workdir: str, args: dict, queue: mp.Queue) -> None:
+def _case(kind: str, workdir: str, args: dict) -> dict:
+    """One case, its floats rounded for the JSON."""
     result = _CASES[kind](Path(workdir), args)
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
-              | {"peak_rss_mb": round(rss_kb / 1024, 1)})
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
 
 
 def run_case(kind: str, workdir: Path, **args) -> dict:
     """Run one case in a fresh process and return its measurements."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kind, str(workdir), args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
+    result = run_in_child(_case, kind, str(workdir), args)
     name = kind + (f"_{args['format']}" if "format" in args else "")
     print(name, result, flush=True)
     return {"case": name, **result}
@@ -228,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(run_case("check", workdir, format=fmt))
     cases.append(run_case("peer", workdir, format="fits", rows=args.peer_rows))
     cases.append(run_case("peer", workdir, format="votable", rows=args.slow_rows))
-    results = {"machine": {"python": platform.python_version(), "cpus": mp.cpu_count()},
+    results = {"machine": machine(),
                "detections": detections, "tiles": len(tiles),
                "generate_tiles_s": round(generate_s, 2), "cases": cases}
     if not args.workdir:

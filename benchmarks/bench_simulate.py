@@ -4,8 +4,7 @@ Writes JSON with wall time and peak memory of each case. The demo case runs the 
 (``ks4release simulate DIR``, on its Dask LocalCluster, and again with ``--local`` in one
 process); the full-size case runs the two task functions of the simulation stages for one
 exposure. Each case runs in its own child process, so ``ru_maxrss`` (peak resident memory) is
-that case's alone (for the command: of its largest process, a Dask worker or the driver);
-``tracemalloc`` gives the peak of Python and NumPy allocations of the in-process case.
+that case's alone (for the command: of its largest process, a Dask worker or the driver).
 
     python benchmarks/bench_simulate.py --out bench_simulate.json [--skip-full | --skip-demo]
                                         [--workdir DIR]
@@ -18,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
+
+from harness import machine, run_in_child
 
 
 def _bytes_under(folder: Path) -> int:
@@ -77,31 +74,6 @@ _CASES = {"demo_survey_cluster": _demo_cluster, "demo_survey_local": _demo_local
           "full_size_exposure": _full_exposure}
 
 
-def _child(name: str, workdir: str, queue: mp.Queue) -> None:
-    """Run one case and report its time and peak memory."""
-    tracemalloc.start()
-    t0 = time.perf_counter()
-    extra = _CASES[name](workdir)
-    wall = time.perf_counter() - t0
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    rss_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                 resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    queue.put({"case": name, "wall_s": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024, 1),
-               "peak_tracemalloc_mb": round(peak / 2**20, 1), **extra})
-
-
-def run_case(name: str, workdir: str) -> dict:
-    """Run one case in a fresh process and return its measurements."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, workdir, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the cases and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_simulate_"))
     cases = ([] if args.skip_demo else ["demo_survey_cluster", "demo_survey_local"]) + (
         [] if args.skip_full else ["full_size_exposure"])
-    results = {"machine": {"python": platform.python_version(), "cpus": mp.cpu_count()},
-               "cases": [run_case(c, str(workdir)) for c in cases]}
+    results = {"machine": machine(),
+               "cases": [{"case": c, **run_in_child(_CASES[c], str(workdir))} for c in cases]}
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
