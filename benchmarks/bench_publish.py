@@ -1,6 +1,6 @@
 """Benchmark of the release catalogs: merge, exports and the schema checker at scale.
 
-Synthetic dual-mode tile catalogs (the format of :mod:`ks4release.publish.tiles`) with
+Synthetic dual-mode tile catalogs (the format of :mod:`ks4release.tile_catalogs`) with
 ``--detections`` detections in all (default 10 million) on a grid of overlapping tiles are
 written first; then, each in its own child process so that ``ru_maxrss`` is that case's peak
 resident memory:
@@ -44,8 +44,8 @@ def _write_tiles(workdir: Path, n_detections: int, seed: int = 0) -> list[Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ks4release.publish.tiles import BANDS, band_columns, dual_catalog_path
     from ks4release.schemas import catalog_schema
+    from ks4release.tile_catalogs import BANDS, band_columns, dual_catalog_path
 
     rng = np.random.default_rng(seed)
     n_tiles = max(1, int(round(n_detections / ROWS_PER_TILE)))

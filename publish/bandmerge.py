@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from ks4release.publish.link import match_nearest
-from ks4release.publish.tiles import BANDS, band_columns
+from ks4release.tile_catalogs import BANDS, band_columns
 
 __all__ = ["NdithLookup", "merge_bands"]
 

@@ -50,10 +50,10 @@ from ks4release.ids import encode_ids, healpix_index, running_numbers
 from ks4release.publish.aggregate import aggregate_groups
 from ks4release.publish.bandmerge import NdithLookup, merge_bands
 from ks4release.publish.link import link_detections, mean_positions
-from ks4release.publish.tiles import BANDS, band_columns, parse_tile_catalog_name
 from ks4release.schemas import CatalogSchema, catalog_schema
 from ks4release.settings import MasterSettings
 from ks4release.sfd import SfdMap, SfdMapMissingWarning
+from ks4release.tile_catalogs import BANDS, band_columns, parse_tile_catalog_name
 
 __all__ = [
     "MasterSettings",

@@ -1,4 +1,4 @@
-"""Generated tile catalogs (the format of :mod:`publish.tiles`) from a known list of true sources.
+"""Generated tile catalogs (the format of :mod:`ks4release.tile_catalogs`) from a known list of true sources.
 
 A seeded truth table of point sources is observed on a grid of overlapping square tiles: each
 tile detects the sources inside its footprint with per-detection noise on positions (a
@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ks4release.publish.tiles import BANDS, band_columns, dual_catalog_path, single_catalog_path
 from ks4release.schemas import catalog_schema
+from ks4release.tile_catalogs import BANDS, band_columns, dual_catalog_path, single_catalog_path
 
 __all__ = ["SurveyTruth", "TileSpec", "make_truth", "make_tiles", "observe_dual", "observe_single",
            "make_valid_catalog", "write_sfd_maps",

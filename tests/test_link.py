@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from ks4release.publish.aggregate import aggregate_groups, weighted_median
 from ks4release.publish.bandmerge import merge_bands
 from ks4release.publish.link import link_detections, match_nearest, mean_positions
-from ks4release.publish.tiles import BANDS, band_columns
+from ks4release.tile_catalogs import BANDS, band_columns
 
 ARCSEC = 1.0 / 3600.0
 

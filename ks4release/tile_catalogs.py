@@ -1,4 +1,4 @@
-"""The per-tile catalogs the release catalogs are built from (as "Reduction core II" writes them).
+"""The per-tile catalogs: what the reduction writes and the release catalogs are built from.
 
 Dual mode (I-band detection, forced photometry in every band), one file per tile::
 
