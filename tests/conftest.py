@@ -30,3 +30,34 @@ def tiny_survey(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny_survey") / "survey"
     simulate_survey(SimulationConfig(n_tiles_ra=1, n_tiles_dec=1, bands=("V", "I")), directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_coadds(tiny_survey, tmp_path_factory) -> dict:
+    """The V and I co-adds of ``tiny_survey``'s tile, made once per session (~40 s).
+
+    Built by the co-add stage from exposures scaled with the true zero points and masked with
+    the truth's DR1 bits (``truth_release.write_scaled_from_truth``), so that tests of
+    detection, photometry, maps and post-processing measure their own stage against truth.
+    Read-only. Keys: ``survey``, ``release`` (folders), ``tile``, ``ra``, ``dec``, ``bands``,
+    ``stems`` (band -> exposure stems), ``refcat`` (catalog name -> Parquet file of the
+    survey's reference catalog: gaia_dr3, gaia_xp, delve_dr2).
+    """
+    from truth_release import write_scaled_from_truth
+
+    from ks4release.layout import mask_path, scaled_path
+    from ks4release.reduction.coadd import CoaddSettings, run_coadd
+
+    release = tmp_path_factory.mktemp("tiny_coadds") / "release"
+    tile, ra, dec = "0000.000-62", 0.0, -62.0
+    stems = {}
+    for band in ("V", "I"):
+        stems[band] = write_scaled_from_truth(tiny_survey, release, band)
+        run_coadd(tile=tile, band=band, ra=ra, dec=dec,
+                  scaled=[scaled_path(release, s) for s in stems[band]],
+                  masks=[mask_path(release, s) for s in stems[band]], release_dir=release,
+                  settings=CoaddSettings(nthreads=2))
+    refcat = {name: tiny_survey / "refcat" / f"{name}.parquet"
+              for name in ("gaia_dr3", "gaia_xp", "delve_dr2")}
+    return {"survey": tiny_survey, "release": release, "tile": tile, "ra": ra, "dec": dec,
+            "bands": ("V", "I"), "stems": stems, "refcat": refcat}

@@ -13,19 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import sep
 from astropy.io import fits
-from astropy.wcs import WCS, FITSFixedWarning
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import binary_dilation
 from scipy.spatial import cKDTree
+from truth_release import quiet_wcs, write_scaled_from_truth
 
 from ks4release.camera import CCD_NAMES, Camera
 from ks4release.errors import StageError
@@ -50,45 +48,6 @@ TILE_RA, TILE_DEC = 0.0, -62.0
 COSMIC, SATELLITE, STRAY_LIGHT, CROSSTALK = 1, 16, 32, 128
 
 
-def _quiet_wcs(header: fits.Header) -> WCS:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(header, relax=True)
-
-
-def write_scaled_from_truth(survey: Path, release: Path, band: str) -> list[str]:
-    """Scaled exposures and DR1 masks of one band from the truth (see module docstring)."""
-    exposures = pd.read_parquet(survey / "truth" / "exposures.parquet")
-    zps = pd.read_parquet(survey / "truth" / "zeropoints.parquet")
-    stems = []
-    for _, exp in exposures[exposures.band == band].iterrows():
-        with fits.open(survey / exp.file) as raw, \
-                fits.open(survey / "truth" / "masks" / f"{exp.stem}_mask.fits") as truth:
-            scaled = fits.HDUList([fits.PrimaryHDU(header=raw[0].header.copy())])
-            masks = fits.HDUList([fits.PrimaryHDU()])
-            for name in CCD_NAMES:
-                data = raw[name].data.astype(np.float64) - exp[f"sky_adu_{name}"]
-                ny = data.shape[0]
-                rows = np.arange(ny)[:, None]
-                for _, amp in zps[(zps.file == exp.file) & (zps.ccd == name)].iterrows():
-                    zp = amp.zp_y0 + amp.zp_slope * rows / ny
-                    data[:, amp.x_start:amp.x_stop] *= 10 ** (0.4 * (30.0 - zp))
-                header = _quiet_wcs(truth[name].header).to_header(relax=True)
-                header["EXTNAME"] = name
-                header["ASTOK"] = True
-                header["GAIN"] = raw[name].header["GAIN"]
-                header["SATURATE"] = raw[name].header["SATURATE"]
-                scaled.append(fits.ImageHDU(data.astype(np.float32), header))
-                masks.append(fits.ImageHDU((truth[name].data & 15).astype(np.uint8),
-                                           fits.Header([("EXTNAME", name)])))
-        for path, hdul in ((scaled_path(release, exp.stem), scaled),
-                           (mask_path(release, exp.stem), masks)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            hdul.writeto(path)
-        stems.append(exp.stem)
-    return stems
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict:
     """The sparse-galaxy survey, its scaled exposures and the V co-add (SWarp, ~20 s)."""
@@ -106,7 +65,7 @@ def built(tmp_path_factory) -> dict:
     with fits.open(paths["coadd"]) as hdul:
         image, header = hdul[0].data.astype(np.float32), hdul[0].header.copy()
     return {"survey": survey, "release": release, "stems": stems, "result": result,
-            "image": image, "header": header, "wcs": _quiet_wcs(header),
+            "image": image, "header": header, "wcs": quiet_wcs(header),
             "mask": fits.getdata(paths["mask"]), "ndith": fits.getdata(paths["ndith"]),
             "truth_sources": pd.read_parquet(survey / "truth" / "sources.parquet"),
             "truth_exposures": pd.read_parquet(survey / "truth" / "exposures.parquet")
@@ -153,8 +112,8 @@ def test_sip_to_tpv_reproduces_the_sip_wcs(order, seed, rotation, crpix):
     tpv = sip_to_tpv_header(header, shape)
     assert tpv["CTYPE1"] == "RA---TPV" and "A_ORDER" not in tpv
     x, y = np.meshgrid(np.linspace(0, 499, 13), np.linspace(0, 599, 11))
-    ra1, dec1 = _quiet_wcs(header).all_pix2world(x.ravel(), y.ravel(), 0)
-    ra2, dec2 = _quiet_wcs(tpv).all_pix2world(x.ravel(), y.ravel(), 0)
+    ra1, dec1 = quiet_wcs(header).all_pix2world(x.ravel(), y.ravel(), 0)
+    ra2, dec2 = quiet_wcs(tpv).all_pix2world(x.ravel(), y.ravel(), 0)
     sep_arcsec = np.hypot((ra1 - ra2) * math.cos(math.radians(-62.0)), dec1 - dec2) * 3600
     assert sep_arcsec.max() < 1e-6
 
@@ -234,7 +193,7 @@ def _on_unmasked_artifact(built: dict, ra: np.ndarray, dec: np.ndarray, radius_a
             artifact = (hdul[name].data & (SATELLITE | STRAY_LIGHT)) != 0
             if not artifact.any():
                 continue
-            cx, cy = _quiet_wcs(hdul[name].header).all_world2pix(ra, dec, 0)
+            cx, cy = quiet_wcs(hdul[name].header).all_world2pix(ra, dec, 0)
             ny, nx = artifact.shape
             for k in np.flatnonzero((cx > -reach) & (cx < nx + reach) & (cy > -reach)
                                     & (cy < ny + reach)):
@@ -335,7 +294,7 @@ def _output_pixels_in_exposures(built: dict, step: int):
     for stem, hdul in _truth_masks(built).items():
         hits = []
         for name in CCD_NAMES:
-            w = _quiet_wcs(hdul[name].header)
+            w = quiet_wcs(hdul[name].header)
             cx, cy = w.all_world2pix(ra, dec, 0, tolerance=1e-6, maxiter=50)
             hits.append((name, cx, cy, hdul[name].data))
         per_exposure[stem] = hits
@@ -399,7 +358,7 @@ def test_no_cosmic_ray_or_satellite_residual_above_5_sigma(built):
             artifact = cosmic | satellite
             n_cosmic += int(cosmic.sum())
             n_satellite += int(satellite.sum())
-            cx, cy = _quiet_wcs(hdul[name].header).all_world2pix(ra, dec, 0)
+            cx, cy = quiet_wcs(hdul[name].header).all_world2pix(ra, dec, 0)
             ny, nx = truth.shape
             for dx in range(-3, 4):
                 for dy in range(-3, 4):
@@ -466,7 +425,7 @@ def test_products_headers_and_exposures_json(built):
         entry = by_stem[exp.stem]
         assert entry["ok"] and entry["mjd"] == pytest.approx(exp.mjd) and entry["site"] == exp.site
         corners = np.array(entry["ccds"]["KK"])
-        w = _quiet_wcs(truth_wcs[exp.stem]["KK"].header)
+        w = quiet_wcs(truth_wcs[exp.stem]["KK"].header)
         x, _ = w.all_world2pix(corners[:, 0], corners[:, 1], 0)
         assert np.allclose(np.sort(x), [-0.5, -0.5, 575.5, 575.5], atol=1e-3)
     # the dead amplifier (bit 8) shows in the mask map wherever only it covers a pixel
@@ -477,7 +436,7 @@ def test_mask_projection_spline_matches_exact_mapping(built):
     """The mask projected with the coarse spline mapping (every 16 px) equals the one from the
     exact WCS at every output pixel but a handful at bit boundaries."""
     with fits.open(built["survey"] / "truth" / "masks" / f"{built['stems'][0]}_mask.fits") as h:
-        mask, wcs = h["MM"].data & 15, _quiet_wcs(h["MM"].header)
+        mask, wcs = h["MM"].data & 15, quiet_wcs(h["MM"].header)
     shape = built["image"].shape
     coarse = project_ccd(mask, wcs, built["wcs"], shape, step=16)
     exact = project_ccd(mask, wcs, built["wcs"], shape, step=1)
