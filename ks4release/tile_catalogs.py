@@ -43,7 +43,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ks4release.schemas import catalog_schema
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ks4release.atomic import atomic_path
+from ks4release.schemas import CatalogSchema, ColumnSpec, catalog_schema, columns_to_batch
 
 __all__ = [
     "BANDS",
@@ -52,7 +57,9 @@ __all__ = [
     "dual_catalog_path",
     "parse_tile_catalog_name",
     "single_catalog_path",
+    "tile_catalog_schema",
     "tile_catalogs_dir",
+    "write_tile_catalog",
 ]
 
 #: Band letters in catalog column names, in wavelength order.
@@ -103,3 +110,55 @@ def parse_tile_catalog_name(path: Path) -> tuple[str, str | None]:
         raise ValueError(f"{path}: not a tile catalog name (expected <tile>_dual.parquet or "
                          "<tile>_single_<band>.parquet)")
     return match["tile"], match["band"]
+
+
+def _extra(name: str, datatype: str, unit: str, ucd: str, description: str) -> ColumnSpec:
+    return ColumnSpec(name=name, datatype=datatype, unit=unit, ucd=ucd, nullable=True,
+                      description=description)
+
+
+def tile_catalog_schema(mode: str, band: str | None = None) -> CatalogSchema:
+    """The columns of a dual-mode tile catalog, or of a single-mode one of ``band``.
+
+    Position and per-band columns are those of ``idual_master``; ``x_image``/``y_image``,
+    ``raerr``/``decerr`` (single mode) and ``snr_{b}`` are the tile catalogs' own. The ``tile``
+    string column is added by :func:`write_tile_catalog`.
+    """
+    if mode not in ("dual", "single") or (mode == "single") != (band is not None):
+        raise ValueError(f"mode {mode!r} with band {band!r}: expected 'dual' without a band "
+                         "or 'single' with one")
+    master = catalog_schema("idual_master")
+    columns = [master.column("ra"), master.column("dec"),
+               _extra("x_image", "float", "pix", "pos.cartesian.x;instr.det",
+                      "X position on the tile co-add (1-based)"),
+               _extra("y_image", "float", "pix", "pos.cartesian.y;instr.det",
+                      "Y position on the tile co-add (1-based)")]
+    if mode == "single":
+        columns += [_extra("raerr", "float", "arcsec", "stat.error;pos.eq.ra",
+                           "Error of ra times cos(dec)"),
+                    _extra("decerr", "float", "arcsec", "stat.error;pos.eq.dec",
+                           "Error of dec")]
+    for b in BANDS if band is None else (band,):
+        columns.append(_extra(f"snr_{b}", "float", "", "stat.snr",
+                              f"Signal-to-noise ratio of the {b.upper()}-band MAG_AUTO flux"))
+        columns += [master.column(n) for n in band_columns(b)]
+    name = "tile_dual" if band is None else f"tile_single_{band}"
+    return CatalogSchema(catalog=name, description=f"KS4 {mode}-mode tile catalog",
+                         columns=tuple(columns))
+
+
+def write_tile_catalog(path: Path, cols: dict[str, np.ndarray], *, tile: str,
+                       schema: CatalogSchema) -> None:
+    """Write a tile catalog atomically as Parquet, units and descriptions in the field metadata.
+
+    ``cols`` holds every column of ``schema`` as arrays with NaN for null (integers and
+    booleans as floats are cast to the schema's types).
+    """
+    batch = columns_to_batch(cols, schema)
+    n = batch.num_rows
+    table = pa.Table.from_batches([batch]).append_column(
+        pa.field("tile", pa.string(), nullable=False,
+                 metadata={"description": "KS4 tile name", "ucd": "meta.id;obs.field"}),
+        pa.array([tile] * n, type=pa.string()))
+    with atomic_path(Path(path)) as tmp:
+        pq.write_table(table, tmp)

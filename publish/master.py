@@ -50,7 +50,7 @@ from ks4release.ids import encode_ids, healpix_index, running_numbers
 from ks4release.publish.aggregate import aggregate_groups
 from ks4release.publish.bandmerge import NdithLookup, merge_bands
 from ks4release.publish.link import link_detections, mean_positions
-from ks4release.schemas import CatalogSchema, catalog_schema
+from ks4release.schemas import CatalogSchema, catalog_schema, columns_to_batch
 from ks4release.settings import MasterSettings
 from ks4release.sfd import SfdMap, SfdMapMissingWarning
 from ks4release.tile_catalogs import BANDS, band_columns, parse_tile_catalog_name
@@ -59,7 +59,6 @@ __all__ = [
     "MasterSettings",
     "build_idual_master",
     "build_single_master",
-    "columns_to_batch",
     "plan_sources",
 ]
 
@@ -257,29 +256,6 @@ def plan_sources(staged: _Staged, link_radius_arcsec: float) -> _Plan:
     return _Plan(rows=rows, starts=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                  ra=gra[group_order], dec=gdec[group_order], cells=cells,
                  ids=encode_ids(cells, running_numbers(cells)))
-
-
-def columns_to_batch(cols: dict[str, np.ndarray], schema: CatalogSchema) -> pa.RecordBatch:
-    """A record batch in the catalog's schema from float64 columns with NaN for null.
-
-    Raises
-    ------
-    ValueError
-        When a column is missing or a non-nullable column has a null.
-    """
-    arrays = []
-    for spec in schema.columns:
-        if spec.name not in cols:
-            raise ValueError(f"{schema.catalog}: column {spec.name} was not computed")
-        values = np.asarray(cols[spec.name])
-        null = np.isnan(values) if values.dtype.kind == "f" else np.zeros(len(values), bool)
-        if null.any() and not spec.nullable:
-            raise ValueError(f"{schema.catalog}: column {spec.name} has nulls but is not nullable")
-        filled = np.where(null, 0, values)
-        typed = filled != 0 if spec.datatype == "boolean" else filled.astype(spec.dtype)
-        arrays.append(pa.array(typed, type=pa.from_numpy_dtype(spec.dtype),
-                               mask=null if null.any() else None))
-    return pa.record_batch(arrays, schema=schema.arrow_schema())
 
 
 def _derived_columns(plan: _Plan, a: int, b: int, sfd: SfdMap | None) -> dict[str, np.ndarray]:

@@ -274,7 +274,7 @@ def make_valid_catalog(catalog: str, n: int, seed: int = 0, null_fraction: float
     from astropy.coordinates import SkyCoord
 
     from ks4release.ids import encode_ids, healpix_index, running_numbers
-    from ks4release.publish.master import columns_to_batch
+    from ks4release.schemas import columns_to_batch
 
     schema = catalog_schema(catalog)
     rng = np.random.default_rng(seed)

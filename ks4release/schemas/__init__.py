@@ -31,6 +31,7 @@ __all__ = [
     "CatalogSchema",
     "ColumnSpec",
     "catalog_schema",
+    "columns_to_batch",
     "schema_path",
     "tap_schema_sql",
 ]
@@ -206,3 +207,26 @@ def tap_schema_sql(catalog: str) -> str:
             DataLoader(schema, manager, db_context=db_context, tap_schema_index=None,
                        dry_run=True, output_file=handle).load()
         return out.read_text(encoding="utf-8")
+
+
+def columns_to_batch(cols: dict[str, np.ndarray], schema: CatalogSchema) -> pa.RecordBatch:
+    """A record batch in the catalog's schema from float64 columns with NaN for null.
+
+    Raises
+    ------
+    ValueError
+        When a column is missing or a non-nullable column has a null.
+    """
+    arrays = []
+    for spec in schema.columns:
+        if spec.name not in cols:
+            raise ValueError(f"{schema.catalog}: column {spec.name} was not computed")
+        values = np.asarray(cols[spec.name])
+        null = np.isnan(values) if values.dtype.kind == "f" else np.zeros(len(values), bool)
+        if null.any() and not spec.nullable:
+            raise ValueError(f"{schema.catalog}: column {spec.name} has nulls but is not nullable")
+        filled = np.where(null, 0, values)
+        typed = filled != 0 if spec.datatype == "boolean" else filled.astype(spec.dtype)
+        arrays.append(pa.array(typed, type=pa.from_numpy_dtype(spec.dtype),
+                               mask=null if null.any() else None))
+    return pa.record_batch(arrays, schema=schema.arrow_schema())
