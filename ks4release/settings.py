@@ -17,6 +17,7 @@ from ks4release.camera import CCD_NAMES, COADD_PIXEL_SCALE_ARCSEC, N_AMPLIFIERS,
 from ks4release.survey import BANDS, REFERENCE_ZEROPOINT
 
 __all__ = [
+    "EXPORT_FORMATS",
     "documented",
     "MaskSettings",
     "DetectSettings",
@@ -564,6 +565,10 @@ class MasterSettings:
 # --- staging: tile catalogs -> one Arrow file of float64 columns -----------------------------
 
 
+#: Export formats of the release catalogs, in the order they are written.
+EXPORT_FORMATS = ("parquet", "fits", "votable", "csv", "vizier")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExportSettings:
     """Settings of the catalog exports (``[export]``)."""
@@ -577,6 +582,10 @@ class ExportSettings:
     author: str = documented("First author of the VizieR ReadMe.", default="KS4 team")
     release_name: str = documented("Release name written into the file metadata.",
                                    default="ks4-dr1")
+    formats: tuple[str, ...] = documented(
+        "Formats written by build dr1: parquet, fits, votable (BINARY2 with UCDs), csv (with "
+        "the TAP_SCHEMA SQL for Data Lab) and vizier (CDS ReadMe bundle).",
+        default=EXPORT_FORMATS)
     check: bool = documented(
         "Run the schema checker on every exported file and write READY only if all pass "
         "(off only to time the writers alone).", default=True)
@@ -587,3 +596,7 @@ class ExportSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.part_rows < self.chunk_rows:
             raise ValueError("part_rows must be >= chunk_rows")
+        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if unknown or not self.formats:
+            raise ValueError("formats must be a non-empty list among "
+                             f"{', '.join(EXPORT_FORMATS)}, got {list(self.formats)}")

@@ -46,7 +46,7 @@ from ks4release.errors import InputError, StageError
 from ks4release.publish.export_fits import write_fits
 from ks4release.publish.schema_check import check_catalog
 from ks4release.schemas import CATALOGS, CatalogSchema, catalog_schema, tap_schema_sql
-from ks4release.settings import ExportSettings
+from ks4release.settings import EXPORT_FORMATS, ExportSettings
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -56,10 +56,6 @@ __all__ = [
     "export_catalog",
     "master_catalog_name",
 ]
-
-#: Export formats, in the order they are written.
-EXPORT_FORMATS = ("parquet", "fits", "votable", "csv", "vizier")
-
 
 
 def master_catalog_name(master: Path) -> str:
