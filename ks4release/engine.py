@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -322,6 +323,19 @@ def _run_task(task: Task, outputs: tuple[Path, ...], stamp: Path,
     return _Outcome(task.key, failure, time.monotonic() - start, records)
 
 
+def _call_logging_warnings(task: Task) -> None:
+    """Call the task; every Python warning it raises goes to the build log, naming the task.
+
+    A warning (say, no dust map configured) is worth a line in the log, not a failed task, and
+    a worker process's stderr is not where anyone looks.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task.func(**task.kwargs)
+    for warning in caught:
+        log.warning("%s: %s: %s", task.label, warning.category.__name__, warning.message)
+
+
 def _call(task: Task, outputs: tuple[Path, ...], stamp: Path, fingerprint: Mapping[str, Any],
           start: float) -> TaskFailure | None:
     with contextlib.suppress(FileNotFoundError):
@@ -329,7 +343,7 @@ def _call(task: Task, outputs: tuple[Path, ...], stamp: Path, fingerprint: Mappi
     try:
         for path in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
-        task.func(**task.kwargs)
+        _call_logging_warnings(task)
         missing = [os.fspath(p) for p in outputs if not os.path.lexists(p)]
         if missing:
             return _failure(task, "MissingOutputError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import warnings
 from pathlib import Path
 
 from ks4release.atomic import atomic_path, atomic_write_text
@@ -30,6 +31,12 @@ def digest(src: str, dst: str, salt: str = "") -> None:
     atomic_write_text(dst, hashlib.sha256(data).hexdigest() + "\n")
 
 
+def caution(src: str, dst: str) -> None:
+    """Stage 1 with a Python warning on the way."""
+    warnings.warn(f"{Path(src).name} looks odd", UserWarning, stacklevel=1)
+    upper(src, dst)
+
+
 def explode(src: str, dst: str) -> None:
     """A task that raises."""
     raise RuntimeError(f"cannot process {Path(src).name}")
@@ -49,13 +56,15 @@ def slow_write(index: int, dst: str, delay: float = 0.2) -> None:
 
 
 def two_stages(raw: Path, names: list[str], *, salt: str = "", fail: frozenset[str] = frozenset(),
-               forgetful: frozenset[str] = frozenset()) -> list[Stage]:
+               forgetful: frozenset[str] = frozenset(),
+               cautious: frozenset[str] = frozenset()) -> list[Stage]:
     """``upper`` over ``raw/<name>.txt`` into ``up/``, then ``digest`` of each into ``sha/``."""
 
     def plan_upper(context) -> list[Task]:
         tasks = []
         for name in names:
-            func = explode if name in fail else forget if name in forgetful else upper
+            func = (explode if name in fail else forget if name in forgetful
+                    else caution if name in cautious else upper)
             src, dst = raw / f"{name}.txt", Path("up") / f"{name}.txt"
             tasks.append(Task(key=f"{name}/B", func=func, tile=name, band="B", file=src,
                               kwargs={"src": str(src), "dst": str(context / dst)},

@@ -172,6 +172,13 @@ def test_stale_outputs_of_a_failed_task_block_its_dependants(release, raw):
     assert engine.stamp_path("upper", "a/B").exists()
 
 
+def test_a_warning_goes_to_the_log_and_the_task_succeeds(release, raw):
+    summary = build(release, raw, cautious=frozenset({"a"}))
+    assert summary.ok and counts(summary, "upper") == (3, 0, 0, 0)
+    assert "upper/a/B (tile=a, band=B): UserWarning: a.txt looks odd" in \
+        summary.log_file.read_text()
+
+
 def test_a_task_that_does_not_write_its_output_fails(release, raw):
     summary = build(release, raw, forgetful=frozenset({"c"}))
     assert counts(summary, "upper") == (2, 0, 1, 0)
