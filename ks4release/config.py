@@ -31,8 +31,11 @@ from ks4release.settings import (
     CoaddSettings,
     DetectSettings,
     ExportSettings,
+    MapSettings,
     MaskSettings,
     MasterSettings,
+    PhotometrySettings,
+    PostprocessSettings,
     ScaleSettings,
     ZeropointSettings,
     documented,
@@ -307,6 +310,12 @@ class ReleaseConfig:
         "Per-amplifier zero points against Gaia XP.", default=ZeropointSettings())
     scale: ScaleSettings = documented("Scaling to ZP = 30.", default=ScaleSettings())
     coadd: CoaddSettings = documented("Co-adds per tile and band.", default=CoaddSettings())
+    photometry: PhotometrySettings = documented(
+        "Detection and photometry on the co-adds (sep).", default=PhotometrySettings())
+    maps: MapSettings = documented(
+        "Zero-point and alignment maps against Gaia XP and Gaia DR3.", default=MapSettings())
+    postprocess: PostprocessSettings = documented(
+        "Post-processing of the tile catalogs (DR1 3.2).", default=PostprocessSettings())
     master: MasterSettings = documented("Master catalogs.", default=MasterSettings())
     export: ExportSettings = documented("Catalog exports.", default=ExportSettings())
     source_path: Path | None = field(default=None, compare=False, metadata={"internal": True})

@@ -17,6 +17,9 @@ from ks4release.camera import CCD_NAMES, COADD_PIXEL_SCALE_ARCSEC, N_AMPLIFIERS,
 from ks4release.survey import BANDS, REFERENCE_ZEROPOINT
 
 __all__ = [
+    "MapSettings",
+    "PhotometrySettings",
+    "PostprocessSettings",
     "EXPORT_FORMATS",
     "documented",
     "MaskSettings",
@@ -336,12 +339,14 @@ class ZeropointSettings:
     """Photometry and fit of the per-amplifier zero points (``[zeropoint]``)."""
 
     aperture_r50: float = documented(
-        "Photometric aperture radius in units of the stars' median half-light radius (5 ~ 3 FWHM "
-        "for a Moffat beta = 3 PSF).",
-        default=5.0)
+        "Photometric aperture radius in units of the stars' median half-light radius (3 ~ 1.9 "
+        "FWHM for a Moffat beta = 3 PSF: 4.5 % of the light outside, corrected by the curve of "
+        "growth; on the demo, 3 instead of 5 halves the sky noise and the faint neighbours in "
+        "the aperture and cut the per-amplifier zero-point error by a quarter).",
+        default=3.0)
     correction_factor: float = documented(
         "Radius of the curve-of-growth aperture, in units of the photometric aperture.",
-        default=2.0)
+        default=3.0)
     background_box_px: int = documented(
         "Box size of the sep background mesh, px.",
         default=64)
@@ -375,8 +380,9 @@ class ZeropointSettings:
         "Prior width of a CCD's offset from the exposure zero point (gain included), mag.",
         default=0.1)
     prior_ccd_slope_mag: float = documented(
-        "Prior width of a CCD's zero-point gradient over its height, mag.",
-        default=0.2)
+        "Prior width of a CCD's zero-point gradient over its height, mag (DR1: up to 0.1 mag "
+        "along Y; a gradient spread evenly within +-0.1 has a standard deviation of 0.058).",
+        default=0.06)
     prior_amp_offset_mag: float = documented(
         "Prior width of an amplifier's offset from its CCD, mag.",
         default=0.02)
@@ -391,13 +397,35 @@ class ZeropointSettings:
     min_stars_amp: int = documented(
         "Amplifiers with fewer stars get the FEW_STARS flag.",
         default=3)
+    apcorr_min_snr: float = documented(
+        "Smallest S/N (photometric aperture) of the stars whose median large- to small-aperture "
+        "flux ratio is the aperture correction of a tile and band.",
+        default=30.0)
+    tie_min_snr: float = documented(
+        "Smallest S/N of a single-epoch detection used to tie the exposures of a tile and band "
+        "together.",
+        default=10.0)
+    tie_max_size_ratio: float = documented(
+        "Largest half-light radius of a tie star, in units of its CCD's stellar half-light "
+        "radius (keeps galaxies, whose aperture flux depends on the seeing, out).",
+        default=1.1)
+    tie_match_arcsec: float = documented(
+        "Radius linking detections of different exposures into one star, and a star to its "
+        "Gaia XP source, arcsec.",
+        default=1.0)
+    prior_star_colour: float = documented(
+        "Prior width of the (V-I)_AB colour of a tie star without Gaia XP about the colour "
+        "pivot, mag (only differences between sites' colour terms see it).",
+        default=0.5)
 
     def __post_init__(self) -> None:
         """Check every field; errors name the field."""
         _positive(self, "aperture_r50", "detect_sigma", "max_ref_err_mag", "clip_sigma",
                   "prior_colour_term", "prior_ccd_offset_mag", "prior_ccd_slope_mag",
-                  "prior_amp_offset_mag", "prior_amp_slope_mag")
-        _at_least(self, 1.0, "background_box_px", "min_stars_amp")
+                  "prior_amp_offset_mag", "prior_amp_slope_mag", "tie_match_arcsec",
+                  "prior_star_colour")
+        _at_least(self, 0.0, "tie_min_snr", "apcorr_min_snr")
+        _at_least(self, 1.0, "background_box_px", "min_stars_amp", "tie_max_size_ratio")
         _at_least(self, 0.0, "error_floor_mag")
         _fraction(self, "blend_fraction", "saturation_fraction")
         _at_least(self, 1.0, "fallback_aperture_correction")
@@ -553,7 +581,8 @@ class MasterSettings:
             raise ValueError(f"band_merge_order must be a permutation of {_CATALOG_BANDS}, got "
                              f"{self.band_merge_order}")
         if self.detection_band not in _CATALOG_BANDS:
-            raise ValueError(f"detection_band must be one of {_CATALOG_BANDS}, got {self.detection_band!r}")
+            raise ValueError(f"detection_band must be one of {_CATALOG_BANDS}, "
+                             f"got {self.detection_band!r}")
         if not 0 < self.flags_max <= 256:
             raise ValueError(f"flags_max must be in (0, 256], got {self.flags_max}")
         if self.chunk_rows < 1:
@@ -600,3 +629,232 @@ class ExportSettings:
         if unknown or not self.formats:
             raise ValueError("formats must be a non-empty list among "
                              f"{', '.join(EXPORT_FORMATS)}, got {list(self.formats)}")
+
+
+#: Fixed apertures MAG_AUTO's bias may be measured against.
+_BIAS_APERTURES = ("aper3", "aper5", "aper10")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostprocessSettings:
+    """``[postprocess]``: spurious-source cleaning, coverage columns, MAG_AUTO bias correction."""
+
+    match_radius_arcsec: float = documented(
+        "Radius of the cross-match with the reference catalogs; detections without a "
+        "counterpart within it are spurious candidates, arcsec (DR1: 1.1).", default=1.1)
+    dbscan_eps_deg: float = documented(
+        "DBSCAN eps on the unmatched detections, deg of great circle (DR1: 0.03, unit not "
+        "stated; read as degrees, see the module documentation).", default=0.03)
+    dbscan_min_samples: int = documented(
+        "DBSCAN min_samples, the point itself included (DR1: 2, i.e. one unmatched neighbour "
+        "within eps makes a cluster).", default=2)
+    sscount_radius_arcsec: float = documented(
+        "Radius within which removed spurious sources are counted (SSCOUNT_30), arcsec "
+        "(DR1: 30).", default=30.0)
+    boundary_pad_px: float = documented(
+        "The tile boundary is the extent of the initial catalog plus this margin; reference "
+        "sources outside it are ignored, co-add px (DR1: 3).", default=3.0)
+    pixel_scale_arcsec: float = documented(
+        "Co-add pixel scale used to turn boundary_pad_px into an angle, arcsec/px (DR1: 0.4).",
+        default=0.4)
+    remove_spurious: bool = documented(
+        "Remove the detections flagged as spurious from the catalog (DR1 does); false keeps "
+        "them with ssflag = 1 for inspection.", default=True)
+    edge_px: float = documented(
+        "Sources within this distance of the co-add border or of the end of the exposure "
+        "coverage are flagged EDGE and get NDITH = 1 (DR1 gives no distance; our default), "
+        "co-add px.", default=10.0)
+    bias_aperture: str = documented(
+        "Fixed aperture MAG_AUTO is compared with for the bias correction: aper3, aper5 or "
+        "aper10 (DR1 does not say; ours: aper10, which gave the smallest residual bias against "
+        "truth on the demo, see the module documentation).", default="aper10")
+    bias_match_radius_arcsec: float = documented(
+        "Radius of the match with Gaia XP (calibration sample) and Gaia DR3 (objects the "
+        "correction is applied to), arcsec (our default).", default=1.0)
+    bias_class_star_min: float = documented(
+        "Least CLASS_STAR of a calibration star (DR1's value is not legible; our default).",
+        default=0.9)
+    bias_flags_max: int = documented(
+        "Largest FLAGS of a calibration star (DR1's value is not legible; 0 = clean).",
+        default=0)
+    bias_isolation_arcsec: float = documented(
+        "A calibration star has no other detection within this radius, arcsec (DR1: 5).",
+        default=5.0)
+    bias_bin_min_mag: float = documented(
+        "Narrowest magnitude bin of the correction curve, mag (DR1: 0.125).", default=0.125)
+    bias_bin_max_mag: float = documented(
+        "Widest magnitude bin of the correction curve, mag (DR1: 0.25).", default=0.25)
+    bias_bin_stars: int = documented(
+        "Stars that close a bin once it is at least bias_bin_min_mag wide; a bin that reaches "
+        "bias_bin_max_mag with fewer than bias_bin_min_stars stars gives no node (our default).",
+        default=20)
+    bias_bin_min_stars: int = documented(
+        "Fewest stars of a bin that gives a node of the curve (its median), our default.",
+        default=3)
+    bias_min_stars: int = documented(
+        "Fewest calibration stars for a correction; below it MAG_AUTO is left as it is and the "
+        "reason is logged (our default).", default=10)
+    bias_min_nodes: int = documented(
+        "Fewest curve nodes (bins) for a correction (our default).", default=2)
+    bias_apply_class_star_min: float = documented(
+        "Least CLASS_STAR of a source without a Gaia counterpart that is corrected (DR1: "
+        "'high-confidence point sources'; our default).", default=0.95)
+
+    def __post_init__(self) -> None:
+        for name in ("match_radius_arcsec", "dbscan_eps_deg", "sscount_radius_arcsec",
+                     "pixel_scale_arcsec", "bias_match_radius_arcsec", "bias_bin_min_mag",
+                     "bias_bin_max_mag"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("boundary_pad_px", "edge_px", "bias_isolation_arcsec", "bias_flags_max"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("dbscan_min_samples", "bias_bin_stars", "bias_bin_min_stars",
+                     "bias_min_stars", "bias_min_nodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("bias_class_star_min", "bias_apply_class_star_min"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.bias_bin_max_mag < self.bias_bin_min_mag:
+            raise ValueError(f"bias_bin_max_mag ({self.bias_bin_max_mag}) must be >= "
+                             f"bias_bin_min_mag ({self.bias_bin_min_mag})")
+        if self.bias_aperture not in _BIAS_APERTURES:
+            raise ValueError(f"bias_aperture must be one of {', '.join(_BIAS_APERTURES)}, "
+                             f"got {self.bias_aperture!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhotometrySettings:
+    """``[photometry]``: detection and measurement on the co-adds (numbers DR1 does not state
+    are our documented defaults)."""
+
+    detect_thresh_sigma: float = documented(
+        "Detection threshold in units of the background RMS (DETECT_THRESH; DR1: not stated, "
+        "'low'). On the demo co-adds 1.3 finds >= 98% of the isolated point sources and >= 93% "
+        "of the isolated galaxies of true S/N >= 10 in B, V, R and I, with 3-11% of the "
+        "detections noise peaks matching no true source; 1.5 loses 3-5% of the galaxies, 1.2 "
+        "doubles the noise peaks.", default=1.3)
+    min_area_px: int = documented("DETECT_MINAREA, pixels (DR1: 9).", default=9)
+    deblend_nthresh: int = documented("DEBLEND_NTHRESH (DR1: 32).", default=32)
+    deblend_cont: float = documented("DEBLEND_MINCONT (DR1: 0.00005).", default=0.00005)
+    clean: bool = documented("CLEAN: remove spurious detections in the wings of bright ones.",
+                             default=True)
+    clean_param: float = documented("CLEAN_PARAM.", default=1.0)
+    back_size_px: int = documented("BACK_SIZE: background mesh, pixels (kmtnet.sex: 256).",
+                                   default=256)
+    back_filter_size: int = documented("BACK_FILTERSIZE: median filter of the mesh, meshes.",
+                                       default=3)
+    kron_factor: float = documented("PHOT_AUTOPARAMS Kron factor (DR1: 2.5).", default=2.5)
+    kron_min_radius: float = documented("PHOT_AUTOPARAMS minimum radius, units of A/B (3.5).",
+                                        default=3.5)
+    gain_e_per_adu: float = documented(
+        "Effective gain of a co-add, e-/ADU, for the Poisson term of the flux errors when the "
+        "co-add header has no GAIN; 0 = no Poisson term (background noise only, SExtractor's "
+        "GAIN = 0).", default=0.0)
+    bad_bits: int = documented(
+        "Co-add mask bits whose pixels are treated as missing (interpolated or masked) besides "
+        "the pixels without data; 0: the co-add mask is the OR of the inputs' bits, which the "
+        "median mostly rejected, so it only flags (IMAFLAGS_ISO).", default=0)
+    interp_max_gap_px: int = documented(
+        "Missing pixels in runs up to this long along a row are interpolated (MASK_TYPE "
+        "CORRECT-like); longer runs stay masked.", default=16)
+    saturation_bits: int = documented(
+        "Co-add mask bits that mark saturation for FLAGS bit 4 (DR1 bit 2: bleed trails and "
+        "saturated cores).", default=2)
+    saturation_core_px: int = documented(
+        "FLAGS bit 4 looks for saturation_bits within this many pixels of the peak.", default=2)
+    crowding_fraction: float = documented(
+        "FLAGS bit 1 when more than this fraction of the Kron ellipse's pixels belong to other "
+        "objects or are masked (SExtractor: 0.1).", default=0.1)
+    pixel_stack: int = documented(
+        "Largest sep extraction pixel stack (sep.set_extract_pixstack; never more than the "
+        "image's pixel count): pixels of all objects open at once during the scan "
+        "(kmtnet.sex: 3000000; sep allocates it up front).",
+        default=3_000_000)
+    nnw_path: str = documented(
+        "SExtractor neural-network weights (.nnw) of CLASS_STAR; Debian's source-extractor "
+        "installs SExtractor's default.nnw, the network DR1 used (kmtnet.nnw).",
+        default="/usr/share/source-extractor/default.nnw")
+
+    def __post_init__(self) -> None:
+        for name in ("detect_thresh_sigma", "deblend_cont", "clean_param", "kron_factor",
+                     "kron_min_radius", "crowding_fraction"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("min_area_px", "deblend_nthresh", "back_size_px", "back_filter_size",
+                     "interp_max_gap_px", "pixel_stack"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gain_e_per_adu < 0:
+            raise ValueError(f"gain_e_per_adu must be >= 0, got {self.gain_e_per_adu}")
+        if self.saturation_core_px < 0:
+            raise ValueError(f"saturation_core_px must be >= 0, got {self.saturation_core_px}")
+        for name in ("bad_bits", "saturation_bits"):
+            if not 0 <= getattr(self, name) <= 255:
+                raise ValueError(f"{name} must be a bit mask in [0, 255], got "
+                                 f"{getattr(self, name)}")
+        if self.deblend_cont > 1:
+            raise ValueError(f"deblend_cont must be <= 1, got {self.deblend_cont}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MapSettings:
+    """``[maps]``: how the zero-point and alignment maps are measured."""
+
+    match_radius_arcsec: float = documented(
+        "Largest separation of a detection from its Gaia XP star for the ZP map, arcsec (ours; "
+        "the toolkit matches at 2\" and then cuts at max(0.5\", local alignment)).",
+        default=1.0)
+    align_match_radius_arcsec: float = documented(
+        "Largest separation of a detection from its Gaia DR3 star for the alignment map, arcsec "
+        "(the toolkit's 2\").",
+        default=2.0)
+    class_star_min: float = documented(
+        "Stars used have class_star above this (DR1: 0.8).", default=0.8)
+    ref_mag_min: float = documented(
+        "Brightest Gaia XP reference magnitude used, AB mag (DR1: 14).", default=14.0)
+    ref_mag_max: float = documented(
+        "Faintest Gaia XP reference magnitude used, AB mag (DR1: 19).", default=19.0)
+    require_xp_flag: bool = documented(
+        "Use only Gaia XP stars whose {band}_jkc_flag is 1 (the toolkit keeps flag == 1).",
+        default=True)
+    clip_sigma: float = documented(
+        "Clipping threshold of a bin's zero points, in standard deviations around the median, "
+        "iterated until nothing changes (DR1: 2).",
+        default=2.0)
+    zp_window_bins: float = documented(
+        "Side of the square window, in bins, centred on a ZP-map bin, whose stars give the "
+        "bin's value: 1 = DR1's rule (the bin's own stars); wider smooths the map for sparse "
+        "reference stars (see the module docstring).",
+        default=1.0)
+    align_window_bins: float = documented(
+        "Side of the square window, in bins, centred on an alignment-map bin, whose stars give "
+        "the bin's value (the toolkit: 1000 px around 200 px bins = 5).",
+        default=5.0)
+    align_gaia_g_min: float = documented(
+        "Brightest Gaia G of the alignment stars, mag (the toolkit: 14).", default=14.0)
+    align_gaia_g_max: float = documented(
+        "Faintest Gaia G of the alignment stars, mag (the toolkit: 20).", default=20.0)
+    align_snr_min: float = documented(
+        "Least flux_auto / fluxerr_auto of the alignment stars (the toolkit's MAGERR_AUTO < "
+        "0.05 is S/N > 21.7).",
+        default=21.7)
+
+    def __post_init__(self) -> None:
+        for name in ("match_radius_arcsec", "align_match_radius_arcsec", "clip_sigma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("zp_window_bins", "align_window_bins"):
+            if not getattr(self, name) >= 1.0:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.class_star_min < 1.0:
+            raise ValueError(f"class_star_min must be in [0, 1), got {self.class_star_min}")
+        if not self.ref_mag_min < self.ref_mag_max:
+            raise ValueError(f"ref_mag_min must be < ref_mag_max, got {self.ref_mag_min} and "
+                             f"{self.ref_mag_max}")
+        if not self.align_gaia_g_min < self.align_gaia_g_max:
+            raise ValueError(f"align_gaia_g_min must be < align_gaia_g_max, got "
+                             f"{self.align_gaia_g_min} and {self.align_gaia_g_max}")
+        if not self.align_snr_min >= 0:
+            raise ValueError(f"align_snr_min must be >= 0, got {self.align_snr_min}")
