@@ -1,0 +1,740 @@
+"""Detection and photometry of the co-adds with sep, in DR1's dual and single modes.
+
+DR1 ran SExtractor on every co-add twice: in dual-image mode, detecting on I and measuring every
+band at the I positions, apertures and segmentation, and in single mode, detecting on each band
+alone. This module does the same with sep, the way ``tools.md`` found it to reproduce
+SExtractor:
+
+* **Background and masked pixels** (per band). :class:`sep.Background` (mesh
+  ``back_size_px``, median filter ``back_filter_size``) on the pixels with data, subtracted;
+  then masked pixels (no data, i.e. NDITH = 0 or not finite, plus any co-add mask bit in
+  ``bad_bits``) in runs of at most ``interp_max_gap_px`` along a row are filled by linear
+  interpolation (:func:`ks4release.reduction.coadd.fill_masked_pixels`), DR1's "MASK_TYPE
+  CORRECT, masked pixels interpolated". Pixels left unfilled are masked in every sep call.
+  The co-add mask is the OR of the *inputs'* bits, most of which the median already rejected,
+  so by default (``bad_bits`` = 0) its bits only flag the photometry (``IMAFLAGS_ISO``) and do
+  not remove pixels.
+* **Detection** on the detection image: ``sep.extract`` with a threshold of
+  ``detect_thresh_sigma`` times the background RMS map, DETECT_MINAREA 9, 32 deblending
+  thresholds, DEBLEND_MINCONT 0.00005, cleaning, and SExtractor's ``default.conv`` kernel with
+  ``filter_type='conv'`` (sep's default 'matched' finds 3x more, mostly noise, peaks).
+* **Positions**: windowed centroids on the detection image (SExtractor's XWIN_IMAGE, Gaussian
+  window of FWHM 2 x min(object, PSF) half-light radius; the isophotal barycentre X_IMAGE where
+  the iteration fails), written 1-based like SExtractor; ``ra``/``dec`` from the co-add WCS.
+  Every aperture is centred there; forced bands use the detection positions. (On the demo
+  co-adds the median offset from the truth of S/N >= 10 sources is 0.08-0.09" against
+  0.10-0.11" for the barycentre.)
+* **Fluxes** in every band: circular apertures of 3, 5 and 10 arcsec diameter (radius from the
+  WCS pixel scale, 3.75/6.25/12.5 px at 0.4 arcsec/px), ``sum_circle(subpix=5)``; MAG_AUTO as
+  SExtractor: ``kron_radius`` on the detection image with neighbours masked through the
+  segmentation map, then ``sum_ellipse`` with ``max(2.5 kronrad, 3.5)`` (``subpix=5``, neighbours
+  masked; SExtractor's CORRECT would put the symmetric pixels in their place). In dual mode the
+  Kron ellipse and the neighbour masks are I's: SExtractor too computes the Kron radius on the
+  detection image (``photom.c``, ``computeautoflux``), so a forced band with a wider PSF than
+  I's loses more light in AUTO than its single-mode AUTO (V on the demo: 0.02 mag).
+* **Errors**: background RMS map plus the Poisson term of the source with the co-add's effective
+  gain: header ``GAIN`` when present, else the setting ``gain_e_per_adu`` (0 = no Poisson term,
+  SExtractor's GAIN = 0; the co-add headers of this pipeline carry no GAIN so far).
+* **Shape** (detection image, copied to every band in dual mode): A/B/THETA from the second
+  moments (THETA in degrees, counter-clockwise from +x, -90..90), ELLIPTICITY = 1 - B/A,
+  KRON_RADIUS = the Kron factor actually used, max(2.5 kronrad, 3.5), in units of A and B.
+* **Per band**: FLUX_RADIUS (radius holding half of FLUX_AUTO, ``flux_radius`` with
+  ``rmax = 6 A`` and neighbours masked), FLUX_MAX (largest background-subtracted pixel in the
+  footprint), FWHM_IMAGE and CLASS_STAR from :mod:`ks4release.reduction.stellarity` on that
+  band's unfiltered image within the detection footprint (the isophotal profile of the forced
+  band inside I's footprint, thresholds ``detect_thresh_sigma`` x that band's RMS at the peak
+  pixel, SEEING_FWHM = that band's header SEEING), FLAGS and IMAFLAGS_ISO (below).
+
+``flags_{b}`` (:data:`FLAG_BITS`, SExtractor meanings):
+1 more than ``crowding_fraction`` of the Kron ellipse's pixels belong to other objects or are
+masked; 2 deblended from a blend; 4 saturated: a pixel within ``saturation_core_px`` of the
+detection peak carries a ``saturation_bits`` bit in the band's co-add mask (bit 2, bleed and
+saturated cores, by default), or a footprint pixel reaches the header's SATURATE when there is
+one; 8 the footprint touches the image border or pixels without data; 16 an aperture (3/5/10
+arcsec or Kron) is truncated by the border or holds masked pixels; 32 the footprint holds
+interpolated or masked pixels; 64 deblending overflow (sep's OBJ_DOVERFLOW). 128 (extraction
+overflow) is never set: sep raises instead, reported as a :class:`StageError`.
+``imaflags_iso_{b}``: bitwise OR of the band's co-add mask bits over the footprint, grown by one
+pixel into the masked pixels that the footprint could not include.
+
+The measurement table (columns in :data:`COLUMNS`, ``{b}`` = lower-case band) is the contract
+of issue 5: M's zero-point maps and Q's post-processing read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import sep
+from astropy import units as u
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
+from scipy.ndimage import binary_dilation, grey_dilation, maximum_filter
+
+from ks4release import __version__
+from ks4release.atomic import atomic_path
+from ks4release.errors import InputError, StageError
+from ks4release.layout import coadd_path
+from ks4release.reduction.coadd import fill_masked_pixels
+from ks4release.reduction.detect import (
+    CONV_KERNEL,
+    _ellipse,
+    _footprint_max,
+    _psf_half_light_radius,
+)
+from ks4release.reduction.stellarity import Network, class_star, isophotal_profile, read_nnw
+from ks4release.settings import PhotometrySettings
+
+__all__ = [
+    "APERTURE_DIAMETERS_ARCSEC",
+    "COLUMNS",
+    "FLAG_BITS",
+    "PhotometrySettings",
+    "measure_dual",
+    "measure_single",
+    "measured_path",
+    "run_photometry",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Diameters of the fixed apertures, arcsec (DR1; the columns flux_aper3/5/10_{b}).
+APERTURE_DIAMETERS_ARCSEC = (3.0, 5.0, 10.0)
+
+#: Bits of the ``flags_{b}`` columns (SExtractor FLAGS meanings; our rules in the docstring).
+FLAG_BITS = {
+    1: "Kron ellipse crowded: neighbours or masked pixels above crowding_fraction",
+    2: "object was deblended from a blend",
+    4: "saturated: saturation mask bit near the peak or a pixel at SATURATE",
+    8: "footprint truncated at the image border or at pixels without data",
+    16: "an aperture (3/5/10 arcsec or Kron) truncated or holding masked pixels",
+    32: "footprint holds interpolated or masked pixels",
+    64: "deblending overflow",
+    128: "extraction overflow (never set: sep raises)",
+}
+
+#: Columns common to every table: (name, unit, description).
+_COMMON = (
+    ("number", None, "Running object number, 1-based"),
+    ("x_image", u.pix, "Windowed centroid x on the detection image, 1-based pixel (XWIN_IMAGE)"),
+    ("y_image", u.pix, "Windowed centroid y on the detection image, 1-based pixel (YWIN_IMAGE)"),
+    ("ra", u.deg, "Right ascension of (x_image, y_image), co-add WCS (ICRS)"),
+    ("dec", u.deg, "Declination of (x_image, y_image), co-add WCS (ICRS)"),
+    ("errx2_image", u.pix ** 2, "Variance of the detection's barycentre x (ERRX2_IMAGE)"),
+    ("erry2_image", u.pix ** 2, "Variance of the detection's barycentre y (ERRY2_IMAGE)"),
+    ("tile", None, "KS4 tile name"),
+)
+
+#: Per-band columns, ``{b}`` replaced by the lower-case band: (name, unit, description).
+_PER_BAND = (
+    ("flux_auto_{b}", u.adu, "Flux in the Kron ellipse (FLUX_AUTO), co-add ADU (ZP 30)"),
+    ("fluxerr_auto_{b}", u.adu, "1-sigma error of flux_auto"),
+    ("flux_aper3_{b}", u.adu, "Flux in a 3 arcsec diameter circle"),
+    ("fluxerr_aper3_{b}", u.adu, "1-sigma error of flux_aper3"),
+    ("flux_aper5_{b}", u.adu, "Flux in a 5 arcsec diameter circle"),
+    ("fluxerr_aper5_{b}", u.adu, "1-sigma error of flux_aper5"),
+    ("flux_aper10_{b}", u.adu, "Flux in a 10 arcsec diameter circle"),
+    ("fluxerr_aper10_{b}", u.adu, "1-sigma error of flux_aper10"),
+    ("snr_{b}", None, "flux_auto / fluxerr_auto (0 when the error is not positive)"),
+    ("fwhm_image_{b}", u.pix, "FWHM of a Gaussian fitted to the footprint pixels (FWHM_IMAGE)"),
+    ("class_star_{b}", None, "SExtractor neural-network stellarity, 0 galaxy .. 1 star"),
+    ("flux_radius_{b}", u.pix, "Radius holding half of flux_auto (FLUX_RADIUS)"),
+    ("kron_radius_{b}", None, "Kron factor used, max(2.5 r_Kron, 3.5), units of A and B"),
+    ("flux_max_{b}", u.adu, "Largest background-subtracted pixel of the footprint"),
+    ("theta_image_{b}", u.deg, "Position angle of A, counter-clockwise from +x, -90..90"),
+    ("ellipticity_{b}", None, "1 - B/A"),
+    ("a_image_{b}", u.pix, "Semi-major axis, second moments (A_IMAGE)"),
+    ("b_image_{b}", u.pix, "Semi-minor axis, second moments (B_IMAGE)"),
+    ("flags_{b}", None, "SExtractor-style flags: " + "; ".join(
+        f"{k} {v}" for k, v in FLAG_BITS.items())),
+    ("imaflags_iso_{b}", None, "OR of the co-add mask bits over the footprint"),
+)
+
+#: Every column of a table with the bands ``b``: the common ones, then the per-band ones.
+COLUMNS = {"common": _COMMON, "per_band": _PER_BAND}
+
+_INT_COLUMNS = {"number": np.int32, "flags": np.int16, "imaflags_iso": np.int16}
+
+
+def _dtype(name: str) -> type:
+    """Output dtype of a column (per-band columns by their name without the band suffix)."""
+    if name == "tile":
+        return str
+    return _INT_COLUMNS.get(name, _INT_COLUMNS.get(name.rsplit("_", 1)[0], np.float64))
+
+
+def _column_specs(bands: list[str]) -> list[tuple[str, u.UnitBase | None, str]]:
+    """(name, unit, description) of every column of a table with ``bands``."""
+    return list(_COMMON) + [(name.format(b=band.lower()), unit, text)
+                            for band in bands for name, unit, text in _PER_BAND]
+_MODES = ("dual", "single")
+
+
+def measured_path(release_dir: Path, tile: str, mode: str, band: str | None = None) -> Path:
+    """The measurement table of one tile: ``work/catalog/<tile>_dual_measured.parquet`` or
+    ``work/catalog/<tile>_single_<BAND>_measured.parquet`` (band upper case, as in the co-add
+    file names)."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'dual' or 'single', got {mode!r}")
+    if (mode == "single") != (band is not None):
+        raise ValueError(f"mode {mode!r}: band must be given for 'single' mode only")
+    name = f"{tile}_dual" if band is None else f"{tile}_single_{band.upper()}"
+    return Path(release_dir) / "work" / "catalog" / f"{name}_measured.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+# One band, prepared
+
+
+@dataclass(frozen=True, eq=False)
+class _Band:
+    """One co-add ready for sep: background subtracted, short masked runs interpolated."""
+
+    name: str
+    image: np.ndarray        # background-subtracted, interpolated; masked pixels 0 (float32)
+    rms: np.ndarray          # background RMS map (float32)
+    masked: np.ndarray       # pixels still missing after interpolation (bool)
+    touched: np.ndarray      # pixels interpolated or missing (bool)
+    no_data: np.ndarray      # pixels without data (bool)
+    bits: np.ndarray         # co-add mask bits (uint8)
+    saturate: float          # header SATURATE above the background, inf when absent
+    gain: float              # effective gain used, 0 = no Poisson term
+    seeing_arcsec: float
+    pixel_scale_arcsec: float
+    wcs: WCS
+    tile: str
+    shape: tuple[int, int]
+
+
+def _quiet_wcs(header: fits.Header) -> WCS:
+    """The celestial WCS of a co-add header (astropy's notes on fixed keywords silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header).celestial
+
+
+def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str,
+             settings: PhotometrySettings, ndith: np.ndarray | None) -> _Band:
+    """Background, RMS and MASK_TYPE CORRECT-like interpolation of one co-add."""
+    data = np.asarray(image, dtype=np.float32)
+    bits = np.asarray(mask).astype(np.uint8)
+    if bits.shape != data.shape or (ndith is not None and np.shape(ndith) != data.shape):
+        raise ValueError(f"band {band}: mask {bits.shape} or NDITH "
+                         f"{None if ndith is None else np.shape(ndith)} differs from the image "
+                         f"shape {data.shape}")
+    if "SEEING" not in header or not float(header["SEEING"]) > 0:
+        raise ValueError(f"band {band}: co-add header has no positive SEEING (arcsec), "
+                         "needed for CLASS_STAR")
+    no_data = ~np.isfinite(data)
+    if ndith is not None:
+        no_data |= np.asarray(ndith) <= 0
+    missing = no_data | ((bits & settings.bad_bits) != 0)
+    clean = np.ascontiguousarray(np.where(missing, 0.0, data), dtype=np.float32)
+    background = sep.Background(clean, mask=missing, bw=settings.back_size_px,
+                                bh=settings.back_size_px, fw=settings.back_filter_size,
+                                fh=settings.back_filter_size)
+    sub = clean - background.back()
+    sub[missing] = 0.0
+    filled, masked = fill_masked_pixels(sub, missing, settings.interp_max_gap_px)
+    wcs = _quiet_wcs(header)
+    scale = float(np.mean(proj_plane_pixel_scales(wcs)) * 3600.0)  # deg -> arcsec
+    saturate = float(header["SATURATE"]) - float(background.globalback) \
+        if "SATURATE" in header else math.inf
+    gain = float(header.get("GAIN", settings.gain_e_per_adu))
+    return _Band(name=band, image=np.ascontiguousarray(filled, dtype=np.float32),
+                 rms=np.ascontiguousarray(background.rms(), dtype=np.float32), masked=masked,
+                 touched=missing, no_data=no_data, bits=bits, saturate=saturate, gain=gain,
+                 seeing_arcsec=float(header["SEEING"]), pixel_scale_arcsec=scale, wcs=wcs,
+                 tile=str(header.get("TILE", "")), shape=data.shape)
+
+
+def _detect(band: _Band, settings: PhotometrySettings) -> tuple[np.ndarray, np.ndarray]:
+    """sep extraction on the prepared detection image: (objects, segmentation map)."""
+    sep.set_extract_pixstack(min(settings.pixel_stack, band.image.size))
+    sep.set_sub_object_limit(4096)
+    try:
+        objects, segmap = sep.extract(
+            band.image, settings.detect_thresh_sigma, err=band.rms, mask=band.masked,
+            minarea=settings.min_area_px, filter_kernel=CONV_KERNEL, filter_type="conv",
+            deblend_nthresh=settings.deblend_nthresh, deblend_cont=settings.deblend_cont,
+            clean=settings.clean, clean_param=settings.clean_param, segmentation_map=True)
+    except Exception as exc:  # sep raises a bare Exception on internal overflows
+        raise StageError(f"sep extraction failed: {exc}", stage="photometry",
+                         tile=band.tile or None, band=band.name) from exc
+    return objects, segmap.astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+
+
+@dataclass(frozen=True, eq=False)
+class _Detection:
+    """What the detection image fixes for every band: objects, footprints, Kron ellipses."""
+
+    objects: np.ndarray
+    segmap: np.ndarray
+    x: np.ndarray            # 0-based
+    y: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    theta: np.ndarray        # radians
+    kron: np.ndarray         # Kron factor used, max(kron_factor * r_Kron, kron_min_radius)
+    seg_id: np.ndarray
+    dilated: np.ndarray      # segmentation map dilated by one pixel (3 x 3 maximum)
+
+
+def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
+               settings: PhotometrySettings) -> _Detection:
+    """Positions, ellipses and Kron radii from the detection image."""
+    n = objects.size
+    seg_id = np.arange(1, n + 1, dtype=np.int32)
+    a, b, theta = _ellipse(objects)
+    x, y = _windowed_centroids(band, objects, segmap, seg_id)
+    r_kron, _ = sep.kron_radius(band.image, x, y, a, b, theta, 6.0, mask=band.masked,
+                                segmap=segmap, seg_id=seg_id)
+    r_kron = np.where(np.isfinite(r_kron) & (r_kron > 0), r_kron, 0.0)
+    kron = np.maximum(settings.kron_factor * r_kron, settings.kron_min_radius)
+    return _Detection(objects=objects, segmap=segmap, x=x, y=y, a=a, b=b, theta=theta,
+                      kron=kron, seg_id=seg_id, dilated=grey_dilation(segmap, size=3))
+
+
+def _windowed_centroids(band: _Band, objects: np.ndarray, segmap: np.ndarray,
+                        seg_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Windowed centroids (SExtractor's XWIN/YWIN) with a Gaussian window of FWHM twice the
+    smaller of the object's and the PSF's half-light radius; the barycentre where the
+    iteration fails or moves by 2 pixels or more. On the demo co-adds this halves the offset
+    of faint stars from their true positions compared with the barycentre."""
+    x0 = objects["x"].astype(np.float64)
+    y0 = objects["y"].astype(np.float64)
+    r_half, _ = sep.flux_radius(band.image, x0, y0, np.clip(6.0 * objects["a"], 3.0, 60.0), 0.5,
+                                mask=band.masked, segmap=segmap, seg_id=seg_id, subpix=5)
+    r_half = np.where(np.isfinite(r_half) & (r_half > 0), r_half, 1.0)
+    window = np.minimum(r_half, _psf_half_light_radius(objects, r_half, band.rms))
+    xw, yw, flag = sep.winpos(band.image, x0, y0, 2.0 * window / 2.3548, mask=band.masked)
+    ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x0, yw - y0) < 2.0)
+    return np.where(ok, xw, x0), np.where(ok, yw, y0)
+
+
+def _aperture_radii_px(diameters: tuple[float, ...], pixel_scale: float) -> list[float]:
+    """Radii in pixels of apertures of the given diameters in arcsec."""
+    return [0.5 * d / pixel_scale for d in diameters]
+
+
+def _mirror_deltas(band: _Band, variance: np.ndarray, segmap: np.ndarray, own: int, x0: float,
+                   y0: float, box: tuple[int, int, int, int]
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+    """SExtractor's MASK_TYPE CORRECT for one object, as changes to the pixels sep summed.
+
+    In the stamp ``box`` = (xlo, xhi, ylo, yhi) every pixel of another object (``segmap`` not 0
+    and not ``own``) or masked is replaced by its mirror through the object's centre (x0, y0),
+    with SExtractor's rounding of the mirror pixel, ``int(2 x0 + 0.49999 - x)``; by 0 (and
+    variance 0) when the mirror pixel is off the image, another object's or masked
+    (``photom.c``, ``computeaperflux``/``computeautoflux``). Returns the stamps of (replacement
+    - value sep summed) and (replacement variance - variance sep summed), masked pixels having
+    been summed as 0; None when the stamp holds no such pixel.
+    """
+    xlo, xhi, ylo, yhi = box
+    ny, nx = band.shape
+    seg = segmap[ylo:yhi, xlo:xhi]
+    bad = ((seg > 0) & (seg != own)) | band.masked[ylo:yhi, xlo:xhi]
+    if not bad.any():
+        return None
+    yy, xx = np.nonzero(bad)
+    gx, gy = xx + xlo, yy + ylo
+    mx = np.trunc(2.0 * x0 + 0.49999 - gx).astype(np.int64)
+    my = np.trunc(2.0 * y0 + 0.49999 - gy).astype(np.int64)
+    ok = (mx >= 0) & (mx < nx) & (my >= 0) & (my < ny)
+    mirror = segmap[my[ok], mx[ok]]
+    ok[ok] = ~(((mirror > 0) & (mirror != own)) | band.masked[my[ok], mx[ok]])
+    value = np.zeros(gx.size)
+    value[ok] = band.image[my[ok], mx[ok]]
+    value_var = np.zeros(gx.size)
+    value_var[ok] = variance[my[ok], mx[ok]]
+    summed = ~band.masked[gy, gx]
+    d_flux = np.zeros(bad.shape)
+    d_flux[yy, xx] = value - np.where(summed, band.image[gy, gx], 0.0)
+    d_var = np.zeros(bad.shape)
+    d_var[yy, xx] = value_var - np.where(summed, variance[gy, gx], 0.0)
+    return d_flux, d_var
+
+
+def _boxes(det: _Detection, radii: list[float], shape: tuple[int, int]) -> np.ndarray:
+    """(n, 4) int: xlo, xhi, ylo, yhi of the box around each object holding its Kron ellipse
+    and its largest circle, with a margin of 2 pixels, clipped to the image."""
+    cos, sin = np.cos(det.theta), np.sin(det.theta)
+    half_x = np.maximum(det.kron * np.hypot(det.a * cos, det.b * sin), max(radii))
+    half_y = np.maximum(det.kron * np.hypot(det.a * sin, det.b * cos), max(radii))
+    ny, nx = shape
+    return np.column_stack([np.clip(np.floor(det.x - half_x) - 2, 0, nx),
+                            np.clip(np.ceil(det.x + half_x) + 3, 0, nx),
+                            np.clip(np.floor(det.y - half_y) - 2, 0, ny),
+                            np.clip(np.ceil(det.y + half_y) + 3, 0, ny)]).astype(int)
+
+
+def _aperture_sums(band: _Band, det: _Detection, radii: list[float]
+                   ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Fluxes and errors in the Kron ellipse and the circles of ``radii`` (in this order),
+    with neighbours and masked pixels corrected the way SExtractor's MASK_TYPE CORRECT does
+    (:func:`_mirror_deltas`), and the OR of sep's aperture flags.
+
+    sep sums every aperture over the whole image (``subpix=5``, masked pixels left out); then
+    each object whose box (:func:`_boxes`) holds another object's or a masked pixel gets the
+    changes of its replaced pixels summed by sep itself over a stamp, with the same pixel
+    weights, so that isolated objects keep sep's values exactly. The variance changes by the
+    replaced pixels' (a zeroed pixel has none), as in SExtractor; with a gain, the Poisson term
+    follows the corrected flux.
+    """
+    gain = band.gain if band.gain > 0 else None
+    common = {"err": band.rms, "gain": gain, "mask": band.masked, "subpix": 5}
+    sums = [sep.sum_ellipse(band.image, det.x, det.y, det.a, det.b, det.theta, det.kron,
+                            **common)]
+    sums += [sep.sum_circle(band.image, det.x, det.y, radius, **common) for radius in radii]
+    flags = np.bitwise_or.reduce([flag for _, _, flag in sums])
+    fluxes = [np.asarray(flux, dtype=np.float64) for flux, _, _ in sums]
+    variances = [np.square(err, dtype=np.float64) for _, err, _ in sums]
+    if gain:
+        variances = [v - np.maximum(f, 0.0) / gain for f, v in zip(fluxes, variances)]
+    variance = np.square(band.rms, dtype=np.float64)
+    boxes = _boxes(det, radii, band.shape)
+    for i in range(det.x.size):
+        deltas = _mirror_deltas(band, variance, det.segmap, int(det.seg_id[i]), det.x[i],
+                                det.y[i], tuple(boxes[i]))
+        if deltas is None:
+            continue
+        x, y = np.array([det.x[i] - boxes[i, 0]]), np.array([det.y[i] - boxes[i, 2]])
+        for k, (delta, totals) in enumerate(zip(deltas, (fluxes, variances))):
+            totals[0][i] += sep.sum_ellipse(delta, x, y, det.a[i], det.b[i], det.theta[i],
+                                            det.kron[i], subpix=5)[0][0]
+            for radius, total in zip(radii, totals[1:]):
+                total[i] += sep.sum_circle(delta, x, y, radius, subpix=5)[0][0]
+    if gain:
+        variances = [v + np.maximum(f, 0.0) / gain for f, v in zip(fluxes, variances)]
+    return fluxes, [np.sqrt(np.maximum(v, 0.0)) for v in variances], flags
+
+
+def _crowded(band: _Band, det: _Detection, settings: PhotometrySettings) -> np.ndarray:
+    """FLAGS bit 1: fraction of the Kron ellipse in other objects or masked pixels."""
+    segmented = (det.segmap > 0).astype(np.float32)
+    args = (det.x, det.y, det.a, det.b, det.theta, det.kron)
+    area, _, _ = sep.sum_ellipse(np.ones(band.shape, dtype=np.float32), *args, subpix=1)
+    # Pixels of any object or masked, minus the object's own (seg_id < 0 keeps only those).
+    total, _, _ = sep.sum_ellipse(segmented + band.masked.astype(np.float32), *args, subpix=1)
+    own, _, _ = sep.sum_ellipse(segmented, *args, subpix=1, segmap=det.segmap,
+                                seg_id=-det.seg_id)
+    return total - own > settings.crowding_fraction * np.maximum(area, 1.0)
+
+
+def _grown(band: _Band, det: _Detection) -> np.ndarray:
+    """The footprints grown by one pixel into the band's interpolated or missing pixels, which
+    a footprint cannot hold (missing) or holds only by interpolation."""
+    return np.where((det.segmap == 0) & band.touched, det.dilated, det.segmap)
+
+
+def _at(values: np.ndarray, det: _Detection) -> np.ndarray:
+    """``values`` at each object's peak pixel."""
+    return values[det.objects["ypeak"], det.objects["xpeak"]]
+
+
+def _flags(band: _Band, det: _Detection, grown: np.ndarray, aper_flags: np.ndarray,
+           crowded: np.ndarray, settings: PhotometrySettings) -> np.ndarray:
+    """FLAGS of one band (see :data:`FLAG_BITS` and the module docstring)."""
+    n = det.objects.size
+    ny, nx = band.shape
+    objects = det.objects
+    flags = np.where(crowded, 1, 0).astype(np.int16)
+    flags |= np.where(objects["flag"] & sep.OBJ_MERGED, 2, 0).astype(np.int16)
+    size = 2 * settings.saturation_core_px + 1
+    sat_near = maximum_filter((band.bits & settings.saturation_bits) != 0, size=size)
+    raw_max = _footprint_max(det.segmap, band.image, n, bitwise=False)
+    flags |= np.where(_at(sat_near, det) | (raw_max >= band.saturate), 4, 0).astype(np.int16)
+    at_border = ((objects["xmin"] <= 0) | (objects["ymin"] <= 0) | (objects["xmax"] >= nx - 1)
+                 | (objects["ymax"] >= ny - 1))
+    near_gap = binary_dilation(band.no_data) & ~band.no_data
+    at_gap = _footprint_max(det.segmap, near_gap.astype(np.uint8), n, bitwise=True) > 0
+    flags |= np.where(at_border | at_gap, 8, 0).astype(np.int16)
+    bad_aper = aper_flags & (sep.APER_TRUNC | sep.APER_HASMASKED | sep.APER_ALLMASKED)
+    flags |= np.where(bad_aper, 16, 0).astype(np.int16)
+    touched = _footprint_max(grown, band.touched.astype(np.uint8), n, bitwise=True) > 0
+    flags |= np.where(touched, 32, 0).astype(np.int16)
+    flags |= np.where(objects["flag"] & sep.OBJ_DOVERFLOW, 64, 0).astype(np.int16)
+    return flags
+
+
+def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
+                  network: Network) -> dict[str, np.ndarray]:
+    """Every per-band column of one band at the detection's positions and apertures."""
+    b = band.name.lower()
+    n = det.objects.size
+    cols: dict[str, np.ndarray] = {}
+    radii = _aperture_radii_px(APERTURE_DIAMETERS_ARCSEC, band.pixel_scale_arcsec)
+    fluxes, errors, aper_flags = _aperture_sums(band, det, radii)
+    auto, auto_err = fluxes[0], errors[0]
+    cols[f"flux_auto_{b}"], cols[f"fluxerr_auto_{b}"] = auto, auto_err
+    for diameter, flux, err in zip(APERTURE_DIAMETERS_ARCSEC, fluxes[1:], errors[1:]):
+        cols[f"flux_aper{diameter:g}_{b}"], cols[f"fluxerr_aper{diameter:g}_{b}"] = flux, err
+    cols[f"snr_{b}"] = np.where(auto_err > 0, auto / np.where(auto_err > 0, auto_err, 1.0), 0.0)
+    threshold = settings.detect_thresh_sigma * _at(band.rms, det).astype(np.float64)
+    iso, fwhm = isophotal_profile(band.image, det.segmap, det.objects, threshold,
+                                  saturation=band.saturate)
+    flux_max = _footprint_max(det.segmap, band.image, n, bitwise=False).astype(np.float64)
+    cols[f"fwhm_image_{b}"] = fwhm
+    cols[f"class_star_{b}"] = class_star(
+        iso, flux_max, threshold=threshold, seeing_arcsec=band.seeing_arcsec,
+        pixel_scale_arcsec=band.pixel_scale_arcsec, network=network)
+    r_half, _ = sep.flux_radius(band.image, det.x, det.y, 6.0 * det.a, 0.5,
+                                normflux=np.where(auto > 0, auto, np.nan), mask=band.masked,
+                                segmap=det.segmap, seg_id=det.seg_id, subpix=5)
+    cols[f"flux_radius_{b}"] = r_half
+    cols[f"kron_radius_{b}"] = det.kron
+    cols[f"flux_max_{b}"] = flux_max
+    cols[f"theta_image_{b}"] = np.degrees(det.theta)
+    cols[f"ellipticity_{b}"] = 1.0 - det.b / det.a
+    cols[f"a_image_{b}"] = det.a
+    cols[f"b_image_{b}"] = det.b
+    grown = _grown(band, det)
+    cols[f"flags_{b}"] = _flags(band, det, grown, aper_flags, _crowded(band, det, settings),
+                                settings)
+    cols[f"imaflags_iso_{b}"] = _footprint_max(grown, band.bits, n, bitwise=True).astype(np.int16)
+    return cols
+
+
+def _table(detection: _Band, det: _Detection, per_band: list[dict[str, np.ndarray]],
+           bands: list[str], meta: dict) -> Table:
+    """The measurement table: common columns, then each band's, with units and descriptions."""
+    n = det.objects.size
+    ra, dec = detection.wcs.all_pix2world(det.x, det.y, 0)
+    values = {"number": np.arange(1, n + 1), "x_image": det.x + 1.0, "y_image": det.y + 1.0,
+              "ra": np.asarray(ra) % 360.0, "dec": np.asarray(dec),
+              "errx2_image": det.objects["errx2"], "erry2_image": det.objects["erry2"],
+              "tile": np.full(n, detection.tile)}
+    for cols in per_band:
+        values.update(cols)
+    table = Table()
+    for name, unit, text in _column_specs(bands):
+        table[name] = np.asarray(values[name], dtype=_dtype(name))
+        table[name].unit = unit
+        table[name].description = text
+    table.meta.update(meta)
+    return table
+
+
+def _measure(detection: _Band, bands: list[str], prepare: Callable[[str], _Band],
+             settings: PhotometrySettings, network: Network, mode: str) -> Table:
+    """Detect on ``detection`` and measure every band of ``bands`` at its objects; the other
+    bands are prepared one at a time (``prepare``), so that only two co-adds' worth of work
+    arrays are held at once."""
+    objects, segmap = _detect(detection, settings)
+    meta = {"mode": mode, "tile": detection.tile, "detection_band": detection.name,
+            "bands": list(bands), "ks4release_version": __version__,
+            "sep_version": sep.__version__, "pixel_origin": 1,
+            "detect_background_rms_adu": float(np.median(detection.rms)),
+            "settings": {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in asdict(settings).items()}}
+    det = _detection(detection, objects, segmap, settings) if objects.size else None
+    per_band = []
+    for name in bands:
+        band = detection if name == detection.name else prepare(name)
+        meta[f"gain_{name.lower()}"] = band.gain
+        meta[f"seeing_{name.lower()}"] = band.seeing_arcsec
+        if det is not None:
+            per_band.append(_measure_band(band, det, settings, network))
+    if det is None:
+        return _empty_table(bands, meta)
+    return _table(detection, det, per_band, bands, meta)
+
+
+def _empty_table(bands: list[str], meta: dict) -> Table:
+    """The table of an image without detections: every column, no rows."""
+    table = Table()
+    for name, unit, text in _column_specs(bands):
+        table[name] = np.zeros(0, dtype=_dtype(name))
+        table[name].unit = unit
+        table[name].description = text
+    table.meta.update(meta)
+    return table
+
+
+def measure_single(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str,
+                   settings: PhotometrySettings, network: Network, *,
+                   ndith: np.ndarray | None = None) -> Table:
+    """Detect and measure one co-add alone (DR1's single mode).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The co-add, ADU at ZP 30 (any byte order).
+    mask : numpy.ndarray
+        Its DR1 mask bits (uint8, same shape).
+    header : astropy.io.fits.Header
+        Its header: celestial WCS, SEEING (arcsec), TILE; GAIN and SATURATE when present.
+    band : str
+        Band letter (B, V, R, I): the column suffix is its lower case.
+    settings : PhotometrySettings
+    network : Network
+        Stellarity network (``stellarity.read_nnw``).
+    ndith : numpy.ndarray, optional
+        Exposures per pixel; pixels with 0 have no data. Without it only non-finite pixels are
+        taken as missing.
+
+    Returns
+    -------
+    astropy.table.Table
+        The measurement table (module docstring), one row per detection.
+    """
+    prepared = _prepare(image, mask, header, band.upper(), settings, ndith)
+    return _measure(prepared, [prepared.name], _no_other_band, settings, network, "single")
+
+
+def _no_other_band(band: str) -> _Band:
+    """Single mode measures the detection band only."""
+    raise ValueError(f"single mode has no band {band} besides the detection band")
+
+
+def _check_grid(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
+                detection_band: str) -> None:
+    """Raise when the co-adds of a tile are not all on the detection band's pixel grid."""
+    image, _, header = images[detection_band]
+    shape, wcs = np.shape(image), _quiet_wcs(header)
+    tile = header.get("TILE", "?")
+    for band, (other, _, other_header) in images.items():
+        if np.shape(other) != shape or not _quiet_wcs(other_header).wcs.compare(
+                wcs.wcs, cmp=WCSCOMPARE_ANCILLARY, tolerance=1e-9):
+            raise ValueError(f"tile {tile}: band {band} co-add (shape {np.shape(other)}) is not "
+                             f"on the pixel grid of detection band {detection_band} (shape "
+                             f"{shape}); dual mode needs one grid (shape and WCS) for all bands")
+
+
+def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
+                 settings: PhotometrySettings, network: Network, detection_band: str = "I", *,
+                 ndith: dict[str, np.ndarray] | None = None) -> Table:
+    """Detect on ``detection_band`` and measure every band at the same objects (dual mode).
+
+    Parameters
+    ----------
+    images : dict
+        Band letter -> (co-add, mask, header) of one tile, all on one pixel grid; the bands
+        present get columns, in the order B, V, R, I.
+    settings, network
+        As :func:`measure_single`.
+    detection_band : str
+        The band to detect on (DR1: I); must be in ``images``.
+    ndith : dict, optional
+        Band letter -> exposures per pixel (see :func:`measure_single`).
+
+    Raises
+    ------
+    ValueError
+        The detection band is missing, or a band's co-add is not on the detection grid (the
+        message names the tile and the band).
+    """
+    ndith = ndith or {}
+    upper = {band.upper(): value for band, value in images.items()}
+    if detection_band.upper() not in upper:
+        raise ValueError(f"detection band {detection_band} not among the co-adds "
+                         f"{sorted(upper)}")
+    _check_grid(upper, detection_band.upper())
+    order = sorted(upper, key=lambda b: "BVRI".find(b) if b in "BVRI" else 99)
+
+    def prepare(band: str) -> _Band:
+        return _prepare(*upper[band], band, settings, ndith.get(band, ndith.get(band.lower())))
+
+    return _measure(prepare(detection_band.upper()), order, prepare, settings, network, "dual")
+
+
+# --------------------------------------------------------------------------------------------
+# The task
+
+
+def _read_coadd(release_dir: Path, tile: str, band: str
+                ) -> tuple[np.ndarray, np.ndarray, fits.Header, np.ndarray]:
+    """Co-add, mask, header and NDITH of one tile and band (native byte order)."""
+    arrays = []
+    header = None
+    for kind in ("coadd", "mask", "ndith"):
+        path = coadd_path(release_dir, tile, band, kind)
+        try:
+            with fits.open(path) as hdul:
+                data = np.asarray(hdul[0].data)
+                if kind == "coadd":
+                    header = hdul[0].header.copy()
+        except (OSError, IndexError) as exc:
+            raise InputError(path, f"cannot read the {kind} of tile {tile} band {band}: "
+                                   f"{exc}") from None
+        if data.ndim != 2:
+            raise InputError(path, f"expected a 2-d image, got shape {data.shape}")
+        arrays.append(data.astype(data.dtype.newbyteorder("=")))
+    return arrays[0].astype(np.float32), arrays[1], header, arrays[2]
+
+
+def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str, ...],
+                   settings: PhotometrySettings, nnw_path: Path,
+                   detection_band: str = "I") -> None:
+    """Measure the co-adds of one tile and write the measurement table(s).
+
+    Mode ``dual``: detect on ``detection_band`` and measure every band of ``bands`` whose co-add
+    exists (a band without a co-add gets no columns); writes
+    ``measured_path(release_dir, tile, "dual")``. Mode ``single``: each band of ``bands`` alone;
+    writes ``measured_path(release_dir, tile, "single", band)`` per band.
+
+    Reads ``coadd_path(release_dir, tile, band, kind)`` for kind coadd, mask and ndith, and the
+    network ``nnw_path``. Every table is written atomically as Parquet, units and descriptions on
+    the columns, settings and provenance in the metadata.
+
+    Raises
+    ------
+    InputError
+        A co-add product is unreadable, or the detection band has no co-add (dual mode).
+    StageError
+        The co-adds cannot be measured (different grids, no SEEING, a sep overflow); the
+        message names the tile and band.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'dual' or 'single', got {mode!r}")
+    release_dir = Path(release_dir)
+    network = read_nnw(nnw_path)
+    bands = tuple(b.upper() for b in bands)
+    if mode == "single":
+        for band in bands:
+            image, mask, header, ndith = _read_coadd(release_dir, tile, band)
+            try:
+                table = measure_single(image, mask, header, band, settings, network,
+                                       ndith=ndith)
+            except ValueError as exc:  # a co-add that breaks what the measurement needs
+                raise StageError(str(exc), stage="photometry", tile=tile, band=band,
+                                 path=coadd_path(release_dir, tile, band, "coadd")) from exc
+            _write(table, tile, measured_path(release_dir, tile, "single", band))
+        return
+    present = [b for b in bands if coadd_path(release_dir, tile, b, "coadd").exists()]
+    if detection_band.upper() not in present:
+        raise InputError(coadd_path(release_dir, tile, detection_band.upper(), "coadd"),
+                         f"tile {tile}: the dual-mode detection band {detection_band} has no "
+                         "co-add")
+    for band in sorted(set(bands) - set(present)):
+        logger.info("tile %s: no %s co-add; its columns are left out", tile, band)
+    read = {band: _read_coadd(release_dir, tile, band) for band in present}
+    try:
+        table = measure_dual({b: r[:3] for b, r in read.items()}, settings, network,
+                             detection_band, ndith={b: r[3] for b, r in read.items()})
+    except ValueError as exc:  # co-adds on different grids, or a header without SEEING
+        raise StageError(str(exc), stage="photometry", tile=tile) from exc
+    _write(table, tile, measured_path(release_dir, tile, "dual"))
+
+
+def _write(table: Table, tile: str, path: Path) -> None:
+    """Write one measurement table atomically as Parquet, named after the task's tile (the
+    co-add header's TILE may be absent)."""
+    description = table["tile"].description
+    table["tile"] = np.full(len(table), tile)
+    table["tile"].description = description
+    table.meta["tile"] = tile
+    with atomic_path(path) as tmp:
+        table.write(tmp, format="parquet", overwrite=True)

@@ -1,0 +1,212 @@
+"""Parity of our sep photometry (``measure_single``) with SExtractor on the same co-add.
+
+SExtractor (Debian ``source-extractor``) is configured like sep (:meth:`SExtractorSettings.
+from_photometry`: DR1's DETECT_MINAREA 9, DEBLEND_MINCONT 0.00005, MASK_TYPE CORRECT, 3/5/10
+arcsec apertures, Kron 2.5/3.5, the same threshold and background mesh), pixels without data
+(NDITH = 0) are zero-weight pixels, the DR1 mask is the FLAG_IMAGE. Objects are matched by
+windowed position (our ``x_image`` is XWIN_IMAGE) within 1 pixel.
+
+Issue 5 must-show: median difference of MAG_AUTO and MAG_APER within 0.01 mag for S/N > 50,
+FLAGS agreement reported. Measured on ``tiny_coadds``: in V every median is within 0.001 mag
+(AUTO -0.0010, 3/5/10 arcsec -0.0003/-0.0001/-0.0001); in I the 3 and 5 arcsec apertures are
+within 0.003 mag, but 10 arcsec -0.18 and AUTO -0.04 mag (ours brighter): SExtractor's MASK_TYPE
+CORRECT blanks the footprints of *all* other detections while it measures an object and
+replaces them by the mirror pixels through the object centre (zero where the mirror pixel is
+blanked too), and the demo's 1/16-scale co-adds are crowded, while our apertures include the
+neighbours' light (half of the bright I sources are blended; run with MASK_TYPE NONE,
+SExtractor's 3/5/10 arcsec apertures equal ours to 0.0000 mag). For isolated sources (FLAGS = 0
+in both) AUTO and every aperture agree within 0.001 mag in both bands. The tests assert what
+holds and keep the crowded I gap as a strict expected failure, which turns into a failure once
+the photometry corrects neighbours like SExtractor. FLAGS agree for 44% (I) and 54% (V) of the
+matched sources (IMAFLAGS_ISO for 97% and 98%): our bit 1 and 16 rules are not SExtractor's.
+On the demo release's I co-add of the same tile (fewer bright blends: 65 sources of S/N > 50
+against 120) every median is within 0.001 mag (AUTO -0.0003, 3/5/10 arcsec -0.0007/0.0000/
+-0.0002) and FLAGS agree for 71%.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from scipy.spatial import cKDTree
+
+from ks4release.layout import coadd_path
+from ks4release.reduction.sextractor import (
+    SExtractorNotFound,
+    SExtractorSettings,
+    find_sextractor,
+    run_sextractor,
+    sextractor_command,
+)
+from ks4release.reduction.stellarity import DEFAULT_NNW, read_nnw
+
+#: Must-show tolerance on the median magnitude difference, and the S/N cut.
+MAX_MEDIAN_DIFF_MAG, MIN_SNR = 0.01, 50.0
+#: Match radius between our windowed positions and SExtractor's, pixels.
+MATCH_PX = 1.0
+
+
+def _has_sextractor() -> bool:
+    try:
+        find_sextractor()
+    except SExtractorNotFound:
+        return False
+    return True
+
+
+needs_sextractor = pytest.mark.skipif(not _has_sextractor(),
+                                      reason="SExtractor (source-extractor) not installed")
+
+
+def test_missing_binary_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SExtractorNotFound, match="source-extractor"):
+        find_sextractor()
+
+
+def test_settings_validation_names_the_field():
+    for kwargs, name in [({"mask_type": "MIRROR"}, "mask_type"),
+                         ({"min_area_px": 0}, "min_area_px"),
+                         ({"filter_path": "default.conv"}, "filter_path"),
+                         ({"aperture_diameters_px": ()}, "aperture_diameters_px")]:
+        with pytest.raises(ValueError, match=name):
+            SExtractorSettings(**kwargs)
+
+
+def test_command_sidesteps_the_header_traps(tmp_path):
+    """Absolute filter and network paths; SATUR_KEY/GAIN_KEY point at no header keyword."""
+    command = sextractor_command(Path("/usr/bin/source-extractor"), tmp_path / "a.fits",
+                                 tmp_path / "a.cat", tmp_path / "a.param",
+                                 SExtractorSettings(), seeing_arcsec=1.8, saturation_adu=900.0)
+    options = dict(zip(command[2::2], command[3::2]))
+    assert Path(options["-FILTER_NAME"]).is_absolute()
+    assert Path(options["-STARNNW_NAME"]).is_absolute()
+    assert options["-SATUR_LEVEL"] == "900.0" and options["-SATUR_KEY"] not in ("SATURATE", "")
+    assert options["-GAIN_KEY"] not in ("GAIN", "")
+    assert options["-DETECT_MINAREA"] == "9" and options["-DEBLEND_MINCONT"] == "5e-05"
+    assert options["-PHOT_APERTURES"] == "7.5,12.5,25"
+    assert options["-MASK_TYPE"] == "CORRECT" and options["-SEEING_FWHM"] == "1.8"
+    assert "-WEIGHT_IMAGE" not in options and options["-WEIGHT_TYPE"] == "NONE"
+
+
+@needs_sextractor
+def test_saturation_from_the_header_and_flag_image(tmp_path):
+    """A header SATURATE sets FLAGS bit 4; the mask becomes IMAFLAGS_ISO; bad pixels are
+    interpolated over (the star across a masked column is still one object)."""
+    yy, xx = np.mgrid[:80, :80]
+    rng = np.random.default_rng(1)
+    star = 8000.0 * np.exp(-((xx - 40.3) ** 2 + (yy - 39.8) ** 2) / (2 * 1.8**2))
+    image = (star + rng.normal(0, 5.0, star.shape)).astype(np.float32)
+    bad = np.zeros(image.shape, bool)
+    bad[:, 41] = True
+    image[bad] = 0.0
+    mask = np.where(bad, 4, 0).astype(np.uint8)
+    path = tmp_path / "star.fits"
+    fits.PrimaryHDU(image, fits.Header({"SEEING": 1.7, "SATURATE": 5000.0})).writeto(path)
+    cat = run_sextractor(path, SExtractorSettings(pixel_scale_arcsec=0.4), bad=bad, mask=mask)
+    assert len(cat) == 1
+    assert cat["FLAGS"][0] & 4
+    assert cat["IMAFLAGS_ISO"][0] == 4
+    fits.PrimaryHDU(image, fits.Header({"SEEING": 1.7})).writeto(path, overwrite=True)
+    assert not run_sextractor(path, SExtractorSettings(pixel_scale_arcsec=0.4))["FLAGS"][0] & 4
+
+
+@pytest.fixture(scope="module", params=["I", "V"])
+def parity(request, tiny_coadds):
+    """Our table and SExtractor's catalog of one tiny co-add, matched by windowed position."""
+    if not _has_sextractor():
+        pytest.skip("SExtractor (source-extractor) not installed")
+    from ks4release.reduction.photometry import APERTURE_DIAMETERS_ARCSEC, measure_single
+    from ks4release.settings import PhotometrySettings
+
+    band = request.param
+    release, tile = tiny_coadds["release"], tiny_coadds["tile"]
+    path = coadd_path(release, tile, band, "coadd")
+    header = fits.getheader(path)
+    image = fits.getdata(path).astype(np.float32)
+    mask = fits.getdata(coadd_path(release, tile, band, "mask"))
+    ndith = fits.getdata(coadd_path(release, tile, band, "ndith"))
+    settings = PhotometrySettings()
+    ours = measure_single(image, mask, header, band, settings, read_nnw(DEFAULT_NNW),
+                          ndith=ndith)
+    theirs = run_sextractor(path, SExtractorSettings.from_photometry(settings, 0.4),
+                            bad=ndith <= 0, mask=mask)
+    tree = cKDTree(np.column_stack([theirs["XWIN_IMAGE"], theirs["YWIN_IMAGE"]]))
+    distance, index = tree.query(np.column_stack([ours["x_image"], ours["y_image"]]))
+    matched = distance < MATCH_PX
+    return {"band": band.lower(), "ours": ours[matched], "theirs": theirs[index[matched]],
+            "n_ours": len(ours), "n_theirs": len(theirs),
+            "apertures": APERTURE_DIAMETERS_ARCSEC}
+
+
+def _differences(parity) -> dict[str, np.ndarray]:
+    """Our magnitude minus SExtractor's, per measurement (AUTO, APER3, ...), matched rows."""
+    b, ours, theirs = parity["band"], parity["ours"], parity["theirs"]
+    diffs = {"AUTO": -2.5 * np.log10(np.asarray(ours[f"flux_auto_{b}"])
+                                     / np.asarray(theirs["FLUX_AUTO"]))}
+    for j, diameter in enumerate(parity["apertures"]):
+        diffs[f"APER{diameter:g}"] = -2.5 * np.log10(
+            np.asarray(ours[f"flux_aper{diameter:g}_{b}"]) / np.asarray(theirs["FLUX_APER"][:, j]))
+    return diffs
+
+
+def _bright(parity) -> np.ndarray:
+    return np.asarray(parity["ours"][f"snr_{parity['band']}"]) > MIN_SNR
+
+
+def _medians(parity, chosen: np.ndarray) -> dict[str, float]:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {name: float(np.nanmedian(d[chosen])) for name, d in _differences(parity).items()}
+
+
+@pytest.mark.slow
+def test_parity_report_and_small_apertures(parity, record_property):
+    """Matching, FLAGS agreement (reported) and the 3 and 5 arcsec apertures at S/N > 50."""
+    b, ours, theirs = parity["band"], parity["ours"], parity["theirs"]
+    bright = _bright(parity)
+    medians = _medians(parity, bright)
+    flags_equal = float(np.mean(np.asarray(ours[f"flags_{b}"]) == np.asarray(theirs["FLAGS"])))
+    imaflags_equal = float(np.mean(np.asarray(ours[f"imaflags_iso_{b}"])
+                                   == np.asarray(theirs["IMAFLAGS_ISO"])))
+    for key, value in {**{f"median_dmag_{k}": v for k, v in medians.items()},
+                       "flags_equal": flags_equal, "imaflags_equal": imaflags_equal}.items():
+        record_property(f"{b}_{key}", value)
+    print(f"{b}: {len(ours)} of {parity['n_ours']} ours matched ({parity['n_theirs']} "
+          f"SExtractor); S/N>{MIN_SNR:g}: {bright.sum()}; median ours-SExtractor "
+          + ", ".join(f"{k} {v:+.4f}" for k, v in medians.items())
+          + f"; FLAGS equal {flags_equal:.3f}, IMAFLAGS_ISO equal {imaflags_equal:.3f}")
+    assert len(ours) >= 0.6 * parity["n_ours"] and bright.sum() >= 30
+    assert abs(medians["APER3"]) <= MAX_MEDIAN_DIFF_MAG
+    assert abs(medians["APER5"]) <= MAX_MEDIAN_DIFF_MAG
+
+
+@pytest.mark.slow
+def test_parity_of_isolated_sources(parity, record_property):
+    """Where SExtractor's neighbour masking has nothing to mask (FLAGS = 0 in both), AUTO and
+    every aperture agree within the must-show tolerance."""
+    b = parity["band"]
+    isolated = (_bright(parity) & (np.asarray(parity["theirs"]["FLAGS"]) == 0)
+                & (np.asarray(parity["ours"][f"flags_{b}"]) & 3 == 0))
+    medians = _medians(parity, isolated)
+    for key, value in medians.items():
+        record_property(f"{b}_isolated_median_dmag_{key}", value)
+    print(f"{b}: {isolated.sum()} isolated S/N>{MIN_SNR:g}: "
+          + ", ".join(f"{k} {v:+.4f}" for k, v in medians.items()))
+    assert isolated.sum() >= 10
+    assert all(abs(v) <= MAX_MEDIAN_DIFF_MAG for v in medians.values()), medians
+
+
+@pytest.mark.slow
+def test_parity_of_all_bright_sources_auto_and_10_arcsec(parity, request):
+    """The must-show on every S/N > 50 source: holds in V; in the crowded I co-add a strict
+    expected failure (module docstring)."""
+    if parity["band"] == "i":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="our apertures keep the neighbours' light that SExtractor's "
+                                "MASK_TYPE CORRECT mirrors away (module docstring)"))
+    medians = _medians(parity, _bright(parity))
+    assert abs(medians["AUTO"]) <= MAX_MEDIAN_DIFF_MAG, medians
+    assert abs(medians["APER10"]) <= MAX_MEDIAN_DIFF_MAG, medians
