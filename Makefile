@@ -1,12 +1,12 @@
 # The two set-up commands of the README: `make dr1` (build the demo release) and `make test`.
 # Each creates or reuses a virtual environment with the project installed and installs the
-# Debian tools the suite drives (CDS Hipsgen from `aladin`) when they are missing and we are root.
+# Debian tools the suite drives (Hipsgen from `aladin`, SWarp, SExtractor) when missing and root.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.ks4release-installed
-DEBIAN_PACKAGES := aladin swarp
+DEBIAN_PACKAGES := aladin swarp source-extractor
 
 .PHONY: dr1 test bench system-deps
 

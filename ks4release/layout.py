@@ -16,7 +16,12 @@ tests and the stages after it agree. Every function takes the release directory 
     <release>/work/scaled/<stem>.fits                      exposure scaled to ZP = 30, fitted WCS
     <release>/images/<tile>/<tile>_<band>_{coadd,mask,ndith}.fits
     <release>/images/<tile>/<tile>_<band>_exposures.json   footprints and MJDs of the inputs
+    <release>/catalogs/tiles/<tile>_dual.parquet, <tile>_single_<b>.parquet  tile catalogs
+    <release>/catalogs/<catalog>.parquet                   idual_master, single_master
+    <release>/export/<catalog>/...                         archive exports, manifest, READY
     <release>/work/stamps/<stage>/<task>.json              what a rerun may skip
+
+The tile-catalog paths are in :mod:`ks4release.tile_catalogs`, with their format.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ __all__ = [
     "scaled_path",
     "coadd_path",
     "coadd_exposures_path",
+    "master_catalog_path",
+    "export_dir",
 ]
 
 
@@ -91,3 +98,13 @@ def coadd_path(release_dir: Path, tile: str, band: str, kind: str) -> Path:
 def coadd_exposures_path(release_dir: Path, tile: str, band: str) -> Path:
     """Footprint polygon and MJD of every exposure that went into a co-add."""
     return Path(release_dir) / "images" / tile / f"{tile}_{band}_exposures.json"
+
+
+def master_catalog_path(release_dir: Path, catalog: str) -> Path:
+    """A release catalog (``idual_master`` or ``single_master``) as Parquet."""
+    return Path(release_dir) / "catalogs" / f"{catalog}.parquet"
+
+
+def export_dir(release_dir: Path, catalog: str) -> Path:
+    """Folder of a release catalog's archive exports, their manifest and ``READY`` marker."""
+    return Path(release_dir) / "export" / catalog

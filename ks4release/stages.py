@@ -21,21 +21,28 @@ from ks4release.grid import Tile, tile_by_name
 from ks4release.layout import (
     coadd_exposures_path,
     coadd_path,
+    export_dir,
     ingest_json_path,
     inventory_path,
     mask_path,
+    master_catalog_path,
     scaled_path,
     sources_path,
     tile_refcat_path,
     wcs_path,
     zeropoint_path,
 )
+from ks4release.publish.export import export_catalog
+from ks4release.publish.master import build_idual_master, build_single_master
 from ks4release.reduction.astrometry import run_astrometry
+from ks4release.reduction.calibration_maps import map_paths, run_maps
 from ks4release.reduction.coadd import run_coadd
 from ks4release.reduction.detect import run_detect
 from ks4release.reduction.ingest import ingest_exposure, write_inventory
 from ks4release.reduction.masks import run_masks
+from ks4release.reduction.photometry import measured_path, run_photometry
 from ks4release.reduction.scale import run_scale
+from ks4release.reduction.tile_catalog import run_tile_catalog, summary_path
 from ks4release.reduction.zeropoint import run_zeropoint
 from ks4release.refcat.tile import write_tile_refcat
 from ks4release.simulate import (
@@ -47,6 +54,7 @@ from ks4release.simulate import (
     write_sky,
 )
 from ks4release.simulate import mask_path as truth_mask_path
+from ks4release.tile_catalogs import dual_catalog_path, single_catalog_path
 
 __all__ = [
     "ReleaseContext",
@@ -249,17 +257,22 @@ def _plan_scale(ctx: ReleaseContext) -> list[Task]:
         ctx.config.scale)
 
 
+def _coadd_groups(ctx: ReleaseContext) -> dict[tuple[str, str], list[_Exposure]]:
+    """The exposures of every (tile, band) of the release that gets a co-add, sorted by key."""
+    centres = {t.name for t in _release_tiles(ctx)}
+    groups: dict[tuple[str, str], list[_Exposure]] = defaultdict(list)
+    for e in _exposures(ctx):
+        if e.tile in centres:
+            groups[(e.tile, e.band)].append(e)
+    return dict(sorted(groups.items()))
+
+
 def _plan_coadd(ctx: ReleaseContext) -> list[Task]:
     """One co-add per tile and band from its scaled exposures and their masks."""
     rd = ctx.release_dir
-    groups: dict[tuple[str, str], list[_Exposure]] = defaultdict(list)
-    for e in _exposures(ctx):
-        groups[(e.tile, e.band)].append(e)
     centres = {t.name: t for t in _release_tiles(ctx)}
     tasks = []
-    for (tile, band), exposures in sorted(groups.items()):
-        if tile not in centres:
-            continue
+    for (tile, band), exposures in _coadd_groups(ctx).items():
         scaled = [scaled_path(rd, e.stem) for e in exposures]
         masks = [mask_path(rd, e.stem) for e in exposures]
         tasks.append(Task(
@@ -275,8 +288,9 @@ def _plan_coadd(ctx: ReleaseContext) -> list[Task]:
     return tasks
 
 
-#: Reference catalogs that the reduction reads per tile (astrometry, zero points).
-_TILE_REFCATS = ("gaia_dr3", "gaia_xp")
+#: Reference catalogs that the reduction reads per tile (astrometry, zero points, maps,
+#: spurious-source cleaning).
+_TILE_REFCATS = ("gaia_dr3", "gaia_xp", "delve_dr2")
 
 
 def _plan_refcat(ctx: ReleaseContext) -> list[Task]:
@@ -302,6 +316,134 @@ def _plan_refcat(ctx: ReleaseContext) -> list[Task]:
     return tasks
 
 
+def _tile_bands(ctx: ReleaseContext) -> dict[str, list[str]]:
+    """The co-added bands of every tile, in wavelength order."""
+    order = {b: i for i, b in enumerate(("B", "V", "R", "I"))}
+    bands: dict[str, list[str]] = defaultdict(list)
+    for tile, band in _coadd_groups(ctx):
+        bands[tile].append(band)
+    return {t: sorted(b, key=lambda x: order.get(x, len(order))) for t, b in bands.items()}
+
+
+def _modes(ctx: ReleaseContext) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(tile, mode, bands) of every measurement: one dual per tile that has the detection band,
+    one single per tile and band."""
+    detection = ctx.config.master.detection_band.upper()
+    found = []
+    for tile, bands in _tile_bands(ctx).items():
+        if detection in bands:
+            found.append((tile, "dual", tuple(bands)))
+        found += [(tile, "single", (band,)) for band in bands]
+    return found
+
+
+def _coadd_files(rd: Path, tile: str, bands: tuple[str, ...]) -> tuple[Path, ...]:
+    return tuple(coadd_path(rd, tile, band, kind) for band in bands
+                 for kind in ("coadd", "mask", "ndith"))
+
+
+def _measured(rd: Path, tile: str, mode: str, bands: tuple[str, ...]) -> Path:
+    return measured_path(rd, tile, mode, bands[0] if mode == "single" else None)
+
+
+def _plan_photometry(ctx: ReleaseContext) -> list[Task]:
+    """Detection and photometry with sep: dual mode per tile, single mode per tile and band."""
+    rd = ctx.release_dir
+    settings = ctx.config.photometry
+    nnw = ctx.config.resolve(settings.nnw_path)
+    detection = ctx.config.master.detection_band.upper()
+    return [
+        Task(stage="photometry", key=f"{tile}/{mode}" + ("" if mode == "dual" else f"/{bands[0]}"),
+             func=run_photometry,
+             kwargs={"release_dir": rd, "tile": tile, "mode": mode, "bands": bands,
+                     "settings": settings, "nnw_path": nnw, "detection_band": detection},
+             inputs=(*_coadd_files(rd, tile, bands), nnw),
+             outputs=(_measured(rd, tile, mode, bands),),
+             tile=tile, band=bands[0] if mode == "single" else None)
+        for tile, mode, bands in _modes(ctx)
+    ]
+
+
+def _plan_maps(ctx: ReleaseContext) -> list[Task]:
+    """Zero-point and alignment maps per tile, band and mode."""
+    rd = ctx.release_dir
+    tasks = []
+    for tile, mode, bands in _modes(ctx):
+        measured = _measured(rd, tile, mode, bands)
+        for band in bands:
+            tasks.append(Task(
+                stage="maps", key=f"{tile}/{mode}/{band}", func=run_maps,
+                kwargs={"release_dir": rd, "tile": tile, "band": band, "mode": mode,
+                        "measured_path": measured, "settings": ctx.config.maps},
+                inputs=(measured, coadd_path(rd, tile, band, "coadd"),
+                        tile_refcat_path(rd, tile, "gaia_xp"),
+                        tile_refcat_path(rd, tile, "gaia_dr3")),
+                outputs=tuple(map_paths(rd, tile, band, mode)), tile=tile, band=band))
+    return tasks
+
+
+def _plan_tile_catalogs(ctx: ReleaseContext) -> list[Task]:
+    """Calibrated, cleaned tile catalogs per tile (dual) and per tile and band (single)."""
+    rd = ctx.release_dir
+    detection = ctx.config.master.detection_band.upper()
+    tasks = []
+    for tile, mode, bands in _modes(ctx):
+        single = mode == "single"
+        out = (single_catalog_path(rd, tile, bands[0].lower()) if single
+               else dual_catalog_path(rd, tile))
+        refs = tuple(tile_refcat_path(rd, tile, c) for c in _TILE_REFCATS)
+        tasks.append(Task(
+            stage="catalogs", key=out.stem, func=run_tile_catalog,
+            kwargs={"release_dir": rd, "tile": tile, "mode": mode, "bands": bands,
+                    "settings": ctx.config.postprocess, "detection_band": detection},
+            inputs=(_measured(rd, tile, mode, bands), *refs,
+                    *(p for band in bands for p in map_paths(rd, tile, band, mode)),
+                    *(coadd_exposures_path(rd, tile, band) for band in bands)),
+            outputs=(out, summary_path(rd, tile, mode, bands[0] if single else None)),
+            tile=tile, band=bands[0] if single else None))
+    return tasks
+
+
+def _plan_masters(ctx: ReleaseContext) -> list[Task]:
+    """The two release catalogs, each from every tile catalog of its mode."""
+    rd = ctx.release_dir
+    groups = _coadd_groups(ctx)
+    detection = ctx.config.master.detection_band
+    dual = sorted({dual_catalog_path(rd, tile) for tile, band in groups
+                   if band.lower() == detection})
+    single = [single_catalog_path(rd, tile, band.lower()) for tile, band in groups]
+    ndith = [coadd_path(rd, tile, band, "ndith") for tile, band in groups]
+    settings = ctx.config.master
+    tasks = []
+    if dual:
+        out = master_catalog_path(rd, "idual_master")
+        tasks.append(Task(stage="masters", key="idual_master", func=build_idual_master,
+                          kwargs={"tile_catalogs": dual, "out_path": out, "settings": settings},
+                          inputs=tuple(dual), outputs=(out,)))
+    if single:
+        out = master_catalog_path(rd, "single_master")
+        tasks.append(Task(stage="masters", key="single_master", func=build_single_master,
+                          kwargs={"tile_catalogs": single, "out_path": out,
+                                  "settings": settings, "ndith_maps": ndith},
+                          inputs=(*single, *ndith), outputs=(out,)))
+    return tasks
+
+
+def _plan_export(ctx: ReleaseContext) -> list[Task]:
+    """Every configured export of each release catalog, schema-checked before READY."""
+    rd = ctx.release_dir
+    settings = ctx.config.export
+    tasks = []
+    for master in _plan_masters(ctx):
+        catalog = master.key
+        out_dir = export_dir(rd, catalog)
+        tasks.append(Task(stage="export", key=catalog, func=export_catalog,
+                          kwargs={"master": master_catalog_path(rd, catalog), "out_dir": out_dir,
+                                  "formats": settings.formats, "settings": settings},
+                          inputs=master.outputs, outputs=(out_dir / "READY",)))
+    return tasks
+
+
 def dr1_stages() -> list[Stage]:
     """Every stage of ``ks4release build dr1``, in order."""
     return [
@@ -315,6 +457,14 @@ def dr1_stages() -> list[Stage]:
         Stage(name="zeropoint", description="Zero points against Gaia XP", plan=_plan_zeropoint),
         Stage(name="scale", description="Scale exposures to ZP = 30", plan=_plan_scale),
         Stage(name="coadd", description="Co-adds per tile and band", plan=_plan_coadd),
+        Stage(name="photometry", description="Detection and photometry on the co-adds",
+              plan=_plan_photometry),
+        Stage(name="maps", description="Zero-point and alignment maps", plan=_plan_maps),
+        Stage(name="catalogs", description="Tile catalogs (calibrated, cleaned)",
+              plan=_plan_tile_catalogs),
+        Stage(name="masters", description="Release catalogs idual_master and single_master",
+              plan=_plan_masters),
+        Stage(name="export", description="Archive exports, schema-checked", plan=_plan_export),
     ]
 
 

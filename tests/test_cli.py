@@ -77,6 +77,17 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
     for band in "VI":
         for kind in ("coadd", "mask", "ndith"):
             assert (release / "images" / "0000.000-62" / f"0000.000-62_{band}_{kind}.fits").is_file()
+    # ... then the tile catalogs, their maps, both release catalogs and their checked exports.
+    tile = "0000.000-62"
+    for name in (f"{tile}_dual", f"{tile}_single_v", f"{tile}_single_i"):
+        catalog = Table.read(release / "catalogs" / "tiles" / f"{name}.parquet")
+        assert len(catalog) > 50 and catalog["mag_auto_i" if "dual" in name else
+                                              f"mag_auto_{name[-1]}"].unit == "mag"
+    for band in "VI":
+        assert (release / "maps" / tile / f"zp_map_{tile}_{band}_dual_APER5.npy").is_file()
+    for catalog in ("idual_master", "single_master"):
+        assert (release / "catalogs" / f"{catalog}.parquet").is_file()
+        assert (release / "export" / catalog / "READY").is_file()
     # A second build has nothing to do.
     assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
     assert "build OK" in capsys.readouterr().err

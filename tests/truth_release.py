@@ -3,8 +3,9 @@
 :func:`write_scaled_from_truth` writes the scaled exposures and DR1 masks that the zero-point,
 scale and mask stages would write, straight from the truth: raw data minus the true sky, times
 ``10**(0.4 * (30 - zp(y)))`` per amplifier, with the true TAN-SIP WCS and the DR1 bits (1, 2, 4,
-8) of the truth masks. Tests of the co-add and of what follows it then start from exact inputs
-and measure their own stage alone.
+8) of the truth masks, saturated cores (truth bit 64) as bit 2 as the mask stage marks them.
+Tests of the co-add and of what follows it then start from exact inputs and measure their own
+stage alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from ks4release.camera import CCD_NAMES
 from ks4release.layout import mask_path, scaled_path
 
-__all__ = ["quiet_wcs", "write_scaled_from_truth"]
+__all__ = ["dr1_bits", "quiet_wcs", "write_scaled_from_truth"]
 
 
 def quiet_wcs(header: fits.Header) -> WCS:
@@ -28,6 +29,12 @@ def quiet_wcs(header: fits.Header) -> WCS:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         return WCS(header, relax=True)
+
+
+def dr1_bits(truth_bits: np.ndarray) -> np.ndarray:
+    """The DR1 mask (uint8) of a truth mask: bits 1, 2, 4, 8, and saturated cores (truth bit
+    64) as bit 2, as the mask stage marks pixels at the saturation level."""
+    return ((truth_bits & 15) | np.where(truth_bits & 64, 2, 0)).astype(np.uint8)
 
 
 def write_scaled_from_truth(survey: Path, release: Path, band: str) -> list[str]:
@@ -53,7 +60,7 @@ def write_scaled_from_truth(survey: Path, release: Path, band: str) -> list[str]
                 header["GAIN"] = raw[name].header["GAIN"]
                 header["SATURATE"] = raw[name].header["SATURATE"]
                 scaled.append(fits.ImageHDU(data.astype(np.float32), header))
-                masks.append(fits.ImageHDU((truth[name].data & 15).astype(np.uint8),
+                masks.append(fits.ImageHDU(dr1_bits(truth[name].data),
                                            fits.Header([("EXTNAME", name)])))
         for path, hdul in ((scaled_path(release, exp.stem), scaled),
                            (mask_path(release, exp.stem), masks)):
