@@ -1,0 +1,208 @@
+"""Benchmark of detection and photometry: our sep stage against SExtractor on the same co-add.
+
+Two images, each a co-add with its mask and NDITH map in a release folder:
+
+* ``demo``: the demo release's I co-add of tile 0000.000-62 (1368 x 1368 px; ``--coadd``);
+* ``tiled``: a 4096 x 4096 co-add made by tiling the demo co-add, its mask and NDITH 3 x 3 and
+  cropping (real sources and noise, 9x the area; the WCS is the demo's, stretched).
+
+Cases, each in a fresh process (``harness.run_in_child``):
+
+* ``sep``: :func:`ks4release.reduction.photometry.run_photometry` in single mode (read the
+  co-add, background, interpolation, sep detection, every measurement including CLASS_STAR,
+  Parquet written); ``measure_s`` is ``measure_single`` alone;
+* ``sextractor``: Debian SExtractor configured like sep
+  (:meth:`SExtractorSettings.from_photometry`, NDITH = 0 as zero weight, the mask as FLAG_IMAGE,
+  FITS_1.0 catalog); the binary's own time and peak memory come from GNU ``time`` (Linux
+  carries a parent's peak into a forked child, so ``RUSAGE_CHILDREN`` cannot tell);
+* ``python_baseline``: the interpreter with the modules of the ``sep`` case imported and
+  nothing run, the floor under the ``sep`` figure.
+
+Ratios are ours over SExtractor's (time: ``run_photometry``, and ``measure_single`` alone, over
+the SExtractor binary; memory: the ``sep`` process's peak over the binary's, and the same after
+subtracting the baseline). The ``sep`` case's ``wall_s`` also holds its imports and the second,
+``measure_single``-only run.
+
+    python benchmarks/bench_detect.py --out benchmarks/results/detect.json [--coadd FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness import machine, run_in_child
+
+TILE, BAND = "0000.000-62", "I"
+DEMO = Path(f"/tmp/demofull/ks4-dr1-demo/images/{TILE}/{TILE}_{BAND}_coadd.fits")
+TILED_SIZE = 4096
+
+
+def _sibling(coadd: Path, kind: str) -> Path:
+    """The mask or NDITH file next to a co-add (``..._coadd.fits`` -> ``..._<kind>.fits``)."""
+    return coadd.with_name(coadd.name.replace("_coadd.fits", f"_{kind}.fits"))
+
+
+def _link_release(coadd: Path, release: Path) -> None:
+    """A release folder holding the co-add, mask and NDITH (symbolic links)."""
+    from ks4release.layout import coadd_path
+
+    for kind in ("coadd", "mask", "ndith"):
+        target = coadd_path(release, TILE, BAND, kind)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to((coadd if kind == "coadd" else _sibling(coadd, kind)).resolve())
+
+
+def _tiled_release(coadd: Path, release: Path, size: int) -> None:
+    """Co-add, mask and NDITH tiled to ``size`` x ``size`` pixels, written into ``release``."""
+    import numpy as np
+    from astropy.io import fits
+
+    from ks4release.layout import coadd_path
+
+    for kind in ("coadd", "mask", "ndith"):
+        with fits.open(coadd if kind == "coadd" else _sibling(coadd, kind)) as hdul:
+            data, header = hdul[0].data, hdul[0].header.copy()
+        reps = -(-size // min(data.shape))
+        tiled = np.tile(data, (reps, reps))[:size, :size]
+        header["CRPIX1"], header["CRPIX2"] = (size + 1) / 2.0, (size + 1) / 2.0
+        target = coadd_path(release, TILE, BAND, kind)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fits.PrimaryHDU(tiled, header).writeto(target, overwrite=True)
+
+
+def _sep_case(release: str) -> dict:
+    """Our photometry task on one co-add, with ``measure_single``'s own time."""
+    import numpy as np
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from ks4release.layout import coadd_path
+    from ks4release.reduction.photometry import (
+        PhotometrySettings,
+        measure_single,
+        measured_path,
+        run_photometry,
+    )
+    from ks4release.reduction.stellarity import DEFAULT_NNW, read_nnw
+
+    release_dir, settings = Path(release), PhotometrySettings()
+    t0 = time.perf_counter()
+    run_photometry(release_dir=release_dir, tile=TILE, mode="single", bands=(BAND,),
+                   settings=settings, nnw_path=DEFAULT_NNW)
+    task_s = time.perf_counter() - t0
+    rows = len(Table.read(measured_path(release_dir, TILE, "single", BAND)))
+    arrays = [fits.getdata(coadd_path(release_dir, TILE, BAND, k)) for k in
+              ("coadd", "mask", "ndith")]
+    header = fits.getheader(coadd_path(release_dir, TILE, BAND, "coadd"))
+    t0 = time.perf_counter()
+    measure_single(arrays[0].astype(np.float32), arrays[1], header, BAND, settings,
+                   read_nnw(DEFAULT_NNW), ndith=arrays[2])
+    return {"task_s": round(task_s, 3), "measure_s": round(time.perf_counter() - t0, 3),
+            "objects": rows}
+
+
+def _sextractor_case(release: str, folder: str) -> dict:
+    """SExtractor on the same co-add, timed and measured by GNU time."""
+    from astropy.io import fits
+
+    from ks4release.layout import coadd_path
+    from ks4release.reduction.photometry import PhotometrySettings
+    from ks4release.reduction.sextractor import (
+        SExtractorSettings,
+        prepare_sextractor,
+        read_catalog,
+    )
+
+    release_dir, work = Path(release), Path(folder)
+    work.mkdir(parents=True, exist_ok=True)
+    image = coadd_path(release_dir, TILE, BAND, "coadd")
+    t0 = time.perf_counter()
+    command, catalog = prepare_sextractor(
+        work, image, SExtractorSettings.from_photometry(PhotometrySettings(), 0.4),
+        bad=fits.getdata(coadd_path(release_dir, TILE, BAND, "ndith")) <= 0,
+        mask=fits.getdata(coadd_path(release_dir, TILE, BAND, "mask")))
+    inputs_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", *command], cwd=work,
+                          check=True, capture_output=True, text=True)
+    binary_s = time.perf_counter() - t0
+    rss_kb = [line.split("=", 1)[1] for line in done.stderr.splitlines()
+              if line.startswith("maxrss_kb=")]
+    return {"inputs_s": round(inputs_s, 3), "binary_s": round(binary_s, 3),
+            "binary_peak_rss_mb": round(int(rss_kb[-1]) / 1024, 1),
+            "objects": len(read_catalog(catalog))}
+
+
+def _baseline_case() -> dict:
+    """The modules of the sep case imported, nothing run."""
+    import sep  # noqa: F401
+    from astropy.table import Table  # noqa: F401
+
+    from ks4release.reduction import photometry  # noqa: F401
+
+    return {}
+
+
+def _image_report(name: str, release: Path, work: Path, shape: tuple[int, int]) -> dict:
+    ours = run_in_child(_sep_case, str(release))
+    theirs = run_in_child(_sextractor_case, str(release), str(work / f"sex_{name}"))
+    return {"shape": list(shape), "sep": ours, "sextractor": theirs,
+            "ratio_time_sep_over_sextractor": round(ours["task_s"] / theirs["binary_s"], 2),
+            "ratio_time_measure_single_over_sextractor": round(
+                ours["measure_s"] / theirs["binary_s"], 2),
+            "ratio_peak_rss_sep_over_sextractor": round(
+                ours["peak_rss_mb"] / theirs["binary_peak_rss_mb"], 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--coadd", type=Path, default=DEMO,
+                        help="a co-add with _mask.fits and _ndith.fits beside it")
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+    if not args.coadd.is_file():
+        parser.error(f"co-add not found: {args.coadd} (give --coadd)")
+    from astropy.io import fits
+
+    from ks4release.reduction.sextractor import find_sextractor
+
+    version = subprocess.run([str(find_sextractor()), "-v"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        _link_release(args.coadd, work / "demo")
+        _tiled_release(args.coadd, work / "tiled", TILED_SIZE)
+        baseline = run_in_child(_baseline_case)
+        images = {"demo": _image_report("demo", work / "demo", work,
+                                        fits.getdata(args.coadd).shape),
+                  "tiled": _image_report("tiled", work / "tiled", work,
+                                         (TILED_SIZE, TILED_SIZE))}
+    for report in images.values():
+        report["ratio_peak_rss_above_baseline_sep_over_sextractor"] = round(
+            (report["sep"]["peak_rss_mb"] - baseline["peak_rss_mb"])
+            / report["sextractor"]["binary_peak_rss_mb"], 2)
+    result = {"machine": {**machine(), "platform": platform.platform(), "sextractor": version},
+              "inputs": {"coadd": str(args.coadd), "tile": TILE, "band": BAND,
+                         "tiled_size": TILED_SIZE},
+              "python_baseline": baseline, "images": images,
+              "notes": ("sep task_s: run_photometry (read, measure, write Parquet); measure_s: "
+                        "measure_single alone; wall_s/peak_rss_mb: the whole child process "
+                        "(imports, both runs). SExtractor: the binary alone, single thread "
+                        "(NTHREADS 1); writing its weight and flag files in inputs_s.")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,775 @@
+"""A built demo release measured against its truth: the "Must show" lists of issues 5 and 6.
+
+    python benchmarks/demo_truth.py RELEASE_DIR --out benchmarks/results/demo_truth.json
+                                    [--work-dir DIR]
+
+Reads the tile catalogs, masters, measurement tables, maps and co-adds of ``RELEASE_DIR`` and
+its ``truth/`` (which the pipeline never reads), writes one JSON entry per must-show (measured
+value, target, pass/fail, counts, definitions) and prints a short summary. Not a test.
+
+Definitions (shared with the tests; the helpers named are where the same rule lives there):
+
+* Match: a detection and a true source correspond when they are nearest neighbours within
+  1 arcsec on the sky (tests/test_postprocess.py ``_truth_match``).
+* True S/N, two versions. ``contract``: ``5 * 10**(-0.4 * (mag - MAGLIM))`` with the co-add
+  header's MAGLIM, for every source type (issue 5 contract). ``refined``
+  (tests/test_photometry.py ``_truth``): the contract value times ``sqrt(NDITH / modal NDITH)``
+  at the source (MAGLIM holds where NDITH has its most common value), and for galaxies also
+  times ``SEEING / hypot(SEEING, 2 r_eff)``.
+* Isolated (tests/test_photometry.py ``_truth``): no true source brighter than mag + 1 within
+  4" (10 px), none brighter than 14 mag within 16" (40 px), at least 15 px from the co-add
+  border, on a pixel with data.
+* True coverage (tests/test_postprocess.py ``_true_coverage``): NDITH and MJDs from the
+  exposures the co-add lists as ok, each through the CCDs it kept, with the true TAN-SIP WCS of
+  ``truth/masks/<stem>_mask.fits``.
+* Injected residual zero point of a co-add position: median over the exposures covering it of
+  ``zp_true(y) + c_true * pivot - zp_fit(y)`` per amplifier (truth/zeropoints.parquet against the
+  pipeline's ``work/photometry/<stem>_zp.ecsv``; the fitted zero points are for a star of the
+  pivot colour, the true ones for colour 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS, FITSFixedWarning
+from scipy.spatial import cKDTree
+
+from ks4release.layout import coadd_exposures_path, coadd_path
+from ks4release.reduction.calibration_maps import map_bin_px
+from ks4release.settings import MasterSettings
+
+BANDS = ("B", "V", "R", "I")
+APERTURES = ("APER3", "APER5", "APER10", "AUTO")
+MATCH_ARCSEC = 1.0
+BORDER_PX = 15
+FULL_ZP_BIN_PX = 400
+PHOT_MIN_PER_BIN = 5
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry and truth
+
+
+def quiet_wcs(header: fits.Header) -> WCS:
+    """The celestial WCS of ``header`` without astropy's fixed-keyword warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header, relax=True).celestial
+
+
+def unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """Unit vectors of (ra, dec) in degrees: chord distances do not care about RA = 0."""
+    ra, dec = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
+    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+
+
+def chord(arcsec: float) -> float:
+    """Chord length of an angle in arcsec."""
+    return 2.0 * math.sin(math.radians(arcsec / 3600.0) / 2.0)
+
+
+def nearest(from_xyz: np.ndarray, to_xyz: np.ndarray, radius_arcsec: float = MATCH_ARCSEC
+            ) -> np.ndarray:
+    """Index into ``to`` of the nearest point within the radius of each ``from`` point, or -1."""
+    if len(to_xyz) == 0 or len(from_xyz) == 0:
+        return np.full(len(from_xyz), -1)
+    distance, index = cKDTree(to_xyz).query(from_xyz, distance_upper_bound=chord(radius_arcsec))
+    return np.where(np.isfinite(distance), index, -1)
+
+
+@dataclass
+class CoaddTruth:
+    """The true sources on one co-add: where they fall, their true S/N and isolation."""
+
+    tile: str
+    band: str
+    maglim: float
+    on_data: np.ndarray   # inside the co-add on a pixel with NDITH > 0
+    usable: np.ndarray    # isolated, >= 15 px from the border, on data
+    snr_contract: np.ndarray
+    snr_refined: np.ndarray
+    exposures: dict
+
+
+def coadd_truth(release: Path, tile: str, band: str, sources: pd.DataFrame) -> CoaddTruth:
+    """True S/N (contract and refined), data coverage and isolation on one co-add."""
+    header = fits.getheader(coadd_path(release, tile, band, "coadd"))
+    ndith = fits.getdata(coadd_path(release, tile, band, "ndith"))
+    x, y = quiet_wcs(header).wcs_world2pix(sources.ra.to_numpy(), sources.dec.to_numpy(), 0)
+    ny, nx = ndith.shape
+    on_image = (x > -0.5) & (y > -0.5) & (x < nx - 0.5) & (y < ny - 0.5)
+    ix = np.clip(np.rint(x).astype(int), 0, nx - 1)
+    iy = np.clip(np.rint(y).astype(int), 0, ny - 1)
+    depth = np.where(on_image, ndith[iy, ix], 0)
+    on_data = depth > 0
+    mag = sources[f"mag_{band}"].to_numpy()
+    isolated = np.zeros(len(x), dtype=bool)
+    near_image = np.flatnonzero(on_image)
+    tree = cKDTree(np.c_[x[near_image], y[near_image]])
+    points = np.c_[x[near_image], y[near_image]]
+    for k, near in zip(near_image, tree.query_ball_point(points, 10.0)):
+        others = near_image[near]
+        isolated[k] = not np.any(mag[others[others != k]] < mag[k] + 1.0)
+    for k in np.flatnonzero(mag < 14.0):
+        isolated &= np.hypot(x - x[k], y - y[k]) > 40.0
+    inner = (x > BORDER_PX) & (y > BORDER_PX) & (x < nx - 1 - BORDER_PX) & (y < ny - 1 - BORDER_PX)
+    maglim = float(header["MAGLIM"])
+    contract = 5.0 * 10 ** (-0.4 * (mag - maglim))
+    modal = np.bincount(ndith[ndith > 0].ravel()).argmax()
+    refined = contract * np.sqrt(depth / modal)
+    galaxy = (sources.type != "star").to_numpy()
+    seeing = float(header["SEEING"])
+    refined[galaxy] *= seeing / np.hypot(seeing, 2.0 * sources.r_eff_arcsec.to_numpy()[galaxy])
+    exposures = json.loads(coadd_exposures_path(release, tile, band).read_text())
+    return CoaddTruth(tile, band, maglim, on_data, inner & isolated & on_data, contract, refined,
+                      exposures)
+
+
+class TrueCoverage:
+    """NDITH and MJDs at any position from the exposures' true CCD footprints."""
+
+    def __init__(self, release: Path) -> None:
+        self._truth = release / "truth"
+        self._mjd = pd.read_parquet(self._truth / "exposures.parquet").set_index("stem")["mjd"]
+        self._ccds: dict[str, dict[str, tuple[WCS, int, int]]] = {}
+
+    def ccds(self, stem: str) -> dict[str, tuple[WCS, int, int]]:
+        """True WCS and size of every CCD of an exposure (headers only)."""
+        if stem not in self._ccds:
+            with fits.open(self._truth / "masks" / f"{stem}_mask.fits") as hdul:
+                self._ccds[stem] = {h.name: (quiet_wcs(h.header), h.header["NAXIS1"],
+                                             h.header["NAXIS2"]) for h in hdul[1:]}
+        return self._ccds[stem]
+
+    def at(self, exposures: dict, ra: np.ndarray, dec: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ndith, min, max, mean MJD) at each position; MJDs NaN where ndith = 0."""
+        covering, mjds = [], []
+        for exposure in exposures["exposures"]:
+            if not exposure["ok"]:
+                continue
+            inside = np.zeros(len(ra), dtype=bool)
+            for name in exposure["ccds"]:
+                wcs, nx, ny = self.ccds(exposure["stem"])[name]
+                x, y = wcs.all_world2pix(ra, dec, 0)
+                inside |= (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
+            covering.append(inside)
+            mjds.append(self._mjd[exposure["stem"]])
+        if not covering:
+            nan = np.full(len(ra), np.nan)
+            return np.zeros(len(ra), int), nan, nan, nan
+        cover = np.array(covering)
+        mjd = np.array(mjds)[:, None]
+        ndith = cover.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            low = np.where(ndith > 0, np.where(cover, mjd, np.inf).min(axis=0), np.nan)
+            high = np.where(ndith > 0, np.where(cover, mjd, -np.inf).max(axis=0), np.nan)
+            mean = np.where(ndith > 0, (cover * mjd).sum(axis=0) / ndith, np.nan)
+        return ndith, low, high, mean
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the release
+
+
+def tiles_of(release: Path) -> list[str]:
+    """Tiles with co-adds under images/."""
+    return sorted(p.name for p in (release / "images").iterdir() if p.is_dir())
+
+
+def bands_of(release: Path, tile: str) -> list[str]:
+    """Bands with a co-add of the tile."""
+    return [b for b in BANDS if coadd_path(release, tile, b, "coadd").is_file()]
+
+
+def read_catalog(path: Path) -> pd.DataFrame:
+    """A Parquet catalog as a DataFrame (nullable values as NaN)."""
+    return pd.read_parquet(path)
+
+
+def tile_catalog(release: Path, tile: str, mode: str, band: str | None = None) -> pd.DataFrame:
+    """A tile catalog (dual, or single of one band)."""
+    name = f"{tile}_dual.parquet" if mode == "dual" else f"{tile}_single_{band.lower()}.parquet"
+    return read_catalog(release / "catalogs" / "tiles" / name)
+
+
+def measured_table(release: Path, tile: str, mode: str, band: str | None = None) -> pd.DataFrame:
+    """A measurement table (before spurious cleaning)."""
+    name = f"{tile}_dual_measured.parquet" if mode == "dual" else \
+        f"{tile}_single_{band}_measured.parquet"
+    return read_catalog(release / "work" / "catalog" / name)
+
+
+def entry(issue: int, must_show: str, metric: str, value, target: str, passed: bool | None,
+          **details) -> dict:
+    """One line of the report."""
+    return {"issue": issue, "must_show": must_show, "metric": metric, "value": value,
+            "target": target, "pass": passed, **details}
+
+
+def rounded(value: float, digits: int = 4) -> float | None:
+    """JSON-friendly rounding (None for NaN)."""
+    return None if value is None or not np.isfinite(value) else round(float(value), digits)
+
+
+def robust_sigma(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation."""
+    if not len(values):
+        return math.nan
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 5
+
+
+def completeness(ctx: dict) -> list[dict]:
+    """Fraction of true sources with true S/N >= 10 that have a detection within 1"."""
+    out = []
+    for band in BANDS:
+        for mode in ("single", "dual") if band == "I" else ("single",):
+            counts = defaultdict(lambda: np.zeros(2, int))
+            for tile in ctx["tiles"]:
+                truth = ctx["coadds"].get((tile, band))
+                if truth is None:
+                    continue
+                for stage in ("measured", "catalog"):
+                    table = (measured_table if stage == "measured" else tile_catalog)(
+                        ctx["release"], tile, mode, band)
+                    found = nearest(ctx["truth_xyz"], unit_vectors(table.ra, table.dec)) >= 0
+                    star = ctx["star"]
+                    selections = {
+                        "all, contract S/N": truth.on_data & (truth.snr_contract >= 10),
+                        "all, refined S/N": truth.on_data & (truth.snr_refined >= 10),
+                        "isolated, refined S/N": truth.usable & (truth.snr_refined >= 10),
+                        "isolated stars, refined S/N": truth.usable & star
+                        & (truth.snr_refined >= 10),
+                        "isolated galaxies, refined S/N": truth.usable & ~star
+                        & (truth.snr_refined >= 10),
+                    }
+                    for label, sel in selections.items():
+                        counts[stage, label] += (int(found[sel].sum()), int(sel.sum()))
+            for (stage, label), (hit, total) in counts.items():
+                if stage == "measured" and not label.startswith("all"):
+                    continue
+                frac = hit / total if total else math.nan
+                out.append(entry(5, "completeness >= 95% for true S/N >= 10",
+                                 f"{mode} {stage}: {label}",
+                                 rounded(frac), ">= 0.95", bool(frac >= 0.95), band=band,
+                                 n_found=hit, n_true=total))
+    return out
+
+
+def spurious_cleaning(ctx: dict) -> list[dict]:
+    """Of the measured detections, what the spurious cleaning removed (absent from the catalog)."""
+    out = []
+    for mode, band in [("single", b) for b in BANDS] + [("dual", "I")]:
+        spurious_removed = spurious = real_removed = real = 0
+        for tile in ctx["tiles"]:
+            if (tile, band) not in ctx["coadds"]:
+                continue
+            measured = measured_table(ctx["release"], tile, mode, band)
+            catalog = tile_catalog(ctx["release"], tile, mode, band)
+            # The catalog keeps pixel positions as float32: same row within 0.01 px.
+            distance, _ = cKDTree(np.c_[catalog.x_image, catalog.y_image]).query(
+                np.c_[measured.x_image, measured.y_image])
+            removed = distance > 0.01
+            is_real = nearest(unit_vectors(measured.ra, measured.dec), ctx["truth_xyz"]) >= 0
+            spurious_removed += int((removed & ~is_real).sum())
+            spurious += int((~is_real).sum())
+            real_removed += int((removed & is_real).sum())
+            real += int(is_real.sum())
+        frac_s = spurious_removed / spurious if spurious else math.nan
+        frac_r = real_removed / real if real else math.nan
+        out.append(entry(5, "spurious cleaning removes >= 90% of unmatched detections",
+                         f"{mode}: unmatched detections removed", rounded(frac_s), ">= 0.90",
+                         bool(frac_s >= 0.9), band=band, n_removed=spurious_removed,
+                         n_unmatched=spurious))
+        out.append(entry(5, "spurious cleaning removes <= 0.5% of real sources",
+                         f"{mode}: matched detections removed", rounded(frac_r), "<= 0.005",
+                         bool(frac_r <= 0.005), band=band, n_removed=real_removed,
+                         n_matched=real))
+    return out
+
+
+def matched_rows(ctx: dict, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of the table matched to truth, their true source index)."""
+    index = nearest(unit_vectors(table.ra, table.dec), ctx["truth_xyz"])
+    rows = np.flatnonzero(index >= 0)
+    return rows, index[rows]
+
+
+def binned_offsets(true_mag: np.ndarray, delta: np.ndarray) -> list[dict]:
+    """Per 0.5 mag bin of true magnitude: count, median offset and its standard error
+    (1.2533 x robust sigma / sqrt(n))."""
+    bins = []
+    if not len(true_mag):
+        return bins
+    for lo in np.arange(np.floor(true_mag.min() * 2) / 2, true_mag.max(), 0.5):
+        sel = (true_mag >= lo) & (true_mag < lo + 0.5)
+        if sel.any():
+            bins.append({"bin": [float(lo), float(lo + 0.5)], "n": int(sel.sum()),
+                         "median": rounded(np.median(delta[sel])),
+                         "sem": rounded(1.2533 * robust_sigma(delta[sel]) / math.sqrt(sel.sum()))})
+    return bins
+
+
+def photometry(ctx: dict) -> list[dict]:
+    """Median (mag - true) per 0.5 mag bin for point sources of refined true S/N > 20.
+
+    Bins with at least PHOT_MIN_PER_BIN stars are judged against the target; each entry also
+    counts the judged bins whose |median| exceeds 0.005 by more than twice its standard error
+    (with 10-30 stars of S/N 20-100 per bin the standard error is itself 0.002-0.04 mag).
+    """
+    out = []
+    for mode in ("single", "dual"):
+        for band in BANDS:
+            b = band.lower()
+            for selection in ("FLAGS < 4, not EDGE", "isolated, FLAGS == 0, not EDGE"):
+                pieces = defaultdict(list)
+                for tile in ctx["tiles"]:
+                    truth = ctx["coadds"].get((tile, band))
+                    if truth is None:
+                        continue
+                    table = tile_catalog(ctx["release"], tile, mode, band)
+                    rows, src = matched_rows(ctx, table)
+                    flags = table[f"flags_{b}"].to_numpy()[rows]
+                    edge = table[f"edge_{b}"].to_numpy()[rows].astype(bool)
+                    keep = ctx["star"][src] & (truth.snr_refined[src] > 20) & ~edge
+                    if selection.startswith("isolated"):
+                        keep &= truth.usable[src] & (flags == 0)
+                    else:
+                        keep &= flags < 4
+                    true_mag = ctx["sources"][f"mag_{band}"].to_numpy()[src[keep]]
+                    pieces["true"].append(true_mag)
+                    for aperture in ("auto", "aper5"):
+                        pieces[aperture].append(table[f"mag_{aperture}_{b}"].to_numpy()[rows[keep]]
+                                                - true_mag)
+                true_mag = np.concatenate(pieces["true"])
+                for aperture in ("auto", "aper5"):
+                    delta = np.concatenate(pieces[aperture])
+                    good = np.isfinite(delta)
+                    bins = binned_offsets(true_mag[good], delta[good])
+                    judged = [x for x in bins if x["n"] >= PHOT_MIN_PER_BIN]
+                    worst = max((abs(x["median"]) for x in judged), default=math.nan)
+                    beyond = sum(abs(x["median"]) > 0.005 + 2 * x["sem"] for x in judged)
+                    out.append(entry(5, "median(MAG - true) within 0.005 mag per 0.5 mag bin",
+                                     f"{mode} mag_{aperture}: {selection}; worst |median| over "
+                                     f"bins with n >= {PHOT_MIN_PER_BIN}", rounded(worst),
+                                     "<= 0.005", bool(worst <= 0.005), band=band,
+                                     n=int(good.sum()), n_bins_judged=len(judged),
+                                     n_bins_beyond_0005_plus_2sem=beyond,
+                                     overall_median=rounded(
+                                         np.median(delta[good]) if good.any() else math.nan),
+                                     bins=bins))
+    return out
+
+
+def _fitted_zeropoints(work: Path, stem: str) -> tuple[pd.DataFrame, float]:
+    """The pipeline's zero points of one exposure and their colour pivot."""
+    table = Table.read(work / "photometry" / f"{stem}_zp.ecsv")
+    return table.to_pandas(), float(table.meta.get("colour_pivot", 0.0))
+
+
+def injected_residual(ctx: dict, tile: str, band: str, ra: np.ndarray, dec: np.ndarray
+                      ) -> np.ndarray:
+    """Median over covering exposures of (true - fitted) zero point at the pivot colour."""
+    truth_zp = ctx["zeropoints"]
+    coverage = ctx["coverage"]
+    per_exposure = []
+    for exposure in ctx["coadds"][tile, band].exposures["exposures"]:
+        if not exposure["ok"]:
+            continue
+        stem = exposure["stem"]
+        fitted, pivot = _fitted_zeropoints(ctx["work"], stem)
+        true = truth_zp[truth_zp.stem == stem]
+        values = np.full(len(ra), np.nan)
+        for name in exposure["ccds"]:
+            wcs, nx, ny = coverage.ccds(stem)[name]
+            x, y = wcs.all_world2pix(ra, dec, 0)
+            inside = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
+            for _, t in true[true.ccd == name].iterrows():
+                f = fitted[(fitted.ccd == name) & (fitted.amp == t.amp)].iloc[0]
+                sel = inside & (x >= t.x_start - 0.5) & (x < t.x_stop - 0.5)
+                yy = y[sel]
+                values[sel] = (t.zp_y0 + t.zp_slope * yy / t.ny + t.colour_term * pivot
+                               - (f.zp_y0 + f.zp_slope * yy / f.ny))
+        per_exposure.append(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(np.array(per_exposure), axis=0)
+
+
+def zp_maps(ctx: dict) -> list[dict]:
+    """ZP map bins holding stars against the injected residual zero point, constant removed.
+
+    Per (tile, band, mode, aperture) the median of ``zp_map - 30 - residual`` over the bins with
+    stars is removed (it holds the aperture correction and the colour term at the XP stars'
+    colours). ``pattern_rms``: RMS of the injected residual itself at those bins;
+    ``map_rms_without_subtraction``: RMS of the map values alone (median removed): the map
+    follows the pattern only if subtracting the pattern lowers it.
+    """
+    must = "ZP maps equal the injected residual zero-point pattern within 0.01 mag RMS"
+    if not (ctx["work"] / "photometry").is_dir():
+        return [entry(5, must, "skipped", None, "<= 0.01", None,
+                      reason=f"{ctx['work'] / 'photometry'} is missing: the fitted per-amplifier "
+                             "zero points are needed (pass --work-dir)")]
+    diffs = defaultdict(list)
+    amplitude = defaultdict(list)
+    alone = defaultdict(list)
+    for tile in ctx["tiles"]:
+        for band in bands_of(ctx["release"], tile):
+            header = fits.getheader(coadd_path(ctx["release"], tile, band, "coadd"))
+            size = int(header["NAXIS1"])
+            bin_px = map_bin_px(size, FULL_ZP_BIN_PX)
+            n_bins = math.ceil(size / bin_px)
+            centre = (np.arange(n_bins) + 0.5) * bin_px  # 1-based X_IMAGE of bin centres
+            xb, yb = np.meshgrid(centre, centre, indexing="ij")  # map[x_bin, y_bin]
+            ra, dec = quiet_wcs(header).wcs_pix2world(xb.ravel() - 1.0, yb.ravel() - 1.0, 0)
+            residual = injected_residual(ctx, tile, band, ra, dec).reshape(xb.shape)
+            for mode in ("single", "dual"):
+                for aperture in APERTURES:
+                    stem = f"{tile}_{band}_{mode}_{aperture}.npy"
+                    zp = np.load(ctx["release"] / "maps" / tile / f"zp_map_{stem}")
+                    pstar = np.load(ctx["release"] / "maps" / tile / f"pstar_map_{stem}")
+                    use = (pstar > 0) & np.isfinite(residual)
+                    if use.sum() < 2:
+                        continue
+                    d = zp[use] - 30.0 - residual[use]
+                    diffs[band, mode, aperture].append(d - np.median(d))
+                    r = residual[use]
+                    amplitude[band, mode, aperture].append(r - np.median(r))
+                    alone[band, mode, aperture].append(zp[use] - np.median(zp[use]))
+    out = []
+    for (band, mode, aperture), parts in sorted(diffs.items()):
+        d = np.concatenate(parts)
+        rms = float(np.sqrt(np.mean(d**2)))
+        pattern = np.concatenate(amplitude[band, mode, aperture])
+        map_alone = np.concatenate(alone[band, mode, aperture])
+        out.append(entry(5, must, f"{mode} {aperture}: RMS(zp_map - 30 - residual), median "
+                         "removed per tile, bins with stars", rounded(rms), "<= 0.01",
+                         bool(rms <= 0.01), band=band, n_bins=int(d.size),
+                         pattern_rms=rounded(float(np.sqrt(np.mean(pattern**2)))),
+                         map_rms_without_subtraction=rounded(
+                             float(np.sqrt(np.mean(map_alone**2))))))
+    return out
+
+
+def class_star(ctx: dict) -> list[dict]:
+    """CLASS_STAR >= 0.5 against the true type for matched detections of measured S/N > 30."""
+    out = []
+    for mode, band in [("single", b) for b in BANDS] + [("dual", b) for b in BANDS]:
+        b = band.lower()
+        right = total = stars_right = stars = 0
+        for tile in ctx["tiles"]:
+            if (tile, band) not in ctx["coadds"]:
+                continue
+            table = tile_catalog(ctx["release"], tile, mode, band)
+            rows, src = matched_rows(ctx, table)
+            keep = table[f"snr_{b}"].to_numpy()[rows] > 30
+            said_star = table[f"class_star_{b}"].to_numpy()[rows[keep]] >= 0.5
+            is_star = ctx["star"][src[keep]]
+            right += int((said_star == is_star).sum())
+            total += int(keep.sum())
+            stars_right += int((said_star & is_star).sum())
+            stars += int(is_star.sum())
+        frac = right / total if total else math.nan
+        out.append(entry(5, "CLASS_STAR accuracy >= 95% for S/N > 30",
+                         f"{mode}: accuracy (class_star >= 0.5 = star; catalog snr > 30)",
+                         rounded(frac), ">= 0.95", bool(frac >= 0.95), band=band, n=total,
+                         star_recall=rounded(stars_right / stars if stars else math.nan),
+                         galaxy_recall=rounded((right - stars_right) / (total - stars)
+                                               if total > stars else math.nan)))
+    return out
+
+
+def coverage_columns(ctx: dict) -> list[dict]:
+    """NDITH and MJDs of matched, non-EDGE catalog rows against the true coverage."""
+    out = []
+    for mode, band in [("single", b) for b in BANDS] + [("dual", b) for b in BANDS]:
+        b = band.lower()
+        counts = defaultdict(lambda: np.zeros(2, int))
+        for tile in ctx["tiles"]:
+            if (tile, band) not in ctx["coadds"]:
+                continue
+            table = tile_catalog(ctx["release"], tile, mode, band)
+            rows, src = matched_rows(ctx, table)
+            inner = ~table[f"edge_{b}"].to_numpy()[rows].astype(bool)
+            rows, src = rows[inner], src[inner]
+            for where, (ra, dec) in (("true position", (ctx["sources"].ra.to_numpy()[src],
+                                                        ctx["sources"].dec.to_numpy()[src])),
+                                     ("catalog position", (table.ra.to_numpy()[rows],
+                                                           table.dec.to_numpy()[rows]))):
+                ndith, low, high, mean = ctx["coverage"].at(
+                    ctx["coadds"][tile, band].exposures, ra, dec)
+                same_ndith = table[f"ndith_{b}"].to_numpy()[rows] == ndith
+                same_mjd = np.ones(len(rows), dtype=bool)
+                for name, values in (("min_mjd", low), ("max_mjd", high), ("mean_mjd", mean)):
+                    column = table[f"{name}_{b}"].to_numpy(dtype=float)[rows]
+                    same_mjd &= np.where(ndith > 0, np.isclose(column, values, rtol=0, atol=1e-6),
+                                         np.isnan(column))
+                counts[where, "NDITH"] += (int(same_ndith.sum()), len(rows))
+                counts[where, "MIN/MAX/MEAN_MJD"] += (int(same_mjd.sum()), len(rows))
+        for (where, what), (hit, total) in counts.items():
+            frac = hit / total if total else math.nan
+            out.append(entry(5, "NDITH and MJD equal truth for >= 99% of non-EDGE sources",
+                             f"{mode}: {what} at the {where}", rounded(frac), ">= 0.99",
+                             bool(frac >= 0.99), band=band, n_equal=hit, n=total))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 6
+
+
+def _tiles_with_data(ctx: dict, bands: tuple[str, ...]) -> np.ndarray:
+    """Number of tiles whose co-add has data (any of ``bands``) at each true position."""
+    count = np.zeros(len(ctx["sources"]), int)
+    for tile in ctx["tiles"]:
+        inside = np.zeros(len(ctx["sources"]), bool)
+        for band in bands:
+            if (tile, band) in ctx["coadds"]:
+                inside |= ctx["coadds"][tile, band].on_data
+        count += inside
+    return count
+
+
+def _detections(ctx: dict, master: str, settings: MasterSettings) -> pd.DataFrame:
+    """Tile detections that enter a master (the master's cuts), with their true source."""
+    parts = []
+    for tile in ctx["tiles"]:
+        cases = [("dual", "I")] if master == "idual_master" else \
+            [("single", b) for b in bands_of(ctx["release"], tile)]
+        for mode, band in cases:
+            table = tile_catalog(ctx["release"], tile, mode, band)
+            b = band.lower()
+            keep = ((table[f"snr_{b}"] > settings.snr_min)
+                    & (table[f"flags_{b}"] < settings.flags_max)).to_numpy()
+            part = table.loc[keep, ["ra", "dec"]].copy()
+            part["tile"] = tile
+            part["band"] = band
+            part["true"] = nearest(unit_vectors(part.ra, part.dec), ctx["truth_xyz"])
+            parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def master_checks(ctx: dict) -> list[dict]:
+    """Uniqueness in overlaps, merged pairs and magnitude agreement of both masters."""
+    settings = MasterSettings()
+    out = []
+    sources = ctx["sources"]
+    for master, bands in (("idual_master", ("I",)), ("single_master", BANDS)):
+        table = read_catalog(ctx["release"] / "catalogs" / f"{master}.parquet")
+        master_xyz = unit_vectors(table.ra, table.dec)
+        # Each master source counts for its nearest true source within 1".
+        owner = nearest(master_xyz, ctx["truth_xyz"])
+        times = np.bincount(owner[owner >= 0], minlength=len(sources))
+        overlap = _tiles_with_data(ctx, bands) >= 2
+        detections = _detections(ctx, master, settings)
+        detected = np.zeros(len(sources), bool)
+        detected[detections.true[detections.true >= 0]] = True
+        snr10 = np.zeros(len(sources), bool)
+        for (tile, band), truth in ctx["coadds"].items():
+            if band in bands:
+                snr10 |= truth.on_data & (truth.snr_refined >= 10)
+        # Each tile detection belongs to the nearest master source (within 2").
+        linked = nearest(unit_vectors(detections.ra, detections.dec), master_xyz, 2.0)
+        entering = "entering the master from a tile catalog (detected, passing the cuts)"
+        for label, sel in ((entering, overlap & detected),
+                           ("with refined S/N >= 10 on a co-add", overlap & snr10)):
+            once = int((times[sel] == 1).sum())
+            frac = once / sel.sum() if sel.sum() else math.nan
+            out.append(entry(6, ">= 99.5% of true sources in tile overlaps appear exactly once",
+                             f"{master}: true sources in overlaps {label}", rounded(frac),
+                             ">= 0.995", bool(frac >= 0.995), n=int(sel.sum()), n_once=once,
+                             n_missing=int((times[sel] == 0).sum()),
+                             n_duplicated=int((times[sel] > 1).sum()),
+                             duplicates=_duplicates(ctx, sel & (times > 1), owner, master_xyz,
+                                                    detections, linked)))
+        out.append(_merged_pairs(ctx, master, detections, linked))
+        out.extend(_magnitude_agreement(ctx, master, table, owner))
+    return out
+
+
+def _arcsec(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle between two unit vectors, arcsec."""
+    return 2 * math.degrees(math.asin(min(1.0, float(np.linalg.norm(a - b)) / 2))) * 3600
+
+
+def _duplicates(ctx: dict, which: np.ndarray, owner: np.ndarray, master_xyz: np.ndarray,
+                detections: pd.DataFrame, linked: np.ndarray) -> list[dict]:
+    """Each duplicated true source: its master entries' distances and their detections' images."""
+    out = []
+    for t in np.flatnonzero(which):
+        rows = np.flatnonzero(owner == t)
+        out.append({"true_id": int(ctx["sources"].id.iloc[t]),
+                    "type": str(ctx["sources"].type.iloc[t]),
+                    "mag_I": rounded(ctx["sources"].mag_I.iloc[t], 2),
+                    "arcsec_from_truth": [rounded(_arcsec(master_xyz[r], ctx["truth_xyz"][t]), 2)
+                                          for r in rows],
+                    "tiles_bands_per_entry": [sorted({f"{d.tile}/{d.band}" for d in
+                                                      detections[linked == r].itertuples()})
+                                              for r in rows]})
+    return out
+
+
+def _merged_pairs(ctx: dict, master: str, detections: pd.DataFrame, linked: np.ndarray) -> dict:
+    """True sources more than 1" apart that share a master source.
+
+    A pair is merged *by the linking* when one tile catalog (tile and band) holds two distinct
+    detections, one matched to each source, and both went into the master source. A pair whose
+    every image has a single detection between the two sources (a blend the deblender did not
+    split, matched to one source in some bands and to the other in others) is listed as a
+    detection blend: the master cannot split what no tile catalog separated.
+    """
+    per_master = defaultdict(list)
+    for m, d in zip(linked, detections.itertuples()):
+        if m >= 0:
+            per_master[m].append(d)
+    xyz = ctx["truth_xyz"]
+    ids = ctx["sources"].id.to_numpy()
+    by_linking, blends, same_image = [], [], 0
+    for m, members in per_master.items():
+        images = [(d.tile, d.band) for d in members]
+        same_image += len(set(images)) < len(images)
+        truths = sorted({int(d.true) for d in members if d.true >= 0})
+        for i, a in enumerate(truths):
+            for c in truths[i + 1:]:
+                sep = _arcsec(xyz[a], xyz[c])
+                if sep <= 1.0:
+                    continue
+                seen = defaultdict(set)
+                for d in members:
+                    seen[d.tile, d.band].add(int(d.true))
+                record = {"true_ids": [int(ids[a]), int(ids[c])], "arcsec": rounded(sep, 2),
+                          "detections": sorted(f"{d.tile}/{d.band}" for d in members)}
+                split = any({a, c} <= found for found in seen.values())
+                (by_linking if split else blends).append(record)
+    return entry(6, "no two true sources more than 1.0\" apart merged",
+                 f"{master}: true-source pairs > 1\" apart merged by the linking", len(by_linking),
+                 "== 0", not by_linking, n_detection_blends=len(blends),
+                 n_masters_with_two_detections_of_one_image=same_image,
+                 n_unlinked_detections=int((linked < 0).sum()), merged_by_linking=by_linking,
+                 detection_blends=blends)
+
+
+def _magnitude_agreement(ctx: dict, master: str, table: pd.DataFrame, owner: np.ndarray
+                         ) -> list[dict]:
+    """Median and robust scatter of mag - true for stars of true S/N > 20, master vs tiles."""
+    out = []
+    sources = ctx["sources"]
+    for band in BANDS:
+        b = band.lower()
+        maglims = [t.maglim for (tile, bb), t in ctx["coadds"].items() if bb == band]
+        bright = (ctx["star"] & (5.0 * 10 ** (-0.4 * (sources[f"mag_{band}"].to_numpy()
+                                                      - np.median(maglims))) > 20))
+        for aperture in ("auto", "aper5"):
+            stats = {}
+            rows = np.flatnonzero((owner >= 0) & (table[f"flags_{b}"].fillna(99) < 4).to_numpy())
+            rows = rows[bright[owner[rows]]]
+            delta = table[f"mag_{aperture}_{b}"].to_numpy()[rows] - \
+                sources[f"mag_{band}"].to_numpy()[owner[rows]]
+            stats["master"] = delta[np.isfinite(delta)]
+            tile_deltas = []
+            for tile in ctx["tiles"]:
+                if (tile, band) not in ctx["coadds"]:
+                    continue
+                cat = tile_catalog(ctx["release"], tile,
+                                   "dual" if master == "idual_master" else "single", band)
+                r, src = matched_rows(ctx, cat)
+                keep = bright[src] & (cat[f"flags_{b}"].to_numpy()[r] < 4)
+                tile_deltas.append(cat[f"mag_{aperture}_{b}"].to_numpy()[r[keep]]
+                                   - sources[f"mag_{band}"].to_numpy()[src[keep]])
+            d = np.concatenate(tile_deltas)
+            stats["tiles"] = d[np.isfinite(d)]
+            med = {k: float(np.median(v)) if len(v) else math.nan for k, v in stats.items()}
+            sig = {k: robust_sigma(v) for k, v in stats.items()}
+            passed = (abs(med["master"] - med["tiles"]) <= 0.005
+                      and sig["master"] <= 1.05 * sig["tiles"] + 0.002)
+            out.append(entry(6, "master magnitudes agree with truth as well as the tile catalogs",
+                             f"{master} mag_{aperture}: median / robust sigma of (mag - true), "
+                             "stars of true S/N > 20, FLAGS < 4",
+                             {"master": [rounded(med["master"]), rounded(sig["master"])],
+                              "tiles": [rounded(med["tiles"]), rounded(sig["tiles"])]},
+                             "|median diff| <= 0.005 and sigma <= 1.05 x tiles' + 0.002",
+                             bool(passed), band=band, n_master=len(stats["master"]),
+                             n_tiles=len(stats["tiles"])))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def measure(release: Path, work: Path) -> dict:
+    """Every must-show entry of a built demo release."""
+    t0 = time.perf_counter()
+    sources = pd.read_parquet(release / "truth" / "sources.parquet")
+    zeropoints = pd.read_parquet(release / "truth" / "zeropoints.parquet")
+    zeropoints["stem"] = zeropoints.file.map(lambda f: Path(f).stem)
+    tiles = tiles_of(release)
+    ctx = {"release": release, "work": work, "tiles": tiles, "sources": sources,
+           "zeropoints": zeropoints, "star": (sources.type == "star").to_numpy(),
+           "truth_xyz": unit_vectors(sources.ra, sources.dec),
+           "coverage": TrueCoverage(release),
+           "coadds": {(tile, band): coadd_truth(release, tile, band, sources)
+                      for tile in tiles for band in bands_of(release, tile)}}
+    entries = []
+    for step in (completeness, spurious_cleaning, photometry, zp_maps, class_star,
+                 coverage_columns, master_checks):
+        entries.extend(step(ctx))
+    return {"release": str(release), "work_dir": str(work), "tiles": tiles,
+            "n_true_sources": len(sources), "entries": entries,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "definitions": __doc__.split("Definitions", 1)[1].strip()}
+
+
+def summary(report: dict) -> str:
+    """A short human summary: one line per entry."""
+    lines = [(f"{report['release']}: {len(report['tiles'])} tiles, "
+              f"{report['n_true_sources']} true sources, {report['wall_s']} s")]
+    for e in report["entries"]:
+        verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[e["pass"]]
+        band = f" {e['band']}" if "band" in e else ""
+        counts = ", ".join(f"{k}={v}" for k, v in e.items() if k.startswith("n") and k != "n_true")
+        why = f" ({e['reason']})" if "reason" in e else ""
+        lines.append(f"[{verdict}] issue {e['issue']}{band}: {e['metric']} = {e['value']} "
+                     f"(target {e['target']}; {counts}){why}")
+    return "\n".join(lines)
+
+
+def _plain(value: object) -> object:
+    """numpy scalars as plain Python numbers for JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("release", type=Path, help="built demo release directory (with truth/)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON report to write")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="work directory holding photometry/<stem>_zp.ecsv "
+                             "(default RELEASE/work)")
+    args = parser.parse_args()
+    report = measure(args.release, args.work_dir or args.release / "work")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1, default=_plain) + "\n")
+    print(summary(report))
+
+
+if __name__ == "__main__":
+    main()
