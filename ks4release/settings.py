@@ -374,7 +374,7 @@ class ZeropointSettings:
         "(V-I)_AB colour at which the zero point is defined, mag.",
         default=0.4)
     prior_colour_term: float = documented(
-        "Prior width of the colour term per exposure (band and site), mag/mag.",
+        "Prior width of the colour term of each site in a tile and band, mag/mag.",
         default=0.1)
     prior_ccd_offset_mag: float = documented(
         "Prior width of a CCD's offset from the exposure zero point (gain included), mag.",
@@ -390,9 +390,10 @@ class ZeropointSettings:
         "Prior width of an amplifier's gradient from its CCD's, mag over the CCD height.",
         default=0.03)
     fallback_aperture_correction: float = documented(
-        "Aperture correction (large / small aperture flux) used for an exposure in which no "
-        "clean star measures it; 1 = none (the zero point is then too faint by the PSF's true "
-        "correction, about 0.005-0.01 mag for a Moffat beta = 3 PSF).",
+        "Aperture correction (large / small aperture flux) used for a tile and band in which "
+        "fewer than three clean stars measure it; 1 = none (the zero point is then too faint by "
+        "the PSF's true correction, about 0.045 mag for a Moffat beta = 3 PSF and the default "
+        "aperture).",
         default=1.0)
     min_stars_amp: int = documented(
         "Amplifiers with fewer stars get the FEW_STARS flag.",
@@ -414,8 +415,9 @@ class ZeropointSettings:
         "Gaia XP source, arcsec.",
         default=1.0)
     prior_star_colour: float = documented(
-        "Prior width of the (V-I)_AB colour of a tie star without Gaia XP about the colour "
-        "pivot, mag (only differences between sites' colour terms see it).",
+        "Prior width of the (V-I)_AB colour of a tie star without Gaia XP about the median "
+        "colour of the Gaia XP stars, mag (only differences between sites' colour terms see "
+        "it).",
         default=0.5)
 
     def __post_init__(self) -> None:

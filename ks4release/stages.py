@@ -43,7 +43,7 @@ from ks4release.reduction.masks import run_masks
 from ks4release.reduction.photometry import measured_path, run_photometry
 from ks4release.reduction.scale import run_scale
 from ks4release.reduction.tile_catalog import run_tile_catalog, summary_path
-from ks4release.reduction.zeropoint import run_zeropoint
+from ks4release.reduction.zeropoint_tile import run_tile_zeropoints
 from ks4release.refcat.tile import write_tile_refcat
 from ks4release.simulate import (
     SOURCES_PATH,
@@ -238,13 +238,27 @@ def _plan_astrometry(ctx: ReleaseContext) -> list[Task]:
 
 
 def _plan_zeropoint(ctx: ReleaseContext) -> list[Task]:
-    """Per-amplifier zero points of every exposure against its tile's Gaia XP stars."""
+    """Per-amplifier zero points of all exposures of each tile and band, fitted together."""
     rd = ctx.release_dir
-    return _per_exposure(
-        ctx, "zeropoint", run_zeropoint, zeropoint_path,
-        lambda e: {"exposure": e.path, "mask": mask_path(rd, e.stem), "wcs": wcs_path(rd, e.stem),
-                   "gaia_xp": tile_refcat_path(rd, e.tile, "gaia_xp")},
-        ctx.config.zeropoint)
+    groups: dict[tuple[str, str], list[_Exposure]] = defaultdict(list)
+    for e in _exposures(ctx):
+        groups[(e.tile, e.band)].append(e)
+    tasks = []
+    for (tile, band), exposures in sorted(groups.items()):
+        files = {"exposures": [e.path for e in exposures],
+                 "masks": [mask_path(rd, e.stem) for e in exposures],
+                 "sources": [sources_path(rd, e.stem) for e in exposures],
+                 "wcs": [wcs_path(rd, e.stem) for e in exposures]}
+        gaia_xp = tile_refcat_path(rd, tile, "gaia_xp")
+        outs = [zeropoint_path(rd, e.stem) for e in exposures]
+        tasks.append(Task(
+            stage="zeropoint", key=f"{tile}/{band}", func=run_tile_zeropoints,
+            kwargs={**files, "gaia_xp": gaia_xp, "out_paths": outs,
+                    "settings": ctx.config.zeropoint},
+            inputs=(*(p for paths in files.values() for p in paths), gaia_xp),
+            outputs=tuple(outs), tile=tile, band=band,
+        ))
+    return tasks
 
 
 def _plan_scale(ctx: ReleaseContext) -> list[Task]:

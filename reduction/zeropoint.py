@@ -1,14 +1,16 @@
-"""Zero points per amplifier, with their variation along Y, fitted against Gaia XP photometry.
+"""Zero points per amplifier: the model, the star photometry and the zero-point table.
 
 DR1 scales every exposure to a common zero point of 30.0 mag, per amplifier, modelling the
-variation along Y (up to 0.1 mag within an amplifier, 0.2 mag between sites). This module
-measures the reference stars of one exposure and fits that model; :mod:`.scale` applies it.
+variation along Y (up to 0.1 mag within an amplifier, 0.2 mag between sites). This module holds
+the pieces shared by the fit (:mod:`.zeropoint_tile`, which fits all exposures of a tile and
+band together) and the scaling (:mod:`.scale`, which applies it): the photometry of stars, the
+reading of masks and fitted WCS, and the output table.
 
 Photometric model
 -----------------
-For a Gaia XP star of AB magnitude ``m`` in the exposure's band and colour
-``c = (V - I)_AB``, on CCD ``k``, amplifier ``a``, at 0-based row ``y`` of a CCD of ``ny`` rows,
-the instrumental magnitude ``m_inst = -2.5 log10(flux / ADU)`` obeys::
+For a star of AB magnitude ``m`` in the exposure's band and colour ``c = (V - I)_AB``, on CCD
+``k``, amplifier ``a``, at 0-based row ``y`` of a CCD of ``ny`` rows, the instrumental magnitude
+``m_inst = -2.5 log10(flux / ADU)`` obeys::
 
     m - m_inst = zp_ka(y) + colour_term * (c - colour_pivot)
     zp_ka(y)   = zp_y0[k, a] + zp_slope[k, a] * y / ny
@@ -19,12 +21,12 @@ Galactic latitude). This is the convention of the scaled images: a star of the p
 its AB magnitude from ``30 - 2.5 log10(flux)``, any other star ``m_AB - colour_term * (c -
 colour_pivot)``. Compared with a zero point defined at colour 0, ours is larger by
 ``colour_term * colour_pivot`` (the *colour-term convention offset*); choosing the pivot near the
-stars' median colour decorrelates the zero point from the fitted colour term.
+stars' median colour decorrelates the zero point from the fitted colour term. The colour term is
+one per band and site.
 
-Pooling (a hierarchical linear model). At 1/16 scale an amplifier strip holds 0-5 reference
-stars, far too few for two free parameters each, so the parameters are nested and every level
-but the top one has a Gaussian prior centred on the level above (a ridge-regularised, i.e.
-maximum a posteriori, least-squares fit)::
+The parameters are nested, each level but the top one with a Gaussian prior centred on the level
+above (a ridge-regularised, i.e. maximum a posteriori, least-squares fit; details and the tie
+stars in :mod:`.zeropoint_tile`)::
 
     zp at mid-height    = E - 2.5 log10(GAIN_k) + eta_k + delta_ka      (at y = ny / 2)
     slope               = S_k + epsilon_ka
@@ -32,37 +34,27 @@ maximum a posteriori, least-squares fit)::
     S_k     ~ N(0, prior_ccd_slope_mag)     CCD gradient along Y
     delta   ~ N(0, prior_amp_offset_mag)    amplifier offset from its CCD
     epsilon ~ N(0, prior_amp_slope_mag)     amplifier gradient from its CCD's
-    colour_term ~ N(0, prior_colour_term)   one per exposure (its band and site)
 
 ``E`` (flat prior) is the exposure zero point in electrons, shared by the four CCDs through their
-gains. The prior widths are documented settings: DR1 states only that the zero point varies by
-up to 0.1 mag along Y within an amplifier, which the CCD slope prior covers; the amplifier-level
-widths are our defaults. (Estimating them per exposure by empirical Bayes gained little on the
-demo and over-shrank amplifiers whose scatter happened to be small, understating their errors.)
-An amplifier with many stars is fitted almost freely; one with none falls back to its CCD (and a
-CCD with none, e.g. with failed astrometry, to the exposure), and its flag says so. The colour
-term is fitted per exposure, i.e. per band and site, shared by all amplifiers. Stars are
-weighted by their measurement and reference errors plus ``error_floor_mag``; the fit is
-repeated with outliers beyond ``clip_sigma`` (robust scale) removed. Errors are the posterior
-standard deviations, scaled up by the robust reduced chi when it exceeds 1.
-
-What is identifiable: an amplifier's own offset and slope are measured only as well as its
-stars allow (about ``sigma_star * sqrt(2 / n)`` RMS along Y for ``n`` stars); with few stars the
-reported zero point is the CCD's, and its error says so. Full-size KMTNet amplifiers hold
+gains. DR1 states only that the zero point varies by up to 0.1 mag along Y within an amplifier,
+which the CCD slope prior covers; the other widths are our defaults. An amplifier with many
+stars is fitted almost freely; one with none falls back to its CCD (and a CCD with none, e.g.
+with failed astrometry, to the exposure), and its flag (:class:`ZpFlag`) says so. An
+amplifier's own offset and slope are measured only as well as its stars allow (about
+``sigma_star * sqrt(2 / n)`` RMS along Y for ``n`` stars). Full-size KMTNet amplifiers hold
 hundreds of Gaia XP stars; the scaled demo's hold a few.
 
 Photometry
 ----------
-Forced circular-aperture photometry (sep) at the XP stars' positions through the fitted WCS, on
-the background-subtracted image (``sep.Background`` with bad pixels excluded). The aperture
-radius is ``aperture_r50`` times the median half-light radius of the stars on the CCD; the flux
-beyond it is corrected by the median ratio of the fluxes in ``correction_factor`` times that
-radius and in the aperture, over the bright clean stars of the whole exposure (a curve-of-growth
-correction; with fewer than three such stars, the large-aperture flux is used directly). Stars
-are dropped when a bad pixel lies in the aperture, a pixel near the centre reaches
-``saturation_fraction`` of SATURATE, other detected sources within the aperture (plus two
-half-light radii) carry more than ``blend_fraction`` of the star's flux, or the reference
-magnitude error exceeds ``max_ref_err_mag``.
+Forced circular-aperture photometry (sep, :func:`measure_stars`) on the background-subtracted
+image (``sep.Background`` with bad pixels excluded). The aperture radius is ``aperture_r50``
+times the median half-light radius of the stars on the CCD; the flux beyond it is corrected by
+the median ratio of the fluxes in ``correction_factor`` times that radius and in the aperture,
+over bright clean stars (a curve-of-growth correction, :func:`aperture_correction`). Stars are
+dropped when a bad pixel lies in the aperture, a pixel near the centre reaches
+``saturation_fraction`` of SATURATE, or other detected sources within the aperture (plus two
+half-light radii) carry more than ``blend_fraction`` of the star's flux; reference magnitudes
+with an error above ``max_ref_err_mag`` anchor nothing.
 
 Vega to AB
 ----------
@@ -72,11 +64,9 @@ The Gaia XP Johnson-Kron-Cousins magnitudes are Vega magnitudes; ``m_AB = m_Vega
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import IntFlag
 from pathlib import Path
 
@@ -84,17 +74,11 @@ import numpy as np
 import sep
 from astropy import units as u
 from astropy.io import fits
-from astropy.table import Table, vstack
+from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
-from ks4release import __version__
-from ks4release.atomic import atomic_path
-from ks4release.camera import CCD_NAMES
 from ks4release.errors import InputError
-from ks4release.exposure import read_ccd, read_exposure_header
-from ks4release.refcat.formats import read_refcat
 from ks4release.settings import ZeropointSettings
-from ks4release.survey import REFERENCE_ZEROPOINT
 from ks4release.survey import band as band_info
 
 __all__ = [
@@ -104,18 +88,17 @@ __all__ = [
     "ZeropointSettings",
     "CcdGeometry",
     "MODEL_DESCRIPTION",
+    "reference_mags",
     "measure_stars",
     "aperture_correction",
     "instrumental_mags",
-    "measure_exposure",
-    "fit_zeropoints",
+    "describe_zeropoints",
     "read_mask_ccd",
     "read_wcs_ccd",
     "celestial_wcs",
-    "run_zeropoint",
+    "amplifier_of",
+    "dead_amplifiers",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: m_AB - m_Vega of the Johnson-Kron-Cousins bands (Blanton & Roweis 2007, AJ 133, 734, table 1).
 VEGA_TO_AB = {"B": -0.09, "V": 0.02, "R": 0.21, "I": 0.45}
@@ -125,16 +108,13 @@ DR1_BAD_BITS = 1 | 2 | 4 | 8
 MODEL_DESCRIPTION = (
     "m_AB - m_inst = zp_y0 + zp_slope * y / ny + colour_term * ((V-I)_AB - colour_pivot); "
     "y 0-based row; zp for a star of the pivot colour; hierarchical priors pool amplifiers "
-    "within their CCD and CCDs within the exposure (ks4release.reduction.zeropoint)"
+    "within their CCD and CCDs within the exposure; all exposures of the tile and band fitted "
+    "together, tied by their common stars (ks4release.reduction.zeropoint_tile)"
 )
 _MAG_PER_REL_FLUX = 2.5 / math.log(10.0)
 _MIN_APCORR_STARS = 3
-# Reference stars within this fraction of the CCD size outside it go through the full SIP WCS.
-_SIP_MARGIN_FRACTION = 0.1
 # Why a star was not used (``cut`` column of :func:`measure_stars`).
 _CUT_EDGE, _CUT_MASKED, _CUT_SATURATED, _CUT_FAINT, _CUT_BLEND = 1, 2, 4, 8, 16
-_STAR_COLUMNS = ("x", "y", "flux", "flux_err", "flux_big", "flux_big_err", "cut", "big_ok",
-                 "ccd", "amp", "m_ref", "m_ref_err", "colour")
 
 
 class ZpFlag(IntFlag):
@@ -163,7 +143,7 @@ class CcdGeometry:
 # Photometry (pure)
 
 
-def _reference_mags(refcat: Table, band: str) -> dict[str, np.ndarray]:
+def reference_mags(refcat: Table, band: str) -> dict[str, np.ndarray]:
     """AB magnitude in ``band``, its error, and (V - I)_AB of every reference star."""
     col = band_info(band).gaia_xp_column
     mag = np.asarray(refcat[col], dtype=float) + VEGA_TO_AB[band]
@@ -293,203 +273,11 @@ def _peak(data: np.ndarray, x: np.ndarray, y: np.ndarray, r50: np.ndarray) -> np
 
 
 # --------------------------------------------------------------------------------------------
-# Fit (pure)
+# Output table
 
 
-@dataclass(frozen=True)
-class _Index:
-    """Column indices of the parameters in the design matrix."""
-
-    n_ccd: int
-    n_amp_total: int
-    amp_offset: dict[tuple[str, int], int]
-
-    @property
-    def size(self) -> int:
-        return 2 + 2 * self.n_ccd + 2 * self.n_amp_total
-
-    def ccd_offset(self, k: int) -> int:
-        return 2 + k
-
-    def ccd_slope(self, k: int) -> int:
-        return 2 + self.n_ccd + k
-
-    def amp_off(self, key: tuple[str, int]) -> int:
-        return 2 + 2 * self.n_ccd + self.amp_offset[key]
-
-    def amp_slope(self, key: tuple[str, int]) -> int:
-        return 2 + 2 * self.n_ccd + self.n_amp_total + self.amp_offset[key]
-
-
-def _index(ccds: list[CcdGeometry]) -> _Index:
-    keys = [(c.name, a + 1) for c in ccds for a in range(len(c.amplifiers))]
-    return _Index(n_ccd=len(ccds), n_amp_total=len(keys),
-                  amp_offset={k: i for i, k in enumerate(keys)})
-
-
-def _prior_precision(ccds: list[CcdGeometry], idx: _Index, s: ZeropointSettings) -> np.ndarray:
-    """Diagonal of the prior precision; parameter 0 is the colour term, 1 the exposure zp."""
-    prec = np.zeros(idx.size)
-    prec[0] = s.prior_colour_term ** -2
-    for k, c in enumerate(ccds):
-        prec[idx.ccd_offset(k)] = s.prior_ccd_offset_mag ** -2
-        prec[idx.ccd_slope(k)] = s.prior_ccd_slope_mag ** -2
-        for a in range(len(c.amplifiers)):
-            prec[idx.amp_off((c.name, a + 1))] = s.prior_amp_offset_mag ** -2
-            prec[idx.amp_slope((c.name, a + 1))] = s.prior_amp_slope_mag ** -2
-    return prec
-
-
-def _design(stars: Table, ccds: list[CcdGeometry], idx: _Index, pivot: float
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Design matrix and target (m_ref - m_inst + 2.5 log10 gain) of the usable stars."""
-    k_of = {c.name: k for k, c in enumerate(ccds)}
-    n = len(stars)
-    a = np.zeros((n, idx.size))
-    target = np.empty(n)
-    for i, row in enumerate(stars):
-        k = k_of[str(row["ccd"])]
-        key = (str(row["ccd"]), int(row["amp"]))
-        u_ = float(row["y"]) / ccds[k].ny - 0.5
-        a[i, 0] = float(row["colour"]) - pivot
-        a[i, 1] = 1.0
-        a[i, idx.ccd_offset(k)] = 1.0
-        a[i, idx.amp_off(key)] = 1.0
-        a[i, idx.ccd_slope(k)] = u_
-        a[i, idx.amp_slope(key)] = u_
-        target[i] = (float(row["m_ref"]) - float(row["m_inst"])
-                     + 2.5 * math.log10(ccds[k].gain))
-    return a, target
-
-
-def _solve(a: np.ndarray, target: np.ndarray, sigma: np.ndarray, prior: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """MAP estimate and posterior covariance of the ridge-regularised weighted fit."""
-    w = sigma ** -2
-    normal = (a.T * w) @ a + np.diag(prior)
-    rhs = (a.T * w) @ target
-    cov = np.linalg.inv(normal)
-    return cov @ rhs, cov
-
-
-def _iterate(a, target, sigma, prior, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                             float]:
-    """Fit with iterative robust clipping; returns params, cov, kept mask, error scale."""
-    keep = np.ones(target.size, bool)
-    for _ in range(10):
-        if not keep.any():
-            params, cov = _solve(a[:0], target[:0], sigma[:0], prior)
-            return params, cov, keep, 1.0
-        params, cov = _solve(a[keep], target[keep], sigma[keep], prior)
-        z = (target - a @ params) / sigma
-        scale = max(1.0, 1.4826 * float(np.median(np.abs(z[keep])))) if keep.sum() > 4 else 1.0
-        new_keep = np.abs(z) <= clip * scale
-        if np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
-    return params, cov * scale ** 2, keep, scale
-
-
-def _amp_rows(ccds, idx, params, cov, stars, kept, resid, settings) -> list[dict]:
-    """One output row per amplifier from the fitted parameters."""
-    rows = []
-    for k, c in enumerate(ccds):
-        for a in range(len(c.amplifiers)):
-            key = (c.name, a + 1)
-            g_mid = np.zeros(idx.size)
-            g_mid[[1, idx.ccd_offset(k), idx.amp_off(key)]] = 1.0
-            g_slope = np.zeros(idx.size)
-            g_slope[[idx.ccd_slope(k), idx.amp_slope(key)]] = 1.0
-            g_y0 = g_mid - 0.5 * g_slope
-            on_amp = (np.asarray(stars["ccd"]) == c.name) & (np.asarray(stars["amp"]) == a + 1)
-            used = on_amp & kept
-            n = int(used.sum())
-            flag = ZpFlag(0)
-            if n == 0:
-                flag |= ZpFlag.NO_STARS
-            if n < settings.min_stars_amp:
-                flag |= ZpFlag.FEW_STARS
-            if a + 1 in c.dead_amps:
-                flag |= ZpFlag.DEAD
-            if not c.astrometry_ok:
-                flag |= ZpFlag.NO_ASTROMETRY
-            rows.append({
-                "ccd": c.name, "amp": a + 1, "ny": c.ny,
-                "x_start": c.amplifiers[a][0], "x_stop": c.amplifiers[a][1],
-                "zp_y0": float(g_y0 @ params - 2.5 * math.log10(c.gain)),
-                "zp_y0_err": float(math.sqrt(g_y0 @ cov @ g_y0)),
-                "zp_slope": float(g_slope @ params),
-                "zp_slope_err": float(math.sqrt(g_slope @ cov @ g_slope)),
-                "colour_term": float(params[0]),
-                "colour_term_err": float(math.sqrt(cov[0, 0])),
-                "n_stars": n,
-                "rms": float(np.sqrt(np.mean(resid[used] ** 2))) if n else float("nan"),
-                "flag": int(flag),
-            })
-    return rows
-
-
-def fit_zeropoints(stars: Table, ccds: Mapping[str, CcdGeometry] | list[CcdGeometry],
-                   settings: ZeropointSettings) -> Table:
-    """Fit the per-amplifier zero-point model (module docstring) to measured reference stars.
-
-    Parameters
-    ----------
-    stars : Table
-        One row per usable star: ``ccd``, ``amp`` (1-based), ``y`` (0-based row), ``m_inst``
-        and ``m_inst_err`` (instrumental mag, -2.5 log10 ADU), ``m_ref`` and ``m_ref_err``
-        (AB mag in the band), ``colour`` ((V - I)_AB). Stars on CCDs whose
-        ``astrometry_ok`` is false are ignored.
-    ccds : mapping or list of CcdGeometry
-        The CCDs to report, with their rows, amplifiers and gains.
-    settings : ZeropointSettings
-        Priors, error floor, clipping and colour pivot.
-
-    Returns
-    -------
-    Table
-        One row per CCD and amplifier: ``zp_y0`` and ``zp_slope`` (mag; zp(y) = zp_y0 +
-        zp_slope * y / ny, AB mag giving 1 ADU for a star of the pivot colour), their errors,
-        the exposure's ``colour_term`` and its error, ``n_stars`` used, ``rms`` of their
-        residuals (mag) and ``flag`` (:class:`ZpFlag`). ``meta`` holds the exposure-level
-        numbers (colour pivot, stars used and rejected, error scale).
-    """
-    geoms = list(ccds.values()) if isinstance(ccds, Mapping) else list(ccds)
-    if not geoms:
-        raise ValueError("fit_zeropoints needs at least one CCD")
-    required = ("ccd", "amp", "y", "m_inst", "m_inst_err", "m_ref", "m_ref_err", "colour")
-    missing = [c for c in required if c not in stars.colnames]
-    if missing:
-        raise ValueError(f"stars table lacks column {missing[0]!r} (required: {required})")
-    usable_ccds = {c.name for c in geoms if c.astrometry_ok}
-    sel = np.isin(np.asarray(stars["ccd"]).astype(str), list(usable_ccds))
-    for col in ("y", "m_inst", "m_inst_err", "m_ref", "m_ref_err", "colour"):
-        sel &= np.isfinite(np.asarray(stars[col], dtype=float))
-    used = stars[sel]
-    idx = _index(geoms)
-    unknown = [(str(c), int(a)) for c, a in zip(used["ccd"], used["amp"])
-               if (str(c), int(a)) not in idx.amp_offset]
-    if unknown:
-        raise ValueError(f"star on unknown CCD/amplifier {unknown[0]} (amplifiers are 1-based)")
-    if len(used) == 0:
-        raise ValueError("no usable reference star on any CCD: the exposure zero point is "
-                         "undetermined")
-    a, target = _design(used, geoms, idx, settings.colour_pivot)
-    sigma = np.sqrt(np.asarray(used["m_inst_err"], float) ** 2
-                    + np.asarray(used["m_ref_err"], float) ** 2 + settings.error_floor_mag ** 2)
-    prior = _prior_precision(geoms, idx, settings)
-    params, cov, kept, scale = _iterate(a, target, sigma, prior, settings.clip_sigma)
-    resid = target - a @ params
-    out = Table(rows=_amp_rows(geoms, idx, params, cov, used, kept, resid, settings))
-    _describe(out)
-    out.meta.update({"colour": "V-I", "colour_pivot": settings.colour_pivot,
-                     "n_stars_used": int(kept.sum()), "n_stars_clipped": int((~kept).sum()),
-                     "error_scale": scale, "model": MODEL_DESCRIPTION})
-    return out
-
-
-def _describe(t: Table) -> None:
-    """Units and descriptions of the zero-point table columns."""
+def describe_zeropoints(t: Table) -> None:
+    """Units and descriptions of the columns of a zero-point table (in place)."""
     text = {
         "ccd": (None, "CCD name"), "amp": (None, "amplifier number (AMPSEC index, 1-based)"),
         "ny": (u.pix, "rows of the CCD"),
@@ -566,31 +354,7 @@ def celestial_wcs(header: fits.Header, path: Path | str, ccd: str) -> WCS:
     return w
 
 
-def _ccd_stars(data, bad, w, ref, mags, ccd, settings) -> tuple[Table, dict[str, float]]:
-    """Forced photometry of the reference stars that fall on one CCD, with their catalog data."""
-    ny, nx = data.shape
-    ra, dec = np.asarray(ref["ra"], float), np.asarray(ref["dec"], float)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        # The linear WCS first, so that the iterative SIP inversion only sees nearby stars.
-        lx, ly = w.wcs_world2pix(ra, dec, 0)
-        margin = _SIP_MARGIN_FRACTION * max(nx, ny)
-        cand = np.flatnonzero(np.isfinite(lx) & np.isfinite(ly) & (lx > -margin)
-                              & (lx < nx + margin) & (ly > -margin) & (ly < ny + margin))
-        x, y = w.all_world2pix(ra[cand], dec[cand], 0, quiet=True)
-    on = np.isfinite(x) & np.isfinite(y) & (x > -5) & (x < nx + 5) & (y > -5) & (y < ny + 5)
-    near = cand[on]
-    table, info = measure_stars(data, bad, x[on], y[on], gain=ccd.gain,
-                                saturation=ccd.saturation, settings=settings)
-    table["ccd"] = ccd.name
-    table["amp"] = _amp_of(x[on], ccd.amplifiers)
-    table["m_ref"] = mags["mag"][near]
-    table["m_ref_err"] = mags["err"][near]
-    table["colour"] = mags["colour"][near]
-    return table, info
-
-
-def _amp_of(x: np.ndarray, amplifiers: tuple[tuple[int, int], ...]) -> np.ndarray:
+def amplifier_of(x: np.ndarray, amplifiers: tuple[tuple[int, int], ...]) -> np.ndarray:
     """1-based amplifier number of each column position."""
     out = np.zeros(x.size, int)
     for i, (start, stop) in enumerate(amplifiers):
@@ -598,77 +362,6 @@ def _amp_of(x: np.ndarray, amplifiers: tuple[tuple[int, int], ...]) -> np.ndarra
     return out
 
 
-def _dead_amps(bad: np.ndarray, amplifiers) -> tuple[int, ...]:
+def dead_amplifiers(bad: np.ndarray, amplifiers) -> tuple[int, ...]:
     """Amplifiers whose every pixel is bad."""
     return tuple(i + 1 for i, (s, e) in enumerate(amplifiers) if bad[:, s:e].all())
-
-
-def measure_exposure(exposure: Path, mask: Path | str, wcs: Path, gaia_xp: Path,
-                     settings: ZeropointSettings) -> tuple[Table, list[CcdGeometry], dict]:
-    """Reference-star photometry of one exposure, ready for :func:`fit_zeropoints`.
-
-    Returns every reference star that falls on a CCD with working astrometry (columns of
-    :func:`measure_stars` plus ``ccd``, ``amp``, ``m_ref``, ``m_ref_err``, ``colour``, and
-    ``m_inst``, ``m_inst_err`` after the exposure's aperture correction, ``use``), the CCD
-    geometries and a dict of exposure-level numbers (band, site, tile, photometry per CCD,
-    aperture correction).
-    """
-    info = read_exposure_header(exposure)
-    refcat = read_refcat(gaia_xp, "gaia_xp")
-    for col in ("ra", "dec", "v_jkc_mag", "i_jkc_mag"):
-        if col not in refcat.colnames:
-            raise InputError(gaia_xp, f"column {col!r} is missing (needed for positions and "
-                             "the V-I colour term)", column=col)
-    mags = _reference_mags(refcat, info.band)
-    geoms, tables, phot = [], [], {}
-    for name in CCD_NAMES:
-        ccd = info.ccd(name)
-        data, _ = read_ccd(exposure, name)
-        bad = read_mask_ccd(mask, name, data.shape)
-        header, ast_ok = read_wcs_ccd(wcs, name)
-        geoms.append(CcdGeometry(name=name, ny=data.shape[0], amplifiers=ccd.amplifiers,
-                                 gain=ccd.gain, dead_amps=_dead_amps(bad, ccd.amplifiers),
-                                 astrometry_ok=ast_ok))
-        if ast_ok:
-            table, phot[name] = _ccd_stars(data, bad, celestial_wcs(header, wcs, name),
-                                           refcat, mags, ccd, settings)
-            tables.append(table)
-    stars = vstack(tables) if tables else Table(
-        names=_STAR_COLUMNS, dtype=(float,) * 6 + (int, bool, "U2", int) + (float,) * 3)
-    apcorr, n_apcorr = aperture_correction(stars)
-    usable_big = (np.asarray(stars["cut"]) == 0) & np.asarray(stars["big_ok"], bool)
-    if not math.isfinite(apcorr) and not usable_big.any():
-        # Too crowded or too sparse for a curve of growth: take the configured correction
-        # rather than lose the exposure; the zero point then carries its (small) error.
-        apcorr = settings.fallback_aperture_correction
-        logger.warning("%s: no clean star measures the aperture correction; using %.4f",
-                       Path(exposure).name, apcorr)
-    stars["m_inst"], stars["m_inst_err"] = instrumental_mags(stars, apcorr)
-    stars["use"] = ((np.asarray(stars["cut"]) == 0) & np.isfinite(stars["m_inst"])
-                    & np.isfinite(stars["m_ref"]) & np.isfinite(stars["colour"])
-                    & (np.asarray(stars["m_ref_err"]) <= settings.max_ref_err_mag))
-    meta = {"exposure": Path(exposure).name, "band": info.band, "site": info.site,
-            "tile": info.tile, "photometry": phot, "apcorr": apcorr, "n_apcorr": n_apcorr}
-    return stars, geoms, meta
-
-
-def run_zeropoint(exposure: Path, mask: Path | str, wcs: Path, gaia_xp: Path, out_path: Path,
-                  settings: ZeropointSettings) -> None:
-    """Measure the Gaia XP stars of one exposure, fit the zero points, write them as ECSV.
-
-    Reads the raw exposure, its bad-pixel mask (``""`` for none), its fitted WCS file
-    (``layout.wcs_path``) and the Gaia XP catalog; writes ``out_path``
-    (``layout.zeropoint_path``) atomically: one row per CCD and amplifier (see
-    :func:`fit_zeropoints`), ``meta`` with band, site, model, colour pivot, aperture
-    correction and per-CCD photometry numbers.
-    """
-    stars, geoms, meta = measure_exposure(exposure, mask, wcs, gaia_xp, settings)
-    try:
-        result = fit_zeropoints(stars[np.asarray(stars["use"], bool)], geoms, settings)
-    except ValueError as exc:
-        raise InputError(exposure, f"zero-point fit failed: {exc}") from None
-    result.meta.update(meta)
-    result.meta.update({"zp_target": REFERENCE_ZEROPOINT, "settings": asdict(settings),
-                        "software": f"ks4release {__version__}"})
-    with atomic_path(out_path) as tmp:
-        result.write(tmp, format="ascii.ecsv")
