@@ -27,11 +27,24 @@ SExtractor:
 * **Fluxes** in every band: circular apertures of 3, 5 and 10 arcsec diameter (radius from the
   WCS pixel scale, 3.75/6.25/12.5 px at 0.4 arcsec/px), ``sum_circle(subpix=5)``; MAG_AUTO as
   SExtractor: ``kron_radius`` on the detection image with neighbours masked through the
-  segmentation map, then ``sum_ellipse`` with ``max(2.5 kronrad, 3.5)`` (``subpix=5``, neighbours
-  masked; SExtractor's CORRECT would put the symmetric pixels in their place). In dual mode the
-  Kron ellipse and the neighbour masks are I's: SExtractor too computes the Kron radius on the
-  detection image (``photom.c``, ``computeautoflux``), so a forced band with a wider PSF than
-  I's loses more light in AUTO than its single-mode AUTO (V on the demo: 0.02 mag).
+  segmentation map, then ``sum_ellipse`` with ``max(2.5 kronrad, 3.5)`` (``subpix=5``).
+  **Neighbours and masked pixels** in every aperture (AUTO and the circles) as SExtractor's
+  MASK_TYPE CORRECT (DR1's setting; ``photom.c``): while an object is measured, each pixel of
+  another object's footprint (the detection band's segmentation map) or masked is replaced by
+  its mirror pixel through the object's centre, or by 0 when the mirror pixel is off the image,
+  another object's or masked; the error takes the mirror pixel's variance (none for a 0).
+  Only objects whose aperture box holds such pixels are corrected, each over a stamp summed by
+  sep with the same sub-pixel weights, so isolated objects keep sep's sums exactly
+  (:func:`_aperture_sums`). On the crowded 1/16-scale I co-add this moves the median of the
+  S/N > 50 sources from 0.07 (AUTO) and 0.17 mag (10") brighter than SExtractor to within
+  0.001 mag (``tests/test_sextractor_parity.py``), and costs ~0.15 ms per corrected object
+  and band (0.05 s on a demo co-add, 0.3-0.45 s before; 5.6 -> 7.4 s on a 2000 x 2000 field of
+  13,000 detections, 87% of them corrected).
+  SExtractor leaves an object's pixels unblanked once measured, so which neighbours it
+  corrects depends on its measurement order; we correct every neighbour, the rule its
+  documentation states. In dual mode the Kron ellipse and the segmentation are I's:
+  SExtractor too computes the Kron radius on the detection image (``computeautoflux``), so a
+  forced band with a wider PSF than I's loses more light in AUTO than its single-mode AUTO.
 * **Errors**: background RMS map plus the Poisson term of the source with the co-add's effective
   gain: header ``GAIN`` when present, else the setting ``gain_e_per_adu`` (0 = no Poisson term,
   SExtractor's GAIN = 0; the co-add headers of this pipeline carry no GAIN so far).
@@ -330,17 +343,18 @@ def _aperture_radii_px(diameters: tuple[float, ...], pixel_scale: float) -> list
 
 
 def _mirror_deltas(band: _Band, variance: np.ndarray, segmap: np.ndarray, own: int, x0: float,
-                   y0: float, box: tuple[int, int, int, int]
-                   ) -> tuple[np.ndarray, np.ndarray] | None:
+                   y0: float, box: tuple[int, int, int, int]) -> tuple[np.ndarray, int] | None:
     """SExtractor's MASK_TYPE CORRECT for one object, as changes to the pixels sep summed.
 
     In the stamp ``box`` = (xlo, xhi, ylo, yhi) every pixel of another object (``segmap`` not 0
     and not ``own``) or masked is replaced by its mirror through the object's centre (x0, y0),
     with SExtractor's rounding of the mirror pixel, ``int(2 x0 + 0.49999 - x)``; by 0 (and
     variance 0) when the mirror pixel is off the image, another object's or masked
-    (``photom.c``, ``computeaperflux``/``computeautoflux``). Returns the stamps of (replacement
-    - value sep summed) and (replacement variance - variance sep summed), masked pixels having
-    been summed as 0; None when the stamp holds no such pixel.
+    (``photom.c``, ``computeaperflux``/``computeautoflux``). Returns one image holding side by
+    side the stamp of (replacement - pixel value), masked pixels being 0 in ``band.image``, and
+    from column ``offset`` on the stamp of (replacement variance - pixel variance), with zeros
+    between them as wide as the stamp (an aperture that the image edge truncates never reaches
+    the other stamp), and ``offset``; None when the box holds no such pixel.
     """
     xlo, xhi, ylo, yhi = box
     ny, nx = band.shape
@@ -359,12 +373,11 @@ def _mirror_deltas(band: _Band, variance: np.ndarray, segmap: np.ndarray, own: i
     value[ok] = band.image[my[ok], mx[ok]]
     value_var = np.zeros(gx.size)
     value_var[ok] = variance[my[ok], mx[ok]]
-    summed = ~band.masked[gy, gx]
-    d_flux = np.zeros(bad.shape)
-    d_flux[yy, xx] = value - np.where(summed, band.image[gy, gx], 0.0)
-    d_var = np.zeros(bad.shape)
-    d_var[yy, xx] = value_var - np.where(summed, variance[gy, gx], 0.0)
-    return d_flux, d_var
+    offset = 2 * bad.shape[1] + 4
+    deltas = np.zeros((bad.shape[0], offset + bad.shape[1]))
+    deltas[yy, xx] = value - band.image[gy, gx]
+    deltas[yy, xx + offset] = value_var - variance[gy, gx]
+    return deltas, offset
 
 
 def _boxes(det: _Detection, radii: list[float], shape: tuple[int, int]) -> np.ndarray:
@@ -380,42 +393,75 @@ def _boxes(det: _Detection, radii: list[float], shape: tuple[int, int]) -> np.nd
                             np.clip(np.ceil(det.y + half_y) + 3, 0, ny)]).astype(int)
 
 
+def _any_in_boxes(pixels: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Whether each box (rows of xlo, xhi, ylo, yhi) holds a True pixel (summed-area table)."""
+    table = np.zeros((pixels.shape[0] + 1, pixels.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = np.cumsum(np.cumsum(pixels, axis=0, dtype=np.int64), axis=1)
+    xlo, xhi, ylo, yhi = boxes.T
+    return (table[yhi, xhi] - table[ylo, xhi] - table[yhi, xlo] + table[ylo, xlo]) > 0
+
+
+def _masked_flags(band: _Band, det: _Detection, radii: list[float], near: np.ndarray
+                  ) -> np.ndarray:
+    """sep's aperture flags (``APER_HASMASKED`` ...) with the mask, for the objects ``near``
+    (bool) masked pixels, OR-ed over the Kron ellipse and the circles."""
+    x, y = det.x[near], det.y[near]
+    common = {"mask": band.masked, "subpix": 5}
+    flags = sep.sum_ellipse(band.image, x, y, det.a[near], det.b[near], det.theta[near],
+                            det.kron[near], **common)[2]
+    for radius in radii:
+        flags |= sep.sum_circle(band.image, x, y, radius, **common)[2]
+    return flags
+
+
 def _aperture_sums(band: _Band, det: _Detection, radii: list[float]
                    ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """Fluxes and errors in the Kron ellipse and the circles of ``radii`` (in this order),
     with neighbours and masked pixels corrected the way SExtractor's MASK_TYPE CORRECT does
     (:func:`_mirror_deltas`), and the OR of sep's aperture flags.
 
-    sep sums every aperture over the whole image (``subpix=5``, masked pixels left out); then
-    each object whose box (:func:`_boxes`) holds another object's or a masked pixel gets the
-    changes of its replaced pixels summed by sep itself over a stamp, with the same pixel
-    weights, so that isolated objects keep sep's values exactly. The variance changes by the
-    replaced pixels' (a zeroed pixel has none), as in SExtractor; with a gain, the Poisson term
-    follows the corrected flux.
+    sep sums every aperture over the whole image (``subpix=5``) without a mask: given one,
+    sep would fill masked pixels with the aperture's mean surface brightness, which is not
+    SExtractor's rule; masked pixels are 0 in ``band.image``. Then each object whose box
+    (:func:`_boxes`) holds another object's or a masked pixel gets the changes of its replaced
+    pixels summed by sep itself over a stamp, with the same pixel weights, so that isolated
+    objects keep sep's values exactly. The variance changes by the replaced pixels' (a zeroed
+    pixel has none), as in SExtractor; with a gain, the Poisson term follows the corrected
+    flux. The flags of objects near masked pixels come from sep's sums with the mask
+    (``APER_HASMASKED``).
     """
     gain = band.gain if band.gain > 0 else None
-    common = {"err": band.rms, "gain": gain, "mask": band.masked, "subpix": 5}
+    common = {"err": band.rms, "gain": gain, "subpix": 5}
     sums = [sep.sum_ellipse(band.image, det.x, det.y, det.a, det.b, det.theta, det.kron,
                             **common)]
     sums += [sep.sum_circle(band.image, det.x, det.y, radius, **common) for radius in radii]
     flags = np.bitwise_or.reduce([flag for _, _, flag in sums])
+    boxes = _boxes(det, radii, band.shape)
+    near = _any_in_boxes(band.masked, boxes)
+    flags[near] |= _masked_flags(band, det, radii, near)
     fluxes = [np.asarray(flux, dtype=np.float64) for flux, _, _ in sums]
     variances = [np.square(err, dtype=np.float64) for _, err, _ in sums]
     if gain:
         variances = [v - np.maximum(f, 0.0) / gain for f, v in zip(fluxes, variances)]
     variance = np.square(band.rms, dtype=np.float64)
-    boxes = _boxes(det, radii, band.shape)
+    n_radii, radius_pairs = len(radii), np.repeat(np.asarray(radii, dtype=np.float64), 2)
     for i in range(det.x.size):
         deltas = _mirror_deltas(band, variance, det.segmap, int(det.seg_id[i]), det.x[i],
                                 det.y[i], tuple(boxes[i]))
         if deltas is None:
             continue
-        x, y = np.array([det.x[i] - boxes[i, 0]]), np.array([det.y[i] - boxes[i, 2]])
-        for k, (delta, totals) in enumerate(zip(deltas, (fluxes, variances))):
-            totals[0][i] += sep.sum_ellipse(delta, x, y, det.a[i], det.b[i], det.theta[i],
-                                            det.kron[i], subpix=5)[0][0]
-            for radius, total in zip(radii, totals[1:]):
-                total[i] += sep.sum_circle(delta, x, y, radius, subpix=5)[0][0]
+        stamps, offset = deltas
+        x = det.x[i] - boxes[i, 0] + np.array([0.0, offset])
+        y = np.full(2, det.y[i] - boxes[i, 2])
+        d_flux, d_var = sep.sum_ellipse(stamps, x, y, det.a[i], det.b[i], det.theta[i],
+                                        det.kron[i], subpix=5)[0]
+        fluxes[0][i] += d_flux
+        variances[0][i] += d_var
+        circles = sep.sum_circle(stamps, np.tile(x, n_radii), np.tile(y, n_radii),
+                                 radius_pairs, subpix=5)[0]
+        for k in range(n_radii):
+            fluxes[k + 1][i] += circles[2 * k]
+            variances[k + 1][i] += circles[2 * k + 1]
     if gain:
         variances = [v + np.maximum(f, 0.0) / gain for f, v in zip(fluxes, variances)]
     return fluxes, [np.sqrt(np.maximum(v, 0.0)) for v in variances], flags
