@@ -25,6 +25,7 @@ from ks4release.config import (
     SurveySection,
     save_config,
 )
+from ks4release.settings import PhotometrySettings
 from ks4release.simulate.arguments import SimulationConfig
 from ks4release.simulate.plan import ExposurePlan, SurveyPlan, plan_survey
 from ks4release.simulate.refcat import delve_catalog, gaia_dr3_catalog, gaia_xp_catalog
@@ -177,6 +178,10 @@ def write_release_config(cfg: SimulationConfig, out_dir: str | Path) -> Path:
             gaia_dr3=RefcatSource(source="local", path="refcat/gaia_dr3.parquet"),
             gaia_xp=RefcatSource(source="local", path="refcat/gaia_xp.parquet"),
             delve_dr2=RefcatSource(source="local", path="refcat/delve_dr2.parquet")),
+        # The demo shrinks the camera, its background structure and the co-adds but not the
+        # sources: a 128 px background mesh instead of DR1's 256 keeps faint galaxies
+        # (completeness at true S/N >= 10: V 95.3% -> 96.0%, I 95.0% -> 95.7% on the demo).
+        photometry=PhotometrySettings(back_size_px=128),
     )
     return save_config(release, Path(out_dir) / "release.toml")
 
