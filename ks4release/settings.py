@@ -670,6 +670,11 @@ class PostprocessSettings:
         "Fixed aperture MAG_AUTO is compared with for the bias correction: aper3, aper5 or "
         "aper10 (DR1 does not say; ours: aper10, which gave the smallest residual bias against "
         "truth on the demo, see the module documentation).", default="aper10")
+    bias_reference: str = documented(
+        "Reference catalog whose point sources make the calibration sample of the MAG_AUTO "
+        "bias curve: gaia_xp as DR1 (G < 17.65, bright where MAG_AUTO's bias is small) or "
+        "gaia_dr3 (to G ~ 21, where the Kron aperture of faint sources loses more light; our "
+        "default).", default="gaia_dr3")
     bias_match_radius_arcsec: float = documented(
         "Radius of the match with Gaia XP (calibration sample) and Gaia DR3 (objects the "
         "correction is applied to), arcsec (our default).", default=1.0)
@@ -721,6 +726,9 @@ class PostprocessSettings:
         if self.bias_bin_max_mag < self.bias_bin_min_mag:
             raise ValueError(f"bias_bin_max_mag ({self.bias_bin_max_mag}) must be >= "
                              f"bias_bin_min_mag ({self.bias_bin_min_mag})")
+        if self.bias_reference not in ("gaia_xp", "gaia_dr3"):
+            raise ValueError("bias_reference must be gaia_xp or gaia_dr3, got "
+                             f"{self.bias_reference!r}")
         if self.bias_aperture not in _BIAS_APERTURES:
             raise ValueError(f"bias_aperture must be one of {', '.join(_BIAS_APERTURES)}, "
                              f"got {self.bias_aperture!r}")

@@ -1,4 +1,4 @@
-"""Post-processing of the tile catalogs (DR1 section 3.2): spurious sources, coverage, MAG_AUTO bias.
+"""Post-processing of tile catalogs (DR1 section 3.2): spurious sources, coverage, MAG_AUTO bias.
 
 Three pure functions on the measurement table of one tile (astropy ``Table``, columns of the
 issue-5 contract: ``ra``, ``dec``, ``x_image``, ``y_image`` and per-band ``{name}_{b}``):
@@ -11,10 +11,10 @@ issue-5 contract: ``ra``, ``dec``, ``x_image``, ``y_image`` and per-band ``{name
 * :func:`coverage_columns` (DR1 3.2.2): ``ndith_{b}`` = number of exposures with a CCD footprint
   polygon containing the source, ``edge_{b}`` near the co-add border or the end of the coverage
   (DR1: those get ``ndith_{b} = 1``), ``min/max/mean_mjd_{b}`` of the covering exposures.
-* :func:`auto_bias_correction` (DR1 3.2.3): MAG_AUTO - MAG_APER of isolated, clean Gaia-XP
-  point sources against magnitude in adaptive bins, median per bin, count-weighted smoothing,
-  linear interpolation; subtracted from MAG_AUTO of Gaia-matched objects and of confident point
-  sources.
+* :func:`auto_bias_correction` (DR1 3.2.3): MAG_AUTO - MAG_APER of isolated, clean reference
+  point sources (DR1: Gaia XP; by default ours are the deeper Gaia DR3 ones) against magnitude
+  in adaptive bins, median per bin, count-weighted smoothing, linear interpolation; subtracted
+  from MAG_AUTO of Gaia-matched objects and of confident point sources.
 
 Which MAG_APER
 --------------
@@ -462,28 +462,31 @@ def bias_curve(mag_auto: np.ndarray, mag_aper: np.ndarray, band: str,
                      count=node_count.astype(int), applied=True, reason="")
 
 
-def auto_bias_correction(table: Table, xp: Table, band: str, settings: PostprocessSettings, *,
+def auto_bias_correction(table: Table, calibration: tuple[np.ndarray, np.ndarray], band: str,
+                         settings: PostprocessSettings, *,
                          gaia: tuple[np.ndarray, np.ndarray] | None = None
                          ) -> tuple[Table, BiasCurve]:
     """Correct MAG_AUTO for its magnitude-dependent bias against fixed-aperture photometry.
 
-    Calibration sample: detections within ``bias_match_radius_arcsec`` of a Gaia XP source
-    with a finite magnitude in the band, ``class_star_{b} >= bias_class_star_min``,
-    ``flags_{b} <= bias_flags_max``, no other detection within ``bias_isolation_arcsec``, and
-    finite ``mag_auto_{b}`` and ``mag_{aperture}_{b}``. The curve is :func:`bias_curve`.
+    Calibration sample: detections within ``bias_match_radius_arcsec`` of a reference point
+    source (``calibration``: DR1 used Gaia XP; ``[postprocess] bias_reference``),
+    ``class_star_{b} >= bias_class_star_min``, ``flags_{b} <= bias_flags_max``, no other
+    detection within ``bias_isolation_arcsec``, and finite ``mag_auto_{b}`` and
+    ``mag_{aperture}_{b}``. The curve is :func:`bias_curve`.
 
     The correction (``mag_auto_{b} -= curve(mag_auto_{b})``) is applied to objects matched to
-    Gaia (DR3 positions ``gaia`` when given, else the Gaia XP ones) and to sources with
-    ``class_star_{b} >= bias_apply_class_star_min``; extended and uncertain sources keep their
-    MAG_AUTO. With too few stars nothing changes and the curve's ``reason`` is logged.
+    Gaia (DR3 positions ``gaia`` when given, else the calibration positions) and to sources
+    with ``class_star_{b} >= bias_apply_class_star_min``; extended and uncertain sources keep
+    their MAG_AUTO. With too few stars nothing changes and the curve's ``reason`` is logged.
 
     Parameters
     ----------
     table : Table
         Calibrated measurements (after ``apply_zp_maps``): ``ra``, ``dec``, ``mag_auto_{b}``,
         ``mag_{aperture}_{b}``, ``class_star_{b}``, ``flags_{b}``.
-    xp : Table
-        Gaia XP sources of the tile: ``ra``, ``dec``, ``{b}_jkc_mag``.
+    calibration : (ra, dec) arrays
+        Positions (deg) of the reference point sources of the tile that have a measurement in
+        the band.
     band : str
     settings : PostprocessSettings
     gaia : (ra, dec) arrays, optional
@@ -498,22 +501,20 @@ def auto_bias_correction(table: Table, xp: Table, band: str, settings: Postproce
     auto, aper = f"mag_auto_{b}", f"mag_{settings.bias_aperture}_{b}"
     star, flags = f"class_star_{b}", f"flags_{b}"
     _require(table, ("ra", "dec", auto, aper, star, flags), f"auto_bias_correction band {band}")
-    _require(xp, ("ra", "dec", f"{b}_jkc_mag"), f"auto_bias_correction band {band} (Gaia XP)")
     vectors = _unit_vectors(table["ra"], table["dec"])
-    xp_ok = np.isfinite(_float(xp, f"{b}_jkc_mag"))
-    xp_vectors = _unit_vectors(_float(xp, "ra")[xp_ok], _float(xp, "dec")[xp_ok])
-    on_xp = _matched(vectors, xp_vectors, settings.bias_match_radius_arcsec)
+    reference = _unit_vectors(*calibration)
+    on_reference = _matched(vectors, reference, settings.bias_match_radius_arcsec)
     isolated = _neighbour_counts(vectors, vectors, settings.bias_isolation_arcsec) <= 1
     class_star, mag_auto = _float(table, star), _float(table, auto)
     flag_values = _float(table, flags)  # masked -> NaN, never <= bias_flags_max
-    sample = (on_xp & isolated & (class_star >= settings.bias_class_star_min)
+    sample = (on_reference & isolated & (class_star >= settings.bias_class_star_min)
               & (flag_values <= settings.bias_flags_max))
     curve = bias_curve(mag_auto[sample], _float(table, aper)[sample], b, settings)
     out = table.copy()
     if not curve.applied:
         logger.info("MAG_AUTO bias correction %s: not applied (%s)", b, curve.reason)
         return out, curve
-    gaia_vectors = xp_vectors if gaia is None else _unit_vectors(*gaia)
+    gaia_vectors = reference if gaia is None else _unit_vectors(*gaia)
     on_gaia = _matched(vectors, gaia_vectors, settings.bias_match_radius_arcsec)
     target = (on_gaia | (class_star >= settings.bias_apply_class_star_min)) & np.isfinite(mag_auto)
     corrected = mag_auto - np.where(target, curve(mag_auto), 0.0)

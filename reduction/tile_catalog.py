@@ -10,7 +10,8 @@ DR1 section 3.2 in the order the paper gives it. For one tile and detection mode
    decides and the forced bands carry the same SSFLAG and SSCOUNT_30;
 3. adds NDITH, EDGE and the MJDs of every band from its exposures' footprints
    (:func:`reduction.postprocess.coverage_columns`);
-4. corrects MAG_AUTO's bias per band (:func:`reduction.postprocess.auto_bias_correction`);
+4. corrects MAG_AUTO's bias per band (:func:`reduction.postprocess.auto_bias_correction`),
+   calibrated on the point sources of ``[postprocess] bias_reference``;
 5. writes the tile catalog (:mod:`ks4release.tile_catalogs`): a band without a co-add has
    null measurements and NDITH = 0; single-mode catalogs get position errors from the
    barycentre variances;
@@ -52,12 +53,21 @@ from ks4release.tile_catalogs import (
     write_tile_catalog,
 )
 
-__all__ = ["SPURIOUS_REFERENCES", "run_tile_catalog", "summary_path", "tile_catalog_columns"]
+__all__ = [
+    "REFERENCES",
+    "SPURIOUS_REFERENCES",
+    "run_tile_catalog",
+    "summary_path",
+    "tile_catalog_columns",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Reference catalogs whose sources make a detection real (DR1 used eight; the demo has two).
 SPURIOUS_REFERENCES = ("gaia_dr3", "delve_dr2")
+
+#: Every reference catalog a tile catalog reads.
+REFERENCES = ("gaia_dr3", "gaia_xp", "delve_dr2")
 
 
 def summary_path(release_dir: Path, tile: str, mode: str, band: str | None = None) -> Path:
@@ -76,16 +86,15 @@ def _coadd_geometry(release_dir: Path, tile: str, band: str) -> tuple[tuple[int,
     return (int(header["NAXIS2"]), int(header["NAXIS1"])), wcs, scale
 
 
-def _references(release_dir: Path, tile: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ra, dec) of every spurious-cleaning reference catalog the tile has."""
-    found = []
-    for catalog in SPURIOUS_REFERENCES:
+def _read_references(release_dir: Path, tile: str) -> dict[str, Table]:
+    """The tile's reference catalogs that exist (Gaia DR3, Gaia XP, DELVE DR2), by name."""
+    found = {}
+    for catalog in REFERENCES:
         path = tile_refcat_path(release_dir, tile, catalog)
         if path.is_file():
-            table = read_refcat(path, catalog)
-            found.append((np.asarray(table["ra"], float), np.asarray(table["dec"], float)))
+            found[catalog] = read_refcat(path, catalog)
         else:
-            logger.warning("tile %s: no %s reference catalog (%s); spurious cleaning goes "
+            logger.warning("tile %s: no %s reference catalog (%s); the steps that use it go "
                            "without it", tile, catalog, path)
     return found
 
@@ -124,9 +133,26 @@ def tile_catalog_columns(table: Table, *, mode: str, band: str | None,
     return cols
 
 
+def _positions(table: Table, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ra, dec) arrays of a reference table, optionally of some rows only."""
+    ra, dec = np.asarray(table["ra"], float), np.asarray(table["dec"], float)
+    return (ra, dec) if rows is None else (ra[rows], dec[rows])
+
+
+def _calibration(references: dict[str, Table], band: str, settings: PostprocessSettings
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Positions of the MAG_AUTO bias calibration sources of ``band`` (lower case), or None
+    without the configured reference catalog."""
+    table = references.get(settings.bias_reference)
+    if table is None:
+        return None
+    if settings.bias_reference == "gaia_xp":
+        return _positions(table, np.isfinite(_float_column(table, f"{band}_jkc_mag")))
+    return _positions(table)
+
+
 def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode: str,
-                  shape: tuple[int, int], wcs: WCS, xp: Table | None,
-                  gaia: tuple[np.ndarray, np.ndarray] | None,
+                  shape: tuple[int, int], wcs: WCS, references: dict[str, Table],
                   settings: PostprocessSettings) -> tuple[Table, dict]:
     """Steps 1, 3 and 4 of the module docstring for one band (upper-case ``band``)."""
     b = band.lower()
@@ -135,9 +161,14 @@ def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode
     exposures = json.loads(coadd_exposures_path(release_dir, tile, band).read_text())
     table = coverage_columns(table, exposures, b, edge_px=settings.edge_px, shape=shape,
                              wcs=wcs)
-    if xp is None:
-        return table, {"bias_curve": None, "reason": "no Gaia XP catalog"}
-    table, curve = auto_bias_correction(table, xp, b, settings, gaia=gaia)
+    calibration = _calibration(references, b, settings)
+    if calibration is None:
+        reason = f"no {settings.bias_reference} catalog for tile {tile}"
+        logger.warning("MAG_AUTO bias correction %s: not applied (%s)", b, reason)
+        return table, {"bias_curve": None, "reason": reason}
+    gaia = references.get("gaia_dr3")
+    table, curve = auto_bias_correction(table, calibration, b, settings,
+                                        gaia=None if gaia is None else _positions(gaia))
     return table, {"bias_curve": asdict(curve)}
 
 
@@ -173,22 +204,15 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
     table = Table.read(source)
     detection = band if single else detection_band
     shape, wcs, scale = _coadd_geometry(release_dir, tile, detection)
-    xp_path = tile_refcat_path(release_dir, tile, "gaia_xp")
-    xp = read_refcat(xp_path, "gaia_xp") if xp_path.is_file() else None
-    gaia_path = tile_refcat_path(release_dir, tile, "gaia_dr3")
-    gaia = None
-    if gaia_path.is_file():
-        g = read_refcat(gaia_path, "gaia_dr3")
-        gaia = (np.asarray(g["ra"], float), np.asarray(g["dec"], float))
-
-    table, stats = flag_spurious(table, _references(release_dir, tile), detection.lower(),
-                                 settings,
+    references = _read_references(release_dir, tile)
+    spurious_refs = [_positions(references[c]) for c in SPURIOUS_REFERENCES if c in references]
+    table, stats = flag_spurious(table, spurious_refs, detection.lower(), settings,
                                  copy_to=[b.lower() for b in bands if b != detection])
     summary: dict = {"tile": tile, "mode": mode, "spurious": stats.as_dict(), "bands": {}}
     for b in bands:
         table, summary["bands"][b] = _process_band(
             table, release_dir=release_dir, tile=tile, band=b, mode=mode, shape=shape,
-            wcs=wcs, xp=xp, gaia=gaia, settings=settings)
+            wcs=wcs, references=references, settings=settings)
     band_letter = band.lower() if single else None
     cols = tile_catalog_columns(table, mode=mode, band=band_letter, pixel_scale_arcsec=scale)
     out = (single_catalog_path(release_dir, tile, band_letter) if single
