@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from scipy.spatial import cKDTree
+from sextractor_marks import has_sextractor, needs_sextractor
 
 from ks4release.layout import coadd_path
 from ks4release.reduction.sextractor import (
@@ -42,18 +43,6 @@ from ks4release.reduction.stellarity import DEFAULT_NNW, read_nnw
 MAX_MEDIAN_DIFF_MAG, MIN_SNR = 0.01, 50.0
 #: Match radius between our windowed positions and SExtractor's, pixels.
 MATCH_PX = 1.0
-
-
-def _has_sextractor() -> bool:
-    try:
-        find_sextractor()
-    except SExtractorNotFound:
-        return False
-    return True
-
-
-needs_sextractor = pytest.mark.skipif(not _has_sextractor(),
-                                      reason="SExtractor (source-extractor) not installed")
 
 
 def test_missing_binary_is_a_clear_error(monkeypatch, tmp_path):
@@ -112,7 +101,7 @@ def test_saturation_from_the_header_and_flag_image(tmp_path):
 @pytest.fixture(scope="module", params=["I", "V"])
 def parity(request, tiny_coadds):
     """Our table and SExtractor's catalog of one tiny co-add, matched by windowed position."""
-    if not _has_sextractor():
+    if not has_sextractor():
         pytest.skip("SExtractor (source-extractor) not installed")
     from ks4release.reduction.photometry import APERTURE_DIAMETERS_ARCSEC, measure_single
     from ks4release.settings import PhotometrySettings

@@ -31,13 +31,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.spatial import cKDTree
+from sextractor_marks import needs_sextractor
 
 from ks4release.errors import InputError
 from ks4release.layout import coadd_path
 from ks4release.reduction.sextractor import (
-    SExtractorNotFound,
     SExtractorSettings,
-    find_sextractor,
     run_sextractor,
 )
 from ks4release.reduction.stellarity import (
@@ -49,18 +48,6 @@ from ks4release.reduction.stellarity import (
     read_nnw,
     write_nnw,
 )
-
-
-def _has_sextractor() -> bool:
-    try:
-        find_sextractor()
-    except SExtractorNotFound:
-        return False
-    return True
-
-
-needs_sextractor = pytest.mark.skipif(not _has_sextractor(),
-                                      reason="SExtractor (source-extractor) not installed")
 
 
 @pytest.fixture(scope="module")
