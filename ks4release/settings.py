@@ -547,6 +547,13 @@ class MasterSettings:
     link_radius_arcsec: float = documented(
         "Linking length of detections of one source on different tiles, arcsec (DR1: 0.5).",
         default=0.5)
+    second_pass_radius_arcsec: float = documented(
+        "Second pass of the cross-tile linking and of the band merge: groups that are mutual "
+        "nearest neighbours within this radius and share no tile (band) are joined, catching "
+        "faint sources whose noisy centroids land beyond DR1's radius on one tile (band); two "
+        "sources one image resolved are never joined. 0 = DR1's single pass; our default "
+        "1.0 (on the demo, 0.5 alone leaves 5% of the overlap sources twice in idual_master).",
+        default=1.0)
     band_merge_radius_arcsec: float = documented(
         "Matching radius of the per-tile band merge of single-mode lists, arcsec (DR1: 0.8).",
         default=0.8)
@@ -579,6 +586,9 @@ class MasterSettings:
         for name in ("link_radius_arcsec", "band_merge_radius_arcsec"):
             if not 0.0 < getattr(self, name) <= 10.0:
                 raise ValueError(f"{name} must be in (0, 10] arcsec, got {getattr(self, name)}")
+        if not 0.0 <= self.second_pass_radius_arcsec <= 10.0:
+            raise ValueError("second_pass_radius_arcsec must be in [0, 10] arcsec, got "
+                             f"{self.second_pass_radius_arcsec}")
         if sorted(self.band_merge_order) != sorted(_CATALOG_BANDS):
             raise ValueError(f"band_merge_order must be a permutation of {_CATALOG_BANDS}, got "
                              f"{self.band_merge_order}")
@@ -786,14 +796,29 @@ class PhotometrySettings:
         "SExtractor neural-network weights (.nnw) of CLASS_STAR; Debian's source-extractor "
         "installs SExtractor's default.nnw, the network DR1 used (kmtnet.nnw).",
         default="/usr/share/source-extractor/default.nnw")
+    local_seeing: bool = documented(
+        "CLASS_STAR's SEEING_FWHM per object from the local PSF (the co-add's SEEING scaled by "
+        "the FWHM_IMAGE of nearby bright point sources on the same NDITH level, as SExtractor "
+        "users run per region) instead of the co-add's SEEING everywhere.", default=True)
+    seeing_min_snr: float = documented(
+        "Smallest S/N (snr) of the detections whose FWHM_IMAGE measures the local PSF.",
+        default=50.0)
+    seeing_neighbours: int = documented(
+        "Nearest PSF detections (same NDITH level) behind each object's local seeing; fewer on "
+        "its level: the co-add's SEEING.", default=8)
+    seeing_quantile: float = documented(
+        "Quantile of the neighbours' FWHM_IMAGE taken as the stellar locus (the point sources "
+        "are the narrowest of them).", default=0.25)
 
     def __post_init__(self) -> None:
+        if not 0 < self.seeing_quantile < 1:
+            raise ValueError(f"seeing_quantile must be in (0, 1), got {self.seeing_quantile}")
         for name in ("detect_thresh_sigma", "deblend_cont", "clean_param", "kron_factor",
-                     "kron_min_radius", "crowding_fraction"):
+                     "kron_min_radius", "crowding_fraction", "seeing_min_snr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("min_area_px", "deblend_nthresh", "back_size_px", "back_filter_size",
-                     "interp_max_gap_px", "pixel_stack"):
+                     "interp_max_gap_px", "pixel_stack", "seeing_neighbours"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gain_e_per_adu < 0:

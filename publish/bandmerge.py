@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from ks4release.publish.link import match_nearest
+from ks4release.publish.link import match_nearest, mean_positions, merge_disjoint_groups
 from ks4release.tile_catalogs import BANDS, band_columns
 
 __all__ = ["NdithLookup", "merge_bands"]
@@ -28,7 +28,7 @@ NdithLookup = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def merge_bands(band_tables: Mapping[str, Mapping[str, np.ndarray]], *, order: tuple[str, ...],
-                radius_arcsec: float,
+                radius_arcsec: float, merge_radius_arcsec: float = 0.0,
                 ndith_lookup: Mapping[str, NdithLookup] | None = None) -> dict[str, np.ndarray]:
     """Merge one tile's single-band lists into entries with the columns of every band.
 
@@ -41,6 +41,9 @@ def merge_bands(band_tables: Mapping[str, Mapping[str, np.ndarray]], *, order: t
         Merge order of the bands (all four letters).
     radius_arcsec : float
         Matching radius (DR1: 0.8 arcsec).
+    merge_radius_arcsec : float
+        Second pass (0 = none): entries that are mutual nearest neighbours within this radius
+        and have no band in common are joined (:func:`.link.merge_disjoint_groups`).
     ndith_lookup : mapping of band letter to callable, optional
         NDITH maps of observed bands, for entries not detected in that band.
 
@@ -57,8 +60,6 @@ def merge_bands(band_tables: Mapping[str, Mapping[str, np.ndarray]], *, order: t
     ref_ra = np.zeros(0)
     sum_dra = np.zeros(0)
     sum_dec = np.zeros(0)
-    sum_ra2 = np.zeros(0)
-    sum_dec2 = np.zeros(0)
     count = np.zeros(0)
     for band in order:
         if band not in band_tables:
@@ -80,23 +81,16 @@ def merge_bands(band_tables: Mapping[str, Mapping[str, np.ndarray]], *, order: t
         ref_ra = np.concatenate([ref_ra, ra[new]])
         sum_dra = np.concatenate([sum_dra, np.zeros(len(new))])
         sum_dec = np.concatenate([sum_dec, np.zeros(len(new))])
-        sum_ra2 = np.concatenate([sum_ra2, np.zeros(len(new))])
-        sum_dec2 = np.concatenate([sum_dec2, np.zeros(len(new))])
         count = np.concatenate([count, np.zeros(len(new))])
         hit = rows[band] >= 0
         src = rows[band][hit]
         sum_dra[hit] += (ra[src] - ref_ra[hit] + 180.0) % 360.0 - 180.0
         sum_dec[hit] += dec[src]
-        sum_ra2[hit] += np.asarray(table["raerr"], dtype=np.float64)[src] ** 2
-        sum_dec2[hit] += np.asarray(table["decerr"], dtype=np.float64)[src] ** 2
         count[hit] += 1
-    out = {
-        "ra": (ref_ra + sum_dra / np.maximum(count, 1)) % 360.0,
-        "dec": sum_dec / np.maximum(count, 1),
-        "raerr": np.sqrt(sum_ra2) / np.maximum(count, 1),
-        "decerr": np.sqrt(sum_dec2) / np.maximum(count, 1),
-    }
-    n = len(count)
+    if merge_radius_arcsec > 0:
+        rows = _join_entries(rows, band_tables, merge_radius_arcsec)
+    out = _entry_positions(rows, band_tables)
+    n = len(out["ra"])
     for band in BANDS:
         out.update(_band_values(band_tables.get(band), rows.get(band), n, band))
         if band in band_tables:
@@ -105,6 +99,56 @@ def merge_bands(band_tables: Mapping[str, Mapping[str, np.ndarray]], *, order: t
             if lookup is not None and missing.any():
                 out[f"ndith_{band}"][missing] = lookup(out["ra"][missing], out["dec"][missing])
     return out
+
+
+def _detections(rows: Mapping[str, np.ndarray], band_tables: Mapping[str, Mapping[str, np.ndarray]]
+                ) -> dict[str, np.ndarray]:
+    """Every band detection of the entries: entry, band code, row, position and errors."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("entry", "band", "row", "ra", "dec",
+                                                          "raerr", "decerr")}
+    for code, band in enumerate(BANDS):
+        if band not in rows:
+            continue
+        entry = np.flatnonzero(rows[band] >= 0)
+        row = rows[band][entry]
+        table = band_tables[band]
+        parts["entry"].append(entry)
+        parts["band"].append(np.full(entry.size, code))
+        parts["row"].append(row)
+        for name in ("ra", "dec", "raerr", "decerr"):
+            parts[name].append(np.asarray(table[name], dtype=np.float64)[row])
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+
+
+def _join_entries(rows: dict[str, np.ndarray],
+                  band_tables: Mapping[str, Mapping[str, np.ndarray]],
+                  merge_radius_arcsec: float) -> dict[str, np.ndarray]:
+    """The second pass: entries joined by :func:`merge_disjoint_groups`, rows renumbered."""
+    det = _detections(rows, band_tables)
+    if det["entry"].size == 0:
+        return rows
+    labels = merge_disjoint_groups(det["ra"], det["dec"], det["entry"].astype(np.int64),
+                                   det["band"].astype(np.int64), merge_radius_arcsec)
+    n = int(labels.max()) + 1
+    joined = {band: np.full(n, -1, dtype=np.int64) for band in rows}
+    for code, band in enumerate(BANDS):
+        if band in rows:
+            mine = det["band"] == code
+            joined[band][labels[mine]] = det["row"][mine].astype(np.int64)
+    return joined
+
+
+def _entry_positions(rows: Mapping[str, np.ndarray],
+                     band_tables: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Unweighted mean position of each entry's band detections, errors in quadrature / n."""
+    n = len(next(iter(rows.values()))) if rows else 0
+    det = _detections(rows, band_tables)
+    entry = det["entry"].astype(np.int64)
+    ra, dec = mean_positions(det["ra"], det["dec"], entry, n)
+    count = np.maximum(np.bincount(entry, minlength=n), 1)
+    return {"ra": ra, "dec": dec,
+            "raerr": np.sqrt(np.bincount(entry, det["raerr"] ** 2, minlength=n)) / count,
+            "decerr": np.sqrt(np.bincount(entry, det["decerr"] ** 2, minlength=n)) / count}
 
 
 def _band_values(table: Mapping[str, np.ndarray] | None, rows: np.ndarray | None, n: int,

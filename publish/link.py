@@ -3,6 +3,8 @@
 * :func:`link_detections` groups detections of one source seen on several overlapping tiles:
   friends-of-friends within DR1's 0.5 arcsec, where only detections from *different* tiles are
   friends (two detections on the same tile are two sources that the extraction separated).
+* :func:`merge_disjoint_groups` is the optional second pass: groups that are mutual nearest
+  neighbours within a larger radius and share no tile (or band) are joined.
 * :func:`merge_bands` merges one tile's single-band source lists hierarchically (DR1 4.2.2):
   the first band's list, then each further band matched one-to-one within 0.8 arcsec to the
   running mean positions of what has been merged so far; unmatched sources start new entries.
@@ -22,6 +24,7 @@ __all__ = [
     "link_detections",
     "mean_positions",
     "match_nearest",
+    "merge_disjoint_groups",
     "unit_vectors",
 ]
 
@@ -62,6 +65,60 @@ def link_detections(ra_deg: np.ndarray, dec_deg: np.ndarray, tile_codes: np.ndar
                        shape=(n, n)).tocsr()
     _, labels = connected_components(graph, directed=False)
     return labels.astype(np.int64)
+
+
+def merge_disjoint_groups(ra_deg: np.ndarray, dec_deg: np.ndarray, labels: np.ndarray,
+                          keys: np.ndarray, radius_arcsec: float) -> np.ndarray:
+    """Join groups that are mutual nearest neighbours within ``radius_arcsec`` and share no key.
+
+    The second pass after a fixed-radius linking: faint sources seen on two tiles (or in two
+    bands) often land a little beyond DR1's radius because their centroids are noisy. Two
+    groups are joined when their mean positions are within ``radius_arcsec``, each is the
+    other's nearest such group, and no key (tile, or band) occurs in both, so that two
+    sources one image resolved are never joined. Labels are renumbered 0..n_groups-1 in order
+    of first appearance; the partition does not depend on the row order.
+
+    Parameters
+    ----------
+    ra_deg, dec_deg : ndarray
+        Positions of the rows, deg.
+    labels : ndarray of int
+        Group of every row (0..n_groups-1), e.g. from :func:`link_detections`.
+    keys : ndarray of int
+        What may occur only once in a group: the tile (cross-tile linking) or the band.
+    radius_arcsec : float
+        Largest separation of the mean positions of two joined groups.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n_groups = int(labels.max()) + 1 if labels.size else 0
+    if n_groups < 2:
+        return labels
+    gra, gdec = mean_positions(ra_deg, dec_deg, labels, n_groups)
+    vectors = unit_vectors(gra, gdec)
+    pairs = cKDTree(vectors).query_pairs(_chord(radius_arcsec), output_type="ndarray")
+    if len(pairs) == 0:
+        return labels
+    keys = np.asarray(keys, dtype=np.int64)
+    members = [set() for _ in range(n_groups)]
+    for group, key in zip(labels.tolist(), keys.tolist(), strict=True):
+        members[group].add(key)
+    pairs = pairs[[members[a].isdisjoint(members[b]) for a, b in pairs]]
+    if len(pairs) == 0:
+        return labels
+    distance = np.linalg.norm(vectors[pairs[:, 0]] - vectors[pairs[:, 1]], axis=1)
+    nearest = np.full(n_groups, np.inf)
+    np.minimum.at(nearest, pairs[:, 0], distance)
+    np.minimum.at(nearest, pairs[:, 1], distance)
+    mutual = (distance == nearest[pairs[:, 0]]) & (distance == nearest[pairs[:, 1]])
+    pairs = pairs[mutual]
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
+                       shape=(n_groups, n_groups)).tocsr()
+    _, joined = connected_components(graph, directed=False)
+    merged = joined[labels]
+    _, first = np.unique(merged, return_index=True)
+    renumber = np.empty(merged.max() + 1, dtype=np.int64)
+    renumber[merged[np.sort(first)]] = np.arange(first.size)
+    return renumber[merged]
 
 
 def mean_positions(ra_deg: np.ndarray, dec_deg: np.ndarray, labels: np.ndarray,

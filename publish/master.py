@@ -49,7 +49,7 @@ from ks4release.errors import InputError
 from ks4release.ids import encode_ids, healpix_index, running_numbers
 from ks4release.publish.aggregate import aggregate_groups
 from ks4release.publish.bandmerge import NdithLookup, merge_bands
-from ks4release.publish.link import link_detections, mean_positions
+from ks4release.publish.link import link_detections, mean_positions, merge_disjoint_groups
 from ks4release.schemas import CatalogSchema, catalog_schema, columns_to_batch
 from ks4release.settings import MasterSettings
 from ks4release.sfd import SfdMap, SfdMapMissingWarning
@@ -218,6 +218,7 @@ def _stage_single(tile_catalogs: Sequence[Path], stage_path: Path, settings: Mas
         merged = merge_bands(
             band_tables, order=settings.band_merge_order,
             radius_arcsec=settings.band_merge_radius_arcsec,
+            merge_radius_arcsec=settings.second_pass_radius_arcsec,
             ndith_lookup={b: f for (t, b), f in lookups.items() if t == tile})
         writer.write(merged, code)
     return writer.close()
@@ -238,13 +239,16 @@ class _Plan:
     ids: np.ndarray
 
 
-def plan_sources(staged: _Staged, link_radius_arcsec: float) -> _Plan:
+def plan_sources(staged: _Staged, link_radius_arcsec: float,
+                 second_pass_radius_arcsec: float = 0.0) -> _Plan:
     """Link staged detections and order the sources by HEALPix cell, RA and Dec."""
     canonical = np.lexsort((staged.dec, staged.ra, staged.tile_code))
-    labels = link_detections(staged.ra[canonical], staged.dec[canonical],
-                             staged.tile_code[canonical], link_radius_arcsec)
+    ra, dec, tiles = staged.ra[canonical], staged.dec[canonical], staged.tile_code[canonical]
+    labels = link_detections(ra, dec, tiles, link_radius_arcsec)
+    if second_pass_radius_arcsec > 0:
+        labels = merge_disjoint_groups(ra, dec, labels, tiles, second_pass_radius_arcsec)
     n_groups = int(labels.max()) + 1 if labels.size else 0
-    gra, gdec = mean_positions(staged.ra[canonical], staged.dec[canonical], labels, n_groups)
+    gra, gdec = mean_positions(ra, dec, labels, n_groups)
     cells = healpix_index(gra, gdec)
     group_order = np.lexsort((gdec, gra, cells))
     rank = np.empty(n_groups, dtype=np.int64)
@@ -291,7 +295,7 @@ def _read_rows(reader: pa.ipc.RecordBatchFileReader, batch_rows: np.ndarray,
 def _write_master(staged: _Staged, out_path: Path, schema: CatalogSchema,
                   settings: MasterSettings) -> int:
     """Link, aggregate and write the catalog; returns its number of rows."""
-    plan = plan_sources(staged, settings.link_radius_arcsec)
+    plan = plan_sources(staged, settings.link_radius_arcsec, settings.second_pass_radius_arcsec)
     sfd = SfdMap(settings.sfd_ngp, settings.sfd_sgp) if settings.sfd_ngp else None
     if sfd is None:
         warnings.warn(f"{schema.catalog}: no SFD dust map configured (sfd_ngp, sfd_sgp): "

@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 
 from ks4release.publish.aggregate import aggregate_groups, weighted_median
 from ks4release.publish.bandmerge import merge_bands
-from ks4release.publish.link import link_detections, match_nearest, mean_positions
+from ks4release.publish.link import (
+    link_detections,
+    match_nearest,
+    mean_positions,
+    merge_disjoint_groups,
+)
 from ks4release.tile_catalogs import BANDS, band_columns
 
 ARCSEC = 1.0 / 3600.0
@@ -47,6 +52,48 @@ def test_linking_is_invariant_under_row_and_tile_permutation(data, rnd):
     tile_map = np.array(rnd.sample(range(4), 4))
     permuted = link_detections(ra[order], dec[order], tile_map[tile[order]], 0.5)
     assert _partition(permuted, order) == base
+
+
+def _two_pass(ra, dec, tile):
+    return merge_disjoint_groups(ra, dec, link_detections(ra, dec, tile, 0.5), tile, 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(detections(), st.randoms(use_true_random=False))
+def test_second_pass_is_invariant_and_never_joins_one_tile_twice(data, rnd):
+    ra, dec, tile = data
+    labels = _two_pass(ra, dec, tile)
+    base = _partition(labels, np.arange(len(ra)))
+    order = np.array(rnd.sample(range(len(ra)), len(ra)))
+    tile_map = np.array(rnd.sample(range(4), 4))
+    permuted = _two_pass(ra[order], dec[order], tile_map[tile[order]])
+    assert _partition(permuted, order) == base
+    # the first pass's groups are kept whole, and a joined group holds a tile at most as
+    # often as the first pass's groups it joined did
+    first = link_detections(ra, dec, tile, 0.5)
+    for group in set(first.tolist()):
+        assert len(set(labels[first == group].tolist())) == 1
+    for group in set(labels.tolist()):
+        members = first[labels == group]
+        parts = [tile[first == g] for g in set(members.tolist())]
+        assert sum(len(set(p.tolist())) for p in parts) == len(set(tile[labels == group]))
+
+
+def test_second_pass_joins_a_noisy_duplicate_but_not_a_resolved_pair():
+    dec = np.full(3, -30.0)
+    step = ARCSEC / np.cos(np.radians(30.0))
+    # one source on tiles 0 and 1, 0.8" apart: two groups after DR1's 0.5", one after the pass
+    ra = np.array([150.0, 150.0 + 0.8 * step])
+    assert len(set(link_detections(ra, dec[:2], np.array([0, 1]), 0.5))) == 2
+    assert len(set(_two_pass(ra, dec[:2], np.array([0, 1])))) == 1
+    # tile 0 resolves two sources 0.9" apart; tile 1 sees one of them: it joins its nearest
+    # and the two sources of tile 0 stay apart
+    ra = np.array([150.0, 150.0 + 0.9 * step, 150.0 + 0.7 * step])
+    labels = _two_pass(ra, dec, np.array([0, 0, 1]))
+    assert labels[0] != labels[1] and labels[2] == labels[1]
+    # beyond the second radius nothing is joined
+    ra = np.array([150.0, 150.0 + 1.2 * step])
+    assert len(set(_two_pass(ra, dec[:2], np.array([0, 1])))) == 2
 
 
 def test_same_tile_detections_are_never_linked_directly():
@@ -194,3 +241,18 @@ def test_band_merge_nulls_and_non_observations():
     assert out["ra"][0] == pytest.approx(150.0 + 0.15 * ARCSEC)
     assert out["raerr"][0] == pytest.approx(np.sqrt(2 * 0.1**2) / 2)
     assert out["decerr"][1] == pytest.approx(0.2)
+
+
+def test_band_merge_second_pass_joins_bands_beyond_the_radius():
+    step = ARCSEC / np.cos(np.radians(30.0))
+    tables = {
+        "i": _band_table([150.0, 150.01], [-30.0, -30.0], "i", 20.0),
+        "r": _band_table([150.0 + 0.9 * step, 150.02], [-30.0, -30.0], "r", 20.5),
+    }
+    single = merge_bands(tables, order=("i", "r", "v", "b"), radius_arcsec=0.8)
+    joined = merge_bands(tables, order=("i", "r", "v", "b"), radius_arcsec=0.8,
+                         merge_radius_arcsec=1.0)
+    assert len(single["ra"]) == 4 and len(joined["ra"]) == 3
+    both = np.flatnonzero(np.isfinite(joined["mag_auto_i"]) & np.isfinite(joined["mag_auto_r"]))
+    assert both.size == 1
+    assert joined["ra"][both[0]] == pytest.approx(150.0 + 0.45 * step)
