@@ -11,8 +11,10 @@ and adds what SWarp does not give:
   input pixel), see :mod:`ks4release.reduction.coadd_maps`;
 * ``<tile>_<band>_ndith.fits``: number of exposures that entered the median at each pixel,
   read from SWarp's resampled weight frames;
-* ``<tile>_<band>_exposures.json``: stem, MJD, site, CCD footprints (sky corners) and ok flag of
-  every exposure (for the catalog's NDITH, EDGE and MJD columns);
+* ``<tile>_<band>_exposures.json``: stem, MJD, site, CCD footprints (sky outlines,
+  ``coadd_maps.FOOTPRINT_VERTICES_PER_SIDE`` vertices per side, so that they follow the
+  distortion's bow of the CCD edges) and ok flag of every exposure (for the catalog's NDITH,
+  EDGE and MJD columns);
 * co-add header: ``SEEING`` (median FWHM of stars on the co-add, arcsec), ``MAGLIM`` (5-sigma
   limiting AB magnitude in an aperture of ``DEPTHAPD`` arcsec diameter = 2 x SEEING by default,
   from random empty apertures, so the noise correlation of the resampling is included; the
@@ -49,7 +51,7 @@ from ks4release.layout import coadd_exposures_path, coadd_path
 from ks4release.projection import tan_wcs_header
 from ks4release.reduction.coadd_maps import (
     accumulate_mask,
-    ccd_corners_deg,
+    ccd_footprint_deg,
     ndith_from_weights,
     project_ccd,
 )
@@ -499,15 +501,16 @@ def _swarp_inputs_and_mask(used: list[_Exposure], folder: Path, grid_wcs: WCS,
 
 
 def _footprint(exp: _Exposure) -> dict:
-    """The exposures-JSON entry of one exposure: sky corners of every CCD used."""
-    corners = {}
+    """The exposures-JSON entry of one exposure: the sky outline (``ccd_footprint_deg``, a list
+    of [ra, dec] vertices) of every CCD used, through its fitted WCS."""
+    outlines = {}
     with fits.open(exp.path, memmap=True) as hdul:
         for name in exp.ok_ccds:
             header = hdul[name].header
             shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-            corners[name] = ccd_corners_deg(_ccd_wcs(header), shape)
+            outlines[name] = ccd_footprint_deg(_ccd_wcs(header), shape)
     return {"stem": exp.stem, "mjd": exp.mjd, "site": exp.site, "ok": bool(exp.ok_ccds),
-            "ccds": corners, "excluded_ccds": exp.excluded}
+            "ccds": outlines, "excluded_ccds": exp.excluded}
 
 
 def _check_swarp_grid(header: fits.Header, grid_wcs: WCS, shape: tuple[int, int], tile: str,

@@ -11,6 +11,9 @@ NDITH: the number of exposures with a usable (weight > 0) resampled pixel at the
 read from SWarp's own resampled weight frames, so it is exactly what entered the median: it
 drops where SWarp's kernel touched a zero-weight input pixel (within ~3 px of a dead amplifier,
 a CCD edge or a large masked region), which a footprint projection would miss.
+
+Footprints: the sky outline of every CCD, ``FOOTPRINT_VERTICES_PER_SIDE`` vertices per side, for
+the catalog's NDITH, EDGE and MJD columns (the exposures JSON of the co-add).
 """
 
 from __future__ import annotations
@@ -25,16 +28,27 @@ from astropy.wcs import WCS
 from scipy.interpolate import RectBivariateSpline
 
 __all__ = [
+    "FOOTPRINT_VERTICES_PER_SIDE",
     "CcdProjection",
     "accumulate_mask",
     "ccd_bbox",
-    "ccd_corners_deg",
+    "ccd_footprint_deg",
     "ndith_from_weights",
     "project_ccd",
 ]
 
 # Output rows handled at once when interpolating the pixel mapping (bounds memory).
 _ROW_BLOCK = 1024
+
+#: Vertices per CCD side of a footprint. Readers join them by straight lines on the TAN co-add
+#: grid (great circles), so a side bowed by the field distortion is followed to within the
+#: sagitta of one segment: measured with the simulator's cubic ``.ahead`` distortion
+#: (:mod:`ks4release.simulate.astrometry`), 0.006 co-add px on the 1/16-scale demo and 0.10 px
+#: on the full-size camera, where the four corners alone miss the bow by 1.6 and 25 px.
+FOOTPRINT_VERTICES_PER_SIDE = 16
+
+# Vertices per side of the outline that bounds a CCD on the output grid (ccd_bbox).
+_BBOX_VERTICES_PER_SIDE = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,12 +65,28 @@ class CcdProjection:
     bits: np.ndarray
 
 
-def ccd_corners_deg(ccd_wcs: WCS, shape: tuple[int, int]) -> list[list[float]]:
-    """Sky corners ``[[ra, dec], ...]`` of a CCD (outer pixel edges), counter-clockwise order."""
+def _outline_px(shape: tuple[int, int], per_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """0-based pixel coordinates ``(x, y)`` of ``per_side`` points per side along a CCD's outer
+    pixel edges, from pixel corner (-0.5, -0.5) through (nx - 0.5, -0.5), (nx - 0.5, ny - 0.5)
+    and (-0.5, ny - 0.5): counter-clockwise in pixel coordinates, each corner once."""
     ny, nx = shape
-    x = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5])
-    y = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5])
-    ra, dec = ccd_wcs.all_pix2world(x, y, 0)
+    t = np.arange(per_side) / per_side
+    xs = np.concatenate([t * nx, np.full(per_side, nx), (1 - t) * nx, np.zeros(per_side)]) - 0.5
+    ys = np.concatenate([np.zeros(per_side), t * ny, np.full(per_side, ny), (1 - t) * ny]) - 0.5
+    return xs, ys
+
+
+def ccd_footprint_deg(ccd_wcs: WCS, shape: tuple[int, int], *,
+                      vertices_per_side: int = FOOTPRINT_VERTICES_PER_SIDE) -> list[list[float]]:
+    """Sky outline ``[[ra, dec], ...]`` of a CCD's outer pixel edges through its full WCS.
+
+    ``4 * vertices_per_side`` vertices in the order of :func:`_outline_px` (the first is pixel
+    corner (-0.5, -0.5)); enough of them that straight segments follow the edges bowed by the
+    field distortion (see ``FOOTPRINT_VERTICES_PER_SIDE``). RA in [0, 360).
+    """
+    if vertices_per_side < 1:
+        raise ValueError(f"vertices_per_side must be >= 1, got {vertices_per_side}")
+    ra, dec = ccd_wcs.all_pix2world(*_outline_px(shape, vertices_per_side), 0)
     return [[float(r % 360.0), float(d)] for r, d in zip(ra, dec)]
 
 
@@ -64,14 +94,10 @@ def ccd_bbox(ccd_wcs: WCS, shape: tuple[int, int], grid_wcs: WCS, grid_shape: tu
              pad: int = 2) -> tuple[int, int, int, int] | None:
     """Output rows/columns ``(y0, y1, x0, x1)`` holding the CCD, or None when it misses the grid.
 
-    The CCD outline is sampled every ~1/32 of a side, so that distortion bowing the edges is
+    The CCD outline is sampled every 1/32 of a side, so that distortion bowing the edges is
     followed; ``pad`` output pixels are added on every side.
     """
-    ny, nx = shape
-    t = np.linspace(0.0, 1.0, 33)
-    xs = np.concatenate([t * nx, np.full_like(t, nx), (1 - t) * nx, np.zeros_like(t)]) - 0.5
-    ys = np.concatenate([np.zeros_like(t), t * ny, np.full_like(t, ny), (1 - t) * ny]) - 0.5
-    ra, dec = ccd_wcs.all_pix2world(xs, ys, 0)
+    ra, dec = ccd_wcs.all_pix2world(*_outline_px(shape, _BBOX_VERTICES_PER_SIDE), 0)
     gx, gy = grid_wcs.wcs_world2pix(ra, dec, 0)
     gny, gnx = grid_shape
     x0 = max(0, int(np.floor(gx.min())) - pad)

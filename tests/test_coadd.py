@@ -35,9 +35,14 @@ from ks4release.reduction.coadd import (
     run_coadd,
     tile_grid,
 )
-from ks4release.reduction.coadd_maps import project_ccd
+from ks4release.reduction.coadd_maps import (
+    FOOTPRINT_VERTICES_PER_SIDE,
+    ccd_footprint_deg,
+    project_ccd,
+)
 from ks4release.reduction.coadd_swarp import run_swarp, sip_to_tpv_header, tpv_terms
 from ks4release.simulate import SimulationConfig, simulate_survey
+from ks4release.simulate.astrometry import sip_coefficient, true_wcs
 from ks4release.simulate.sky import positions_at
 from ks4release.survey import site
 
@@ -420,16 +425,79 @@ def test_products_headers_and_exposures_json(built):
     assert payload["tile"] == TILE and payload["band"] == BAND
     by_stem = {e["stem"]: e for e in payload["exposures"]}
     assert set(by_stem) == set(built["stems"])
-    truth_wcs = {s: h for s, h in _truth_masks(built).items()}
     for _, exp in built["truth_exposures"].iterrows():
         entry = by_stem[exp.stem]
         assert entry["ok"] and entry["mjd"] == pytest.approx(exp.mjd) and entry["site"] == exp.site
-        corners = np.array(entry["ccds"]["KK"])
-        w = quiet_wcs(truth_wcs[exp.stem]["KK"].header)
-        x, _ = w.all_world2pix(corners[:, 0], corners[:, 1], 0)
-        assert np.allclose(np.sort(x), [-0.5, -0.5, 575.5, 575.5], atol=1e-3)
+        assert sorted(entry["ccds"]) == sorted(CCD_NAMES) and entry["excluded_ccds"] == {}
     # the dead amplifier (bit 8) shows in the mask map wherever only it covers a pixel
     assert np.any(built["mask"] & 8)
+
+
+def _segment_distance(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Distance of every point (n, 2) to the closed polygon's sides (same units)."""
+    best = np.full(len(points), np.inf)
+    for a, b in zip(polygon, np.roll(polygon, -1, axis=0)):
+        ab = b - a
+        t = np.clip((points - a) @ ab / (ab @ ab), 0.0, 1.0)
+        best = np.minimum(best, np.hypot(*(points - (a + t[:, None] * ab)).T))
+    return best
+
+
+def test_exposure_footprints_follow_the_true_ccd_edges(built):
+    """Joined by straight lines on the co-add grid (as the catalog stage does), the footprint
+    vertices follow every true CCD edge, bowed by the field distortion, within 0.1 co-add px;
+    the four corners alone would miss it by more than 0.5 px."""
+    payload = json.loads(coadd_exposures_path(built["release"], TILE, BAND).read_text())
+    grid = built["wcs"]
+    n = FOOTPRINT_VERTICES_PER_SIDE
+    t = np.linspace(0.0, 1.0, 200, endpoint=False)
+    worst, worst_corners = 0.0, 0.0
+    truth = _truth_masks(built)
+    for entry in payload["exposures"]:
+        for name, vertices in entry["ccds"].items():
+            vertices = np.asarray(vertices)
+            assert vertices.shape == (4 * n, 2)
+            header = truth[entry["stem"]][name].header
+            w, nx, ny = quiet_wcs(header), header["NAXIS1"], header["NAXIS2"]
+            x, y = w.all_world2pix(vertices[:, 0], vertices[:, 1], 0)
+            on_edge = np.minimum.reduce([np.abs(x + 0.5), np.abs(x - nx + 0.5),
+                                         np.abs(y + 0.5), np.abs(y - ny + 0.5)])
+            assert np.all(on_edge < 1e-3)
+            edge_x = np.concatenate([t * nx, np.full_like(t, nx), (1 - t) * nx, 0 * t]) - 0.5
+            edge_y = np.concatenate([0 * t, t * ny, np.full_like(t, ny), (1 - t) * ny]) - 0.5
+            ra, dec = w.all_pix2world(edge_x, edge_y, 0)
+            edge = np.column_stack(grid.wcs_world2pix(ra, dec, 0))
+            polygon = np.column_stack(grid.wcs_world2pix(vertices[:, 0], vertices[:, 1], 0))
+            worst = max(worst, _segment_distance(edge, polygon).max())
+            worst_corners = max(worst_corners, _segment_distance(edge, polygon[::n]).max())
+    assert worst < 0.1 and worst_corners > 0.5
+
+
+@settings(max_examples=30, deadline=None)
+@given(per_side=st.integers(1, 40), ccd=st.sampled_from(range(4)),
+       rotation=st.floats(-1.0, 1.0))
+def test_ccd_footprint_vertices_walk_the_outer_pixel_edges(per_side, ccd, rotation):
+    """4 x per_side vertices, corner (-0.5, -0.5) first, in pixel order round the outer pixel
+    edges, with every corner among them, through a TAN-SIP WCS."""
+    camera = Camera.kmtnet(1 / 16)
+    chip = camera.ccds[ccd]
+    w = true_wcs(chip, 359.9, -62.0, rotation, sip_coefficient(1 / 16))
+    vertices = np.asarray(ccd_footprint_deg(w, (chip.ny, chip.nx), vertices_per_side=per_side))
+    assert vertices.shape == (4 * per_side, 2)
+    assert np.all((vertices[:, 0] >= 0) & (vertices[:, 0] < 360))
+    x, y = w.all_world2pix(vertices[:, 0], vertices[:, 1], 0)
+    corners = [(-0.5, -0.5), (chip.nx - 0.5, -0.5), (chip.nx - 0.5, chip.ny - 0.5),
+               (-0.5, chip.ny - 0.5)]
+    assert np.allclose(np.column_stack([x, y])[::per_side], corners, atol=1e-4)
+    # the shoelace area in pixel coordinates: counter-clockwise, the whole chip
+    area = 0.5 * np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)
+    assert area == pytest.approx(chip.nx * chip.ny, rel=1e-6)
+
+
+def test_ccd_footprint_needs_a_vertex_per_side():
+    w = true_wcs(Camera.kmtnet(1 / 16).ccds[0], 0.0, -62.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="vertices_per_side"):
+        ccd_footprint_deg(w, (576, 576), vertices_per_side=0)
 
 
 def test_mask_projection_spline_matches_exact_mapping(built):
