@@ -47,6 +47,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from scipy.spatial import cKDTree
 
 from ks4release.layout import coadd_exposures_path, coadd_path
+from ks4release.projection import chord, unit_vectors
 from ks4release.reduction.calibration_maps import map_bin_px
 from ks4release.settings import MasterSettings
 
@@ -67,17 +68,6 @@ def quiet_wcs(header: fits.Header) -> WCS:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         return WCS(header, relax=True).celestial
-
-
-def unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    """Unit vectors of (ra, dec) in degrees: chord distances do not care about RA = 0."""
-    ra, dec = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
-    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
-
-
-def chord(arcsec: float) -> float:
-    """Chord length of an angle in arcsec."""
-    return 2.0 * math.sin(math.radians(arcsec / 3600.0) / 2.0)
 
 
 def nearest(from_xyz: np.ndarray, to_xyz: np.ndarray, radius_arcsec: float = MATCH_ARCSEC

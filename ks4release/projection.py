@@ -15,7 +15,21 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
-__all__ = ["gnomonic", "inverse_gnomonic", "tan_wcs_header"]
+__all__ = ["chord", "gnomonic", "inverse_gnomonic", "tan_wcs_header", "unit_vectors"]
+
+
+def unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+    """Cartesian unit vectors (n, 3) of positions in degrees: distances between them (chords)
+    do not care about RA = 0 or the poles, so KD-trees over them match positions anywhere."""
+    ra = np.radians(np.asarray(ra_deg, dtype=np.float64))
+    dec = np.radians(np.asarray(dec_deg, dtype=np.float64))
+    cos_dec = np.cos(dec)
+    return np.column_stack([cos_dec * np.cos(ra), cos_dec * np.sin(ra), np.sin(dec)])
+
+
+def chord(angle_arcsec: float) -> float:
+    """Chord length on the unit sphere of a great-circle angle in arcsec."""
+    return 2.0 * math.sin(math.radians(angle_arcsec / 3600.0) / 2.0)
 
 
 def gnomonic(ra0_deg: float, dec0_deg: float, ra_deg: np.ndarray, dec_deg: np.ndarray

@@ -20,25 +20,14 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from ks4release.projection import chord, unit_vectors
+
 __all__ = [
     "link_detections",
     "mean_positions",
     "match_nearest",
     "merge_disjoint_groups",
-    "unit_vectors",
 ]
-
-
-def unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
-    """Cartesian unit vectors (n, 3) of positions in degrees."""
-    ra = np.radians(np.asarray(ra_deg, dtype=np.float64))
-    dec = np.radians(np.asarray(dec_deg, dtype=np.float64))
-    cos_dec = np.cos(dec)
-    return np.column_stack([cos_dec * np.cos(ra), cos_dec * np.sin(ra), np.sin(dec)])
-
-
-def _chord(radius_arcsec: float) -> float:
-    return 2.0 * np.sin(np.radians(radius_arcsec / 3600.0) / 2.0)
 
 
 def link_detections(ra_deg: np.ndarray, dec_deg: np.ndarray, tile_codes: np.ndarray,
@@ -58,7 +47,7 @@ def link_detections(ra_deg: np.ndarray, dec_deg: np.ndarray, tile_codes: np.ndar
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     tree = cKDTree(unit_vectors(ra_deg, dec_deg))
-    pairs = tree.query_pairs(_chord(radius_arcsec), output_type="ndarray")
+    pairs = tree.query_pairs(chord(radius_arcsec), output_type="ndarray")
     tile_codes = np.asarray(tile_codes)
     pairs = pairs[tile_codes[pairs[:, 0]] != tile_codes[pairs[:, 1]]]
     graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
@@ -95,7 +84,7 @@ def merge_disjoint_groups(ra_deg: np.ndarray, dec_deg: np.ndarray, labels: np.nd
         return labels
     gra, gdec = mean_positions(ra_deg, dec_deg, labels, n_groups)
     vectors = unit_vectors(gra, gdec)
-    pairs = cKDTree(vectors).query_pairs(_chord(radius_arcsec), output_type="ndarray")
+    pairs = cKDTree(vectors).query_pairs(chord(radius_arcsec), output_type="ndarray")
     if len(pairs) == 0:
         return labels
     keys = np.asarray(keys, dtype=np.int64)
@@ -149,7 +138,7 @@ def match_nearest(ra1: np.ndarray, dec1: np.ndarray, ra2: np.ndarray, dec2: np.n
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     tree = cKDTree(unit_vectors(ra2, dec2))
     dist, idx = tree.query(unit_vectors(ra1, dec1), k=1,
-                           distance_upper_bound=_chord(radius_arcsec))
+                           distance_upper_bound=chord(radius_arcsec))
     left = np.flatnonzero(np.isfinite(dist))
     right = idx[left]
     order = np.lexsort((left, dist[left]))

@@ -66,7 +66,7 @@ from matplotlib.path import Path as PolygonPath
 from scipy.spatial import cKDTree
 from sklearn.cluster import DBSCAN
 
-from ks4release.projection import gnomonic
+from ks4release.projection import chord, gnomonic, unit_vectors
 from ks4release.settings import PostprocessSettings
 
 __all__ = [
@@ -91,23 +91,11 @@ _EDGE_PROBES = 16
 # Geometry helpers
 
 
-def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
-    """(n, 3) Cartesian unit vectors of (ra, dec) in degrees."""
-    ra, dec = np.radians(np.asarray(ra_deg, float)), np.radians(np.asarray(dec_deg, float))
-    cos_dec = np.cos(dec)
-    return np.column_stack([cos_dec * np.cos(ra), cos_dec * np.sin(ra), np.sin(dec)])
-
-
-def _chord(angle_arcsec: float) -> float:
-    """Chord length on the unit sphere of a great-circle angle in arcsec."""
-    return 2.0 * math.sin(math.radians(angle_arcsec / 3600.0) / 2.0)
-
-
 def _matched(vectors: np.ndarray, reference: np.ndarray, radius_arcsec: float) -> np.ndarray:
     """True where a row of ``vectors`` has a ``reference`` vector within ``radius_arcsec``."""
     if len(vectors) == 0 or len(reference) == 0:
         return np.zeros(len(vectors), dtype=bool)
-    distance, _ = cKDTree(reference).query(vectors, distance_upper_bound=_chord(radius_arcsec))
+    distance, _ = cKDTree(reference).query(vectors, distance_upper_bound=chord(radius_arcsec))
     return np.isfinite(distance)
 
 
@@ -170,13 +158,13 @@ def catalog_boundary_mask(table: Table, ra_deg: np.ndarray, dec_deg: np.ndarray,
     inside = np.zeros(len(ra_deg), dtype=bool)
     if len(table) == 0 or len(ra_deg) == 0:
         return inside
-    mean = _unit_vectors(table["ra"], table["dec"]).mean(axis=0)
+    mean = unit_vectors(table["ra"], table["dec"]).mean(axis=0)
     ra0 = math.degrees(math.atan2(mean[1], mean[0])) % 360.0
     dec0 = math.degrees(math.atan2(mean[2], math.hypot(mean[0], mean[1])))
     xi, eta = gnomonic(ra0, dec0, table["ra"], table["dec"])
     rxi, reta = gnomonic(ra0, dec0, ra_deg, dec_deg)
     pad = pad_arcsec / 3600.0
-    front = _unit_vectors(ra_deg, dec_deg) @ mean > 0  # the gnomonic projection's hemisphere
+    front = unit_vectors(ra_deg, dec_deg) @ mean > 0  # the gnomonic projection's hemisphere
     return (front & (rxi >= xi.min() - pad) & (rxi <= xi.max() + pad)
             & (reta >= eta.min() - pad) & (reta <= eta.max() + pad))
 
@@ -185,7 +173,7 @@ def _clustered(vectors: np.ndarray, eps_deg: float, min_samples: int) -> tuple[n
     """DBSCAN on unit vectors with the chord of ``eps_deg``: (in-cluster mask, cluster count)."""
     if len(vectors) == 0:
         return np.zeros(0, dtype=bool), 0
-    labels = DBSCAN(eps=_chord(eps_deg * 3600.0), min_samples=min_samples).fit(vectors).labels_
+    labels = DBSCAN(eps=chord(eps_deg * 3600.0), min_samples=min_samples).fit(vectors).labels_
     return labels >= 0, len(set(labels[labels >= 0].tolist()))
 
 
@@ -221,13 +209,13 @@ def flag_spurious(table: Table, references: Sequence[tuple[np.ndarray, np.ndarra
         logger.warning("flag_spurious band %s: no reference catalog; every detection is a "
                        "spurious candidate", band)
     bands = [_band(band)] + [_band(b) for b in copy_to]
-    vectors = _unit_vectors(table["ra"], table["dec"])
+    vectors = unit_vectors(table["ra"], table["dec"])
     pad = settings.boundary_pad_px * settings.pixel_scale_arcsec
     matched = np.zeros(len(table), dtype=bool)
     for ra, dec in references:
         ra, dec = np.asarray(ra, float), np.asarray(dec, float)
         keep = catalog_boundary_mask(table, ra, dec, pad_arcsec=pad) & np.isfinite(ra + dec)
-        matched |= _matched(vectors, _unit_vectors(ra[keep], dec[keep]),
+        matched |= _matched(vectors, unit_vectors(ra[keep], dec[keep]),
                             settings.match_radius_arcsec)
     unmatched = np.flatnonzero(~matched)
     in_cluster, n_clusters = _clustered(vectors[unmatched], settings.dbscan_eps_deg,
@@ -256,7 +244,7 @@ def _neighbour_counts(vectors: np.ndarray, others: np.ndarray, radius_arcsec: fl
     if len(vectors) == 0 or len(others) == 0:
         return np.zeros(len(vectors), dtype=np.int64)
     tree = cKDTree(others)
-    return np.asarray(tree.query_ball_point(vectors, _chord(radius_arcsec), return_length=True),
+    return np.asarray(tree.query_ball_point(vectors, chord(radius_arcsec), return_length=True),
                       dtype=np.int64)
 
 
@@ -520,8 +508,8 @@ def auto_bias_correction(table: Table, calibration: tuple[np.ndarray, np.ndarray
     auto, aper = f"mag_auto_{b}", f"mag_{settings.bias_aperture}_{b}"
     star, flags = f"class_star_{b}", f"flags_{b}"
     _require(table, ("ra", "dec", auto, aper, star, flags), f"auto_bias_correction band {band}")
-    vectors = _unit_vectors(table["ra"], table["dec"])
-    reference = _unit_vectors(*calibration)
+    vectors = unit_vectors(table["ra"], table["dec"])
+    reference = unit_vectors(*calibration)
     on_reference = _matched(vectors, reference, settings.bias_match_radius_arcsec)
     isolated = _neighbour_counts(vectors, vectors, settings.bias_isolation_arcsec) <= 1
     class_star, mag_auto = _float(table, star), _float(table, auto)
@@ -533,7 +521,7 @@ def auto_bias_correction(table: Table, calibration: tuple[np.ndarray, np.ndarray
     if not curve.applied:
         logger.info("MAG_AUTO bias correction %s: not applied (%s)", b, curve.reason)
         return out, curve
-    gaia_vectors = reference if gaia is None else _unit_vectors(*gaia)
+    gaia_vectors = reference if gaia is None else unit_vectors(*gaia)
     on_gaia = _matched(vectors, gaia_vectors, settings.bias_match_radius_arcsec)
     target = (on_gaia | (class_star >= settings.bias_apply_class_star_min)) & np.isfinite(mag_auto)
     corrected = mag_auto - np.where(target, curve(mag_auto), 0.0)

@@ -19,7 +19,8 @@ from catalog_factories import (
 from scipy.spatial import cKDTree
 
 from ks4release.errors import InputError
-from ks4release.publish.link import link_detections, unit_vectors
+from ks4release.projection import unit_vectors
+from ks4release.publish.link import link_detections
 from ks4release.publish.master import MasterSettings, build_idual_master, build_single_master
 from ks4release.publish.schema_check import check_catalog
 from ks4release.schemas import catalog_schema
