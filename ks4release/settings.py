@@ -797,28 +797,29 @@ class PhotometrySettings:
         "installs SExtractor's default.nnw, the network DR1 used (kmtnet.nnw).",
         default="/usr/share/source-extractor/default.nnw")
     local_seeing: bool = documented(
-        "CLASS_STAR's SEEING_FWHM per object from the local PSF (the co-add's SEEING scaled by "
-        "the FWHM_IMAGE of nearby bright point sources on the same NDITH level, as SExtractor "
-        "users run per region) instead of the co-add's SEEING everywhere.", default=True)
+        "CLASS_STAR's SEEING_FWHM per object from the exposures covering it (a seeing map: "
+        "the co-add's SEEING scaled by the FWHM_IMAGE that bright point sources give each "
+        "exposure, as SExtractor users run each region with its own SEEING_FWHM) instead of "
+        "the co-add's SEEING everywhere.", default=True)
     seeing_min_snr: float = documented(
-        "Smallest S/N (snr) of the detections whose FWHM_IMAGE measures the local PSF.",
+        "Smallest S/N (snr) of the detections whose FWHM_IMAGE measures the seeing map.",
         default=50.0)
-    seeing_neighbours: int = documented(
-        "Nearest PSF detections (same NDITH level) behind each object's local seeing; fewer on "
-        "its level: the co-add's SEEING.", default=8)
-    seeing_quantile: float = documented(
-        "Quantile of the neighbours' FWHM_IMAGE taken as the stellar locus (the point sources "
-        "are the narrowest of them).", default=0.25)
+    seeing_clip: float = documented(
+        "The seeing map's fit drops detections wider than this times their predicted "
+        "FWHM_IMAGE (galaxies, blends) and refits.", default=1.15)
+    seeing_min_sources: int = documented(
+        "Fewest PSF detections for a seeing map; fewer: the co-add's SEEING everywhere.",
+        default=10)
 
     def __post_init__(self) -> None:
-        if not 0 < self.seeing_quantile < 1:
-            raise ValueError(f"seeing_quantile must be in (0, 1), got {self.seeing_quantile}")
+        if not self.seeing_clip > 1:
+            raise ValueError(f"seeing_clip must be > 1, got {self.seeing_clip}")
         for name in ("detect_thresh_sigma", "deblend_cont", "clean_param", "kron_factor",
                      "kron_min_radius", "crowding_fraction", "seeing_min_snr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("min_area_px", "deblend_nthresh", "back_size_px", "back_filter_size",
-                     "interp_max_gap_px", "pixel_stack", "seeing_neighbours"):
+                     "interp_max_gap_px", "pixel_stack", "seeing_min_sources"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gain_e_per_adu < 0:

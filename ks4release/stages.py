@@ -371,7 +371,8 @@ def _plan_photometry(ctx: ReleaseContext) -> list[Task]:
              func=run_photometry,
              kwargs={"release_dir": rd, "tile": tile, "mode": mode, "bands": bands,
                      "settings": settings, "nnw_path": nnw, "detection_band": detection},
-             inputs=(*_coadd_files(rd, tile, bands), nnw),
+             inputs=(*_coadd_files(rd, tile, bands),
+                     *(coadd_exposures_path(rd, tile, band) for band in bands), nnw),
              outputs=(_measured(rd, tile, mode, bands),),
              tile=tile, band=bands[0] if mode == "single" else None)
         for tile, mode, bands in _modes(ctx)

@@ -12,6 +12,7 @@ saturated halos are the deblender's and Q's business, not detection's.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import warnings
@@ -29,12 +30,15 @@ from hypothesis import strategies as st
 from scipy.spatial import cKDTree
 
 from ks4release.errors import InputError, StageError
-from ks4release.layout import coadd_path
+from ks4release.layout import coadd_exposures_path, coadd_path, mask_path, scaled_path
 from ks4release.reduction.photometry import (
     PhotometrySettings,
+    coverage,
+    local_seeing,
     measure_dual,
     measure_single,
     measured_path,
+    median_psf_fwhm,
     run_photometry,
 )
 from ks4release.reduction.stellarity import DEFAULT_NNW, read_nnw
@@ -436,6 +440,8 @@ def test_run_photometry_reports_bands_on_different_grids(tmp_path):
             path = coadd_path(tmp_path, tile, band, kind)
             path.parent.mkdir(parents=True, exist_ok=True)
             fits.PrimaryHDU(data, header if kind == "coadd" else None).writeto(path)
+        coadd_exposures_path(tmp_path, tile, band).write_text(
+            json.dumps({"tile": tile, "band": band, "exposures": []}))
     common = {"release_dir": tmp_path, "tile": tile, "settings": SYNTH, "nnw_path": DEFAULT_NNW}
     with pytest.raises(StageError, match=r"tile 9999\.999-60.*band V .*not on the pixel grid"):
         run_photometry(mode="dual", bands=("V", "I"), **common)
@@ -457,6 +463,10 @@ def test_measured_path_and_settings_validation(tmp_path):
         PhotometrySettings(bad_bits=256)
     with pytest.raises(ValueError, match="deblend_cont"):
         PhotometrySettings(deblend_cont=2.0)
+    with pytest.raises(ValueError, match="seeing_clip"):
+        PhotometrySettings(seeing_clip=1.0)
+    with pytest.raises(ValueError, match="seeing_min_sources"):
+        PhotometrySettings(seeing_min_sources=0)
 
 
 def test_missing_seeing_is_named(network):
@@ -473,3 +483,109 @@ def test_written_table_keeps_units(measured):
     assert table["flux_max_v"].unit == u.adu and table["fwhm_image_v"].unit == u.pix
     assert table.meta["mode"] == "single" and table.meta["detection_band"] == "V"
     assert table["tile"].description and set(table["tile"]) == {measured["tile"]}
+
+
+# --------------------------------------------------------------------------------------------
+# The seeing map of CLASS_STAR
+
+
+@given(st.lists(st.floats(2.0, 8.0), min_size=1, max_size=6))
+def test_median_psf_fwhm_lies_between_the_exposures_seeings(widths):
+    fwhm = median_psf_fwhm(np.array(widths))
+    assert min(widths) * 0.999 <= fwhm <= max(widths) * 1.001
+    assert median_psf_fwhm(np.array(widths[:1])) == pytest.approx(widths[0], rel=1e-3)
+
+
+def test_local_seeing_recovers_each_coverage_from_a_sample_with_galaxies():
+    """Point sources under 4 exposures of seeing 3.5-6.2 px in every coverage of 1, 2 or 4
+    exposures, a third of the sample galaxies 1.3-3 times wider: every object gets SEEING times
+    its coverage's PSF over the typical one, within 3%."""
+    rng = np.random.default_rng(5)
+    widths = np.array([6.2, 3.5, 6.2, 4.2])
+    patterns = np.array([[1, 1, 1, 1]] * 6 + [[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 1],
+                                               [1, 0, 0, 0], [0, 1, 0, 0]], dtype=bool)
+    covered = patterns[rng.integers(0, len(patterns), 600)]
+    psf = np.array([median_psf_fwhm(widths[c]) for c in covered])
+    galaxy = rng.random(600) < 0.3
+    fwhm = psf * (1.0 + 0.02 * rng.standard_normal(600)) * np.where(
+        galaxy, rng.uniform(1.3, 3.0, 600), 1.0)
+    seeing = local_seeing(fwhm, np.full(600, 100.0), np.zeros(600, dtype=np.int16), covered,
+                          covered.sum(axis=1), 1.9, PhotometrySettings())
+    expected = 1.9 * psf / np.median(psf[~galaxy])
+    assert np.abs(seeing / expected - 1.0).max() < 0.03
+    off = local_seeing(fwhm, np.full(600, 100.0), np.zeros(600, dtype=np.int16), covered,
+                       covered.sum(axis=1), 1.9, PhotometrySettings(local_seeing=False))
+    assert np.all(off == 1.9)
+
+
+@pytest.fixture(scope="module")
+def varied_seeing(tmp_path_factory) -> dict:
+    """A one-tile I co-add of exposures whose seeing scatters 35% (seed 2: 1.4-2.8"), from
+    truth like ``tiny_coadds`` (~15 s)."""
+    from truth_release import write_scaled_from_truth
+
+    from ks4release.reduction.coadd import CoaddSettings, run_coadd
+    from ks4release.simulate import SimulationConfig, simulate_survey
+
+    root = tmp_path_factory.mktemp("varied_seeing")
+    survey, release = root / "survey", root / "release"
+    simulate_survey(SimulationConfig(n_tiles_ra=1, n_tiles_dec=1, bands=("I",), seed=2,
+                                     seeing_scatter=0.35), survey)
+    stems = write_scaled_from_truth(survey, release, "I")
+    run_coadd(tile="0000.000-62", band="I", ra=0.0, dec=-62.0,
+              scaled=[scaled_path(release, s) for s in stems],
+              masks=[mask_path(release, s) for s in stems], release_dir=release,
+              settings=CoaddSettings(nthreads=2))
+    return {"survey": survey, "release": release, "tile": "0000.000-62", "band": "I"}
+
+
+def test_seeing_map_follows_the_true_psf_and_raises_class_star_accuracy(varied_seeing,
+                                                                      network):
+    release, tile = varied_seeing["release"], varied_seeing["tile"]
+    image, mask, ndith = (fits.getdata(coadd_path(release, tile, "I", kind))
+                          for kind in ("coadd", "mask", "ndith"))
+    header = fits.getheader(coadd_path(release, tile, "I", "coadd"))
+    exposures = json.loads(coadd_exposures_path(release, tile, "I").read_text())
+    tables = {local: measure_single(image.astype(np.float32), mask, header, "I",
+                                    PhotometrySettings(local_seeing=local), network,
+                                    ndith=ndith, exposures=exposures)
+              for local in (True, False)}
+    # The true PSF of each detection: the median of its exposures' true seeings.
+    truth = pd.read_parquet(varied_seeing["survey"] / "truth" / "exposures.parquet")
+    true_seeing = truth.set_index("stem").loc[[e["stem"] for e in exposures["exposures"]
+                                               if e["ok"]], "seeing_fwhm_arcsec"].to_numpy()
+    table = tables[True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        wcs = WCS(header).celestial
+    x, y = np.asarray(table["x_image"]) - 1.0, np.asarray(table["y_image"]) - 1.0
+    covered = coverage(exposures, wcs, x, y)
+    depth = ndith[np.rint(y).astype(int), np.rint(x).astype(int)]
+    full = (covered.sum(axis=1) == depth) & (depth > 0) & (np.asarray(table["snr_i"]) > 30)
+    true_psf = np.array([median_psf_fwhm(true_seeing[c]) for c in covered[full]])
+    # SEEING_FWHM is not in the table: CLASS_STAR's seeing is recomputed from its columns.
+    seeing = local_seeing(np.asarray(table["fwhm_image_i"]), np.asarray(table["snr_i"]),
+                          np.asarray(table["flags_i"]), covered, depth, header["SEEING"],
+                          PhotometrySettings())
+    true_relative = np.log(true_psf / np.median(true_psf))
+    rms_map = np.sqrt(np.mean((np.log(seeing[full] / header["SEEING"]) - true_relative) ** 2))
+    rms_header = np.sqrt(np.mean(true_relative ** 2))
+    # Measured: 0.060 against 0.089 (the exposures' seeing spans 1.4-2.8"; what is left is
+    # mostly where the 2.8" and the 1.5" exposure always overlap, so that the fit cannot tell
+    # them apart and misses their median by 9%).
+    assert rms_map < 0.75 * rms_header
+    sources = pd.read_parquet(varied_seeing["survey"] / "truth" / "sources.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        tx, ty = WCS(header).all_world2pix(sources.ra, sources.dec, 0)
+    tree, star = cKDTree(np.c_[tx, ty]), (sources.type == "star").to_numpy()
+    accuracy = {}
+    for local, measured_table in tables.items():
+        distance, index = tree.query(np.c_[np.asarray(measured_table["x_image"]) - 1.0,
+                                           np.asarray(measured_table["y_image"]) - 1.0])
+        bright = (distance < MATCH_PX) & (np.asarray(measured_table["snr_i"]) > 30)
+        said_star = np.asarray(measured_table["class_star_i"])[bright] >= 0.5
+        accuracy[local] = np.mean(said_star == star[index[bright]])
+    # Measured: 0.975 with the map, 0.949 with SEEING alone (79 detections of S/N > 30).
+    assert accuracy[True] >= 0.95
+    assert accuracy[True] > accuracy[False]
