@@ -24,7 +24,6 @@ true FWHM for a Moffat beta = 3 profile (our documented estimate; sep has no ``F
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +38,18 @@ from ks4release.atomic import atomic_path
 from ks4release.camera import PIXEL_SCALE_ARCSEC
 from ks4release.errors import InputError
 from ks4release.exposure import CcdInfo, read_ccd, read_exposure_header
+from ks4release.reduction.sep_objects import (
+    CONV_KERNEL,
+    ellipse,
+    footprint_max,
+    psf_half_light_radius,
+)
 from ks4release.settings import DetectSettings
 
 __all__ = [
     "DetectSettings",
     "FLAG_BITS",
     "SOURCE_COLUMNS",
-    "CONV_KERNEL",
     "read_mask",
     "detect_ccd",
     "run_detect",
@@ -53,8 +57,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: SExtractor's default.conv: 3 x 3 pyramidal kernel ("all-ground").
-CONV_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=np.float32)
 
 #: Bits of the ``flags`` column (SExtractor FLAGS meanings).
 FLAG_BITS = {
@@ -92,7 +94,6 @@ SOURCE_COLUMNS: tuple[tuple[str, u.UnitBase | None, str], ...] = (
 )
 
 
-
 def read_mask(mask: Path | str, ccd_name: str, shape: tuple[int, int]) -> np.ndarray:
     """The bad-pixel bits of one CCD from a mask file, or zeros when ``mask`` is ``""``.
 
@@ -127,21 +128,6 @@ def _amplifier(x: np.ndarray, amplifiers: tuple[tuple[int, int], ...]) -> np.nda
     return np.where(amp < 0, np.where(col < amplifiers[0][0], 0, len(amplifiers) - 1), amp)
 
 
-def _footprint_max(segmap: np.ndarray, values: np.ndarray, n: int, *, bitwise: bool
-                   ) -> np.ndarray:
-    """Per-object maximum (or bitwise OR) of ``values`` over each segmentation footprint."""
-    seg = segmap.ravel()
-    inside = seg > 0
-    ids = seg[inside] - 1
-    out = np.zeros(n, dtype=values.dtype)
-    if bitwise:
-        np.bitwise_or.at(out, ids, values.ravel()[inside])
-    else:
-        out[:] = -np.inf
-        np.maximum.at(out, ids, values.ravel()[inside])
-    return out
-
-
 def _flags(objects: np.ndarray, sat_hit: np.ndarray, aper_flags: np.ndarray,
            shape: tuple[int, int]) -> np.ndarray:
     """SExtractor-style flags (see :data:`FLAG_BITS`)."""
@@ -158,24 +144,12 @@ def _flags(objects: np.ndarray, sat_hit: np.ndarray, aper_flags: np.ndarray,
     return flags
 
 
-def _ellipse(objects: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shape parameters sep's elliptical apertures accept: finite, 0.1 <= b <= a, |theta| <=
-    pi/2 (a degenerate single-pixel-wide object has a = 0 or NaN moments)."""
-    a = np.asarray(objects["a"], float)
-    b = np.asarray(objects["b"], float)
-    a = np.where(np.isfinite(a), np.maximum(a, 0.1), 0.1)
-    b = np.where(np.isfinite(b), np.clip(b, 0.1, a), 0.1)
-    theta = np.asarray(objects["theta"], float)
-    theta = np.where(np.isfinite(theta), np.clip(theta, -math.pi / 2, math.pi / 2), 0.0)
-    return a, b, theta
-
-
 def _kron(sub: np.ndarray, objects: np.ndarray, x: np.ndarray, y: np.ndarray, err: np.ndarray,
           gain: float, bad: np.ndarray, segmap: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Kron radius and MAG_AUTO-style flux as SExtractor does it (``tools.md``)."""
     seg_id = np.arange(1, objects.size + 1, dtype=np.int32)
-    a, b, theta = _ellipse(objects)
+    a, b, theta = ellipse(objects)
     kronrad, _ = sep.kron_radius(sub, x, y, a, b, theta, 6.0, mask=bad, segmap=segmap,
                                  seg_id=seg_id)
     kronrad = np.where(np.isfinite(kronrad) & (kronrad > 0), kronrad, 3.5)
@@ -223,21 +197,6 @@ def detect_ccd(data: np.ndarray, mask_bits: np.ndarray, info: CcdInfo, settings:
     return table
 
 
-def _psf_half_light_radius(objects: np.ndarray, r_half: np.ndarray, rms: np.ndarray
-                           ) -> float:
-    """Median half-light radius of bright, single, compact sources: the PSF's.
-
-    Stars outnumber galaxies among bright compact sources; the median of those with a peak
-    above 20 sigma and no deblending is robust to the galaxies and blends among them.
-    """
-    iy = np.clip(np.rint(objects["y"]).astype(int), 0, rms.shape[0] - 1)
-    ix = np.clip(np.rint(objects["x"]).astype(int), 0, rms.shape[1] - 1)
-    bright = (objects["peak"] > 20.0 * rms[iy, ix]) & ((objects["flag"] & sep.OBJ_MERGED) == 0)
-    if bright.sum() < 3:
-        return float("inf")
-    return float(np.median(r_half[bright]))
-
-
 def _measure(sub, data, bits, bad, rms, segmap, objects, info: CcdInfo,
              settings: DetectSettings, pixel_scale_arcsec: float) -> Table:
     """Centroids, photometry, shape and flags of the extracted objects."""
@@ -249,7 +208,7 @@ def _measure(sub, data, bits, bad, rms, segmap, objects, info: CcdInfo,
     r_half, _ = sep.flux_radius(sub, x0, y0, rmax, 0.5, normflux=None, mask=bad, subpix=5,
                                 segmap=segmap, seg_id=seg_id)
     r_half = np.where(np.isfinite(r_half) & (r_half > 0), r_half, 1.0)
-    window = np.minimum(r_half, _psf_half_light_radius(objects, r_half, rms))
+    window = np.minimum(r_half, psf_half_light_radius(objects, r_half, rms))
     xw, yw, wflag = sep.winpos(sub, x0, y0, 2.0 * window / 2.3548, mask=bad)
     ok = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x0, yw - y0) < 2.0)
     x, y = np.where(ok, xw, x0), np.where(ok, yw, y0)
@@ -257,10 +216,10 @@ def _measure(sub, data, bits, bad, rms, segmap, objects, info: CcdInfo,
     flux, ferr, aflag = sep.sum_circle(sub, x, y, radius, err=rms, gain=info.gain, mask=bad,
                                        subpix=5)
     kronrad, fauto, fauto_err = _kron(sub, objects, x, y, rms, info.gain, bad, segmap)
-    sat_hit = _footprint_max(segmap, np.where(np.isfinite(data), data, 0.0), n, bitwise=False) \
+    sat_hit = footprint_max(segmap, np.where(np.isfinite(data), data, 0.0), n, bitwise=False) \
         >= settings.saturation_fraction * info.saturation
     # Masked pixels are kept out of the footprints, so look one pixel beyond them.
-    imaflags = _footprint_max(grey_dilation(segmap, size=3), bits, n, bitwise=True)
+    imaflags = footprint_max(grey_dilation(segmap, size=3), bits, n, bitwise=True)
     snr = np.where(ferr > 0, flux / np.where(ferr > 0, ferr, 1.0), 0.0)
     cols = {
         "ccd": np.full(n, info.name), "amp": _amplifier(x, info.amplifiers),

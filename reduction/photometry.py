@@ -112,11 +112,11 @@ from ks4release.atomic import atomic_path
 from ks4release.errors import InputError, StageError
 from ks4release.layout import coadd_exposures_path, coadd_path
 from ks4release.reduction.coadd import fill_masked_pixels
-from ks4release.reduction.detect import (
+from ks4release.reduction.sep_objects import (
     CONV_KERNEL,
-    _ellipse,
-    _footprint_max,
-    _psf_half_light_radius,
+    ellipse,
+    footprint_max,
+    psf_half_light_radius,
 )
 from ks4release.reduction.stellarity import Network, class_star, isophotal_profile, read_nnw
 from ks4release.settings import PhotometrySettings
@@ -334,7 +334,7 @@ def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
     """Positions, ellipses and Kron radii from the detection image."""
     n = objects.size
     seg_id = np.arange(1, n + 1, dtype=np.int32)
-    a, b, theta = _ellipse(objects)
+    a, b, theta = ellipse(objects)
     x, y = _windowed_centroids(band, objects, segmap, seg_id)
     r_kron, _ = sep.kron_radius(band.image, x, y, a, b, theta, 6.0, mask=band.masked,
                                 segmap=segmap, seg_id=seg_id)
@@ -355,7 +355,7 @@ def _windowed_centroids(band: _Band, objects: np.ndarray, segmap: np.ndarray,
     r_half, _ = sep.flux_radius(band.image, x0, y0, np.clip(6.0 * objects["a"], 3.0, 60.0), 0.5,
                                 mask=band.masked, segmap=segmap, seg_id=seg_id, subpix=5)
     r_half = np.where(np.isfinite(r_half) & (r_half > 0), r_half, 1.0)
-    window = np.minimum(r_half, _psf_half_light_radius(objects, r_half, band.rms))
+    window = np.minimum(r_half, psf_half_light_radius(objects, r_half, band.rms))
     xw, yw, flag = sep.winpos(band.image, x0, y0, 2.0 * window / 2.3548, mask=band.masked)
     ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x0, yw - y0) < 2.0)
     return np.where(ok, xw, x0), np.where(ok, yw, y0)
@@ -524,16 +524,16 @@ def _flags(band: _Band, det: _Detection, grown: np.ndarray, aper_flags: np.ndarr
     flags |= np.where(objects["flag"] & sep.OBJ_MERGED, 2, 0).astype(np.int16)
     size = 2 * settings.saturation_core_px + 1
     sat_near = maximum_filter((band.bits & settings.saturation_bits) != 0, size=size)
-    raw_max = _footprint_max(det.segmap, band.image, n, bitwise=False)
+    raw_max = footprint_max(det.segmap, band.image, n, bitwise=False)
     flags |= np.where(_at(sat_near, det) | (raw_max >= band.saturate), 4, 0).astype(np.int16)
     at_border = ((objects["xmin"] <= 0) | (objects["ymin"] <= 0) | (objects["xmax"] >= nx - 1)
                  | (objects["ymax"] >= ny - 1))
     near_gap = binary_dilation(band.no_data) & ~band.no_data
-    at_gap = _footprint_max(det.segmap, near_gap.astype(np.uint8), n, bitwise=True) > 0
+    at_gap = footprint_max(det.segmap, near_gap.astype(np.uint8), n, bitwise=True) > 0
     flags |= np.where(at_border | at_gap, 8, 0).astype(np.int16)
     bad_aper = aper_flags & (sep.APER_TRUNC | sep.APER_HASMASKED | sep.APER_ALLMASKED)
     flags |= np.where(bad_aper, 16, 0).astype(np.int16)
-    touched = _footprint_max(grown, band.touched.astype(np.uint8), n, bitwise=True) > 0
+    touched = footprint_max(grown, band.touched.astype(np.uint8), n, bitwise=True) > 0
     flags |= np.where(touched, 32, 0).astype(np.int16)
     flags |= np.where(objects["flag"] & sep.OBJ_DOVERFLOW, 64, 0).astype(np.int16)
     return flags
@@ -730,7 +730,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
     threshold = settings.detect_thresh_sigma * _at(band.rms, det).astype(np.float64)
     iso, fwhm = isophotal_profile(band.image, det.segmap, det.objects, threshold,
                                   saturation=band.saturate)
-    flux_max = _footprint_max(det.segmap, band.image, n, bitwise=False).astype(np.float64)
+    flux_max = footprint_max(det.segmap, band.image, n, bitwise=False).astype(np.float64)
     grown = _grown(band, det)
     flags = _flags(band, det, grown, aper_flags, _crowded(band, det, settings), settings)
     covered = coverage(band.exposures, band.wcs, det.x, det.y)
@@ -749,7 +749,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
     cols[f"a_image_{b}"] = det.a
     cols[f"b_image_{b}"] = det.b
     cols[f"flags_{b}"] = flags
-    cols[f"imaflags_iso_{b}"] = _footprint_max(grown, band.bits, n, bitwise=True).astype(np.int16)
+    cols[f"imaflags_iso_{b}"] = footprint_max(grown, band.bits, n, bitwise=True).astype(np.int16)
     return cols
 
 
@@ -948,8 +948,9 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
     writes ``measured_path(release_dir, tile, "single", band)`` per band.
 
     Reads ``coadd_path(release_dir, tile, band, kind)`` for kind coadd, mask and ndith,
-    ``coadd_exposures_path(release_dir, tile, band)`` and the network ``nnw_path``. Every table is written atomically as Parquet, units and descriptions on
-    the columns, settings and provenance in the metadata.
+    ``coadd_exposures_path(release_dir, tile, band)`` and the network ``nnw_path``. Every
+    table is written atomically as Parquet, units and descriptions on the columns, settings
+    and provenance in the metadata.
 
     Raises
     ------
