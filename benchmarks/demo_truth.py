@@ -301,6 +301,23 @@ def matched_rows(ctx: dict, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray
     return rows, index[rows]
 
 
+def dominant_rows(ctx: dict, table: pd.DataFrame, band: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of the table with a true source within 1", the brightest such source in ``band``).
+
+    A detection that blends a bright galaxy with a faint star nearer its centroid is the galaxy
+    as far as its light (hence its CLASS_STAR) goes, so it is judged against the galaxy.
+    """
+    tree = cKDTree(ctx["truth_xyz"])
+    mags = ctx["sources"][f"mag_{band}"].to_numpy()
+    rows, src = [], []
+    for row, near in enumerate(tree.query_ball_point(unit_vectors(table.ra, table.dec),
+                                                     chord(MATCH_ARCSEC))):
+        if near:
+            rows.append(row)
+            src.append(near[int(np.argmin(mags[near]))])
+    return np.asarray(rows, dtype=np.int64), np.asarray(src, dtype=np.int64)
+
+
 def binned_offsets(true_mag: np.ndarray, delta: np.ndarray) -> list[dict]:
     """Per 0.5 mag bin of true magnitude: count, median offset and its standard error
     (1.2533 x robust sigma / sqrt(n))."""
@@ -458,7 +475,8 @@ def zp_maps(ctx: dict) -> list[dict]:
 
 
 def class_star(ctx: dict) -> list[dict]:
-    """CLASS_STAR >= 0.5 against the true type for matched detections of measured S/N > 30."""
+    """CLASS_STAR >= 0.5 against the true type of the brightest true source within 1" of each
+    detection of measured S/N > 30."""
     out = []
     for mode, band in [("single", b) for b in BANDS] + [("dual", b) for b in BANDS]:
         b = band.lower()
@@ -467,7 +485,7 @@ def class_star(ctx: dict) -> list[dict]:
             if (tile, band) not in ctx["coadds"]:
                 continue
             table = tile_catalog(ctx["release"], tile, mode, band)
-            rows, src = matched_rows(ctx, table)
+            rows, src = dominant_rows(ctx, table, band)
             keep = table[f"snr_{b}"].to_numpy()[rows] > 30
             said_star = table[f"class_star_{b}"].to_numpy()[rows[keep]] >= 0.5
             is_star = ctx["star"][src[keep]]
