@@ -4,19 +4,25 @@ On one tile and band of the demo survey (default simulation settings, 1/16 scale
 exposures and masks made from the truth as in ``tests/test_coadd.py``:
 
 * ``ours``: :func:`run_coadd` (SWarp inputs with TPV headers and filled masks, SWarp LANCZOS3
-  MEDIAN with FSCALASTRO_TYPE VARIABLE, mask and NDITH maps, seeing and depth, writing);
-  time of each step, per tile and per exposure, and peak memory;
+  resampling, background matching of the resampled exposures, SWarp MEDIAN with
+  FSCALASTRO_TYPE VARIABLE, mask and NDITH maps, seeing and depth, writing); time of each
+  step, per tile and per exposure, and peak memory;
+* ``ours_no_match``: the same with ``background_match = false`` (one SWarp call resampling and
+  combining): the difference is the cost of the background matching; the median aperture-flux
+  ratio of bright stars between the two shows what matching changes;
 * ``swarp_plain``: SWarp alone on the same prepared inputs, LANCZOS3 + MEDIAN on the same grid
   and otherwise SWarp's defaults (FSCALASTRO_TYPE FIXED; PROJECTION_ERR as ours, 0.01 px, since
-  the default makes SWarp 4.5x slower): the ratio ours / plain is our overhead; the median aperture-flux ratio of bright stars between the two co-adds shows what
-  the local flux scaling changes;
+  the default makes SWarp 4.5x slower): the ratio ours / plain is our overhead; the median
+  aperture-flux ratio of bright stars between the two co-adds shows what the local flux scaling
+  changes;
 * ``swarp_sip_headers``: SWarp given the TAN-SIP headers as they are (it ignores SIP): the
   median position offset of bright stars against truth shows why the headers are converted.
 
 Each case runs in its own child process (the simulation too, so that no child inherits a large
 parent's peak): ``peak_rss_mb`` is that process's ``ru_maxrss`` (for ``ours`` everything
 but the SWarp binary); the SWarp binary's own peak is measured with GNU ``time`` in the SWarp
-cases (Linux carries a parent's peak into a forked child, so ``RUSAGE_CHILDREN`` cannot tell). An in-process reproject-based co-add is not run:
+cases (Linux carries a parent's peak into a forked child, so ``RUSAGE_CHILDREN`` cannot tell).
+An in-process reproject-based co-add is not run:
 ``reproject`` is not a dependency, and ``../shared/docs/tools.md`` measured it 4-7x slower than
 SWarp with bilinear noise smoothing.
 
@@ -64,13 +70,14 @@ def _inputs(prep: dict):
             [mask_path(release, s) for s in prep["stems"]])
 
 
-def _ours(prep: dict, out: Path) -> dict:
+def _ours(prep: dict, release: Path, background_match: bool) -> dict:
     from ks4release.reduction.coadd import CoaddSettings, run_coadd
 
     scaled, masks = _inputs(prep)
     t0 = time.perf_counter()
     result = run_coadd(tile=TILE, band=BAND, ra=0.0, dec=-62.0, scaled=scaled, masks=masks,
-                       release_dir=Path(prep["release"]), settings=CoaddSettings(nthreads=2))
+                       release_dir=release,
+                       settings=CoaddSettings(nthreads=2, background_match=background_match))
     total = time.perf_counter() - t0
     n = len(scaled)
     steps = {k: round(v, 3) for k, v in result["timings_s"].items()}
@@ -141,7 +148,9 @@ def _case(name: str, prep: dict, out: str) -> dict:
     if name == "prepare":
         return _prepare(Path(out))
     if name == "ours":
-        return _ours(prep, Path(out))
+        return _ours(prep, Path(prep["release"]), background_match=True)
+    if name == "ours_no_match":
+        return _ours(prep, Path(out) / "no_match", background_match=False)
     return _swarp_case(prep, Path(out), name == "swarp_plain")
 
 
@@ -194,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         prep = _run("prepare", {}, workdir)
         prepare_s = time.perf_counter() - t0
         cases = {name: _run(name, prep, workdir / "bench")
-                 for name in ("ours", "swarp_plain", "swarp_sip_headers")}
+                 for name in ("ours", "ours_no_match", "swarp_plain", "swarp_sip_headers")}
         ours = _bright_stars(prep, coadd_path(Path(prep["release"]), TILE, BAND, "coadd"))
+        no_match = _bright_stars(prep, coadd_path(workdir / "bench" / "no_match", TILE, BAND,
+                                                  "coadd"))
         plain = _bright_stars(prep, Path(cases["swarp_plain"].pop("image")))
         sip = _bright_stars(prep, Path(cases["swarp_sip_headers"].pop("image")))
         ok = (ours["flux"] > 0) & (plain["flux"] > 0)
@@ -208,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             "cases": cases,
             "overhead_ratio_ours_over_swarp_plain": round(
                 cases["ours"]["total_s"] / cases["swarp_plain"]["total_s"], 2),
+            "background_match_cost_s": round(
+                cases["ours"]["total_s"] - cases["ours_no_match"]["total_s"], 3),
+            "overhead_ratio_ours_no_match_over_swarp_plain": round(
+                cases["ours_no_match"]["total_s"] / cases["swarp_plain"]["total_s"], 2),
+            "flux_no_match_over_ours_median": round(float(np.median(
+                no_match["flux"][ok] / ours["flux"][ok])), 4),
             "swarp_share_of_ours": round(
                 cases["ours"]["steps_s"]["swarp_s"] / cases["ours"]["total_s"], 2),
             "flux_plain_over_ours": {

@@ -162,7 +162,8 @@ def swarp_command(images: Sequence[Path], weights: Sequence[Path], *, out_image:
                   pixel_scale_arcsec: float, resample_dir: Path, nthreads: int,
                   combine_type: str = "MEDIAN", resampling_type: str = "LANCZOS3",
                   fscalastro_type: str = "VARIABLE", projection_err_px: float = 0.001,
-                  keep_resampled: bool = False, binary: str = "SWarp") -> list[str]:
+                  keep_resampled: bool = False, resample: bool = True, combine: bool = True,
+                  binary: str = "SWarp") -> list[str]:
     """The SWarp argument list for one co-add on the grid ``center_deg``/``shape``.
 
     ``fscalastro_type`` VARIABLE scales every resampled pixel by the local ratio of output to
@@ -174,6 +175,9 @@ def swarp_command(images: Sequence[Path], weights: Sequence[Path], *, out_image:
     so SWarp falls back to the exact mapping of every pixel, 4.5x slower; 0.01 px changes star
     fluxes by < 3e-4 and positions by 0.0003 arcsec median on the demo).
     ``keep_resampled`` leaves SWarp's resampled frames and weights in ``resample_dir``.
+    ``combine`` False only resamples (one ``<stem>.<ext>.resamp.fits`` frame and its
+    ``.resamp.weight.fits`` per input extension, kept in ``resample_dir``; no co-add is written);
+    ``resample`` False combines inputs that are already such frames on the output grid.
     """
     ny, nx = shape
     return [
@@ -182,9 +186,10 @@ def swarp_command(images: Sequence[Path], weights: Sequence[Path], *, out_image:
         "-WEIGHT_TYPE", "MAP_WEIGHT",
         "-IMAGEOUT_NAME", str(out_image),
         "-WEIGHTOUT_NAME", str(out_weight),
-        "-COMBINE", "Y", "-COMBINE_TYPE", combine_type,
-        "-RESAMPLE", "Y", "-RESAMPLING_TYPE", resampling_type,
-        "-RESAMPLE_DIR", str(resample_dir), "-DELETE_TMPFILES", "N" if keep_resampled else "Y",
+        "-COMBINE", "Y" if combine else "N", "-COMBINE_TYPE", combine_type,
+        "-RESAMPLE", "Y" if resample else "N", "-RESAMPLING_TYPE", resampling_type,
+        "-RESAMPLE_DIR", str(resample_dir),
+        "-DELETE_TMPFILES", "N" if keep_resampled or not combine else "Y",
         "-CENTER_TYPE", "MANUAL", "-CENTER", f"{center_deg[0]:.10f},{center_deg[1]:.10f}",
         "-PIXELSCALE_TYPE", "MANUAL", "-PIXEL_SCALE", f"{pixel_scale_arcsec:.10g}",
         "-IMAGE_SIZE", f"{nx},{ny}",
@@ -205,7 +210,8 @@ def run_swarp(command: Sequence[str], *, timeout_s: float, tile: str, band: str,
               cwd: Path) -> str:
     """Run SWarp; return its stderr (its log). StageError with the command and log tail on failure.
 
-    The run fails when SWarp exits non-zero, times out, cannot be started or writes no image.
+    The run fails when SWarp exits non-zero, times out, cannot be started or, when it combines
+    (``-COMBINE Y``), writes no image.
     """
     def fail(why: str, log: str) -> StageError:
         tail = "\n".join(log.replace("\x1b[1A", "").replace("\x1b[1M", "").splitlines()[-15:])
@@ -223,7 +229,8 @@ def run_swarp(command: Sequence[str], *, timeout_s: float, tile: str, band: str,
     if result.returncode != 0:
         raise fail(f"exited with status {result.returncode}", result.stderr)
     out_image = Path(command[command.index("-IMAGEOUT_NAME") + 1])
-    if not out_image.is_file():
+    combines = "-COMBINE" not in command or command[command.index("-COMBINE") + 1] == "Y"
+    if combines and not out_image.is_file():
         raise fail(f"wrote no image {out_image}", result.stderr)
     logger.debug("SWarp log for %s %s:\n%s", tile, band, result.stderr)
     return result.stderr

@@ -25,7 +25,7 @@ from ks4release.config import (
     SurveySection,
     save_config,
 )
-from ks4release.settings import PhotometrySettings
+from ks4release.settings import CoaddSettings, PhotometrySettings
 from ks4release.simulate.arguments import SimulationConfig
 from ks4release.simulate.plan import ExposurePlan, SurveyPlan, plan_survey
 from ks4release.simulate.refcat import delve_catalog, gaia_dr3_catalog, gaia_xp_catalog
@@ -182,6 +182,8 @@ def write_release_config(cfg: SimulationConfig, out_dir: str | Path) -> Path:
         # sources: a 128 px background mesh instead of DR1's 256 keeps faint galaxies
         # (completeness at true S/N >= 10: V 95.3% -> 96.0%, I 95.0% -> 95.7% on the demo).
         photometry=PhotometrySettings(back_size_px=128),
+        # Some demo exposures carry a stray-light ring that the median alone does not reject.
+        coadd=CoaddSettings(background_match=True),
     )
     return save_config(release, Path(out_dir) / "release.toml")
 
