@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
+from matplotlib.path import Path as PolygonPath
 from scipy.interpolate import RectBivariateSpline
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "accumulate_mask",
     "ccd_bbox",
     "ccd_footprint_deg",
+    "exposure_footprints",
     "ndith_from_weights",
     "project_ccd",
 ]
@@ -217,3 +219,33 @@ def accumulate_mask(projections: list[CcdProjection], mask_map: np.ndarray) -> N
     the data at each output pixel, whether or not it entered the median)."""
     for p in projections:
         mask_map[p.y0:p.y1, p.x0:p.x1] |= p.bits
+
+
+def exposure_footprints(exposures_json: dict, wcs: WCS, origin: int
+                        ) -> list[tuple[dict, list[PolygonPath]]]:
+    """Every usable exposure of a co-add with its kept CCDs' polygons in co-add pixels.
+
+    ``exposures_json`` is the co-add's exposure list (``coadd_exposures_path``, as
+    :func:`ccd_footprint_deg` writes the vertices); exposures with ``ok`` false are left out,
+    excluded CCDs are not listed. The [ra, dec] vertices are projected with the co-add ``wcs``
+    to pixels of the given ``origin`` (0 or 1) and joined by straight lines.
+
+    Raises
+    ------
+    ValueError
+        Naming the exposure and CCD when a footprint is not a list of >= 3 [ra, dec] pairs.
+    """
+    out = []
+    for exposure in exposures_json.get("exposures", []):
+        if not exposure.get("ok", False):
+            continue
+        paths = []
+        for name, vertices in exposure.get("ccds", {}).items():
+            vertices = np.asarray(vertices, dtype=float)
+            if vertices.ndim != 2 or vertices.shape[0] < 3 or vertices.shape[1] != 2:
+                raise ValueError(f"exposure {exposure.get('stem')!r} CCD {name}: expected at "
+                                 f"least 3 [ra, dec] vertices, got shape {vertices.shape}")
+            x, y = wcs.all_world2pix(vertices[:, 0], vertices[:, 1], origin)
+            paths.append(PolygonPath(np.column_stack([x, y])))
+        out.append((exposure, paths))
+    return out

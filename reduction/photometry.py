@@ -103,7 +103,6 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
-from matplotlib.path import Path as MplPath
 from scipy.ndimage import binary_dilation, grey_dilation, maximum_filter
 from scipy.optimize import least_squares
 
@@ -112,6 +111,7 @@ from ks4release.atomic import atomic_path
 from ks4release.errors import InputError, StageError
 from ks4release.layout import coadd_exposures_path, coadd_path
 from ks4release.reduction.coadd import fill_masked_pixels
+from ks4release.reduction.coadd_maps import exposure_footprints
 from ks4release.reduction.sep_objects import (
     CONV_KERNEL,
     ellipse,
@@ -591,17 +591,10 @@ def coverage(exposures: dict, wcs: WCS, x: np.ndarray, y: np.ndarray) -> np.ndar
     """
     points = np.column_stack([x, y])
     columns = []
-    for exposure in exposures.get("exposures", []):
-        if not exposure.get("ok", False):
-            continue
+    for _, paths in exposure_footprints(exposures, wcs, origin=0):
         inside = np.zeros(len(points), dtype=bool)
-        for ccd, corners in exposure.get("ccds", {}).items():
-            corners = np.asarray(corners, dtype=float)
-            if corners.ndim != 2 or corners.shape[0] < 3 or corners.shape[1] != 2:
-                raise ValueError(f"exposure {exposure.get('stem')!r} CCD {ccd}: expected at "
-                                 f"least 3 [ra, dec] vertices, got shape {corners.shape}")
-            px, py = wcs.all_world2pix(corners[:, 0], corners[:, 1], 0)
-            inside |= MplPath(np.column_stack([px, py])).contains_points(points)
+        for path in paths:
+            inside |= path.contains_points(points)
         columns.append(inside)
     return np.column_stack(columns) if columns else np.zeros((len(points), 0), dtype=bool)
 

@@ -67,6 +67,7 @@ from scipy.spatial import cKDTree
 from sklearn.cluster import DBSCAN
 
 from ks4release.projection import chord, gnomonic, unit_vectors
+from ks4release.reduction.coadd_maps import exposure_footprints
 from ks4release.settings import PostprocessSettings
 
 __all__ = [
@@ -263,21 +264,8 @@ def _exposure_polygons(exposures_json: dict, wcs: WCS) -> list[tuple[float, list
     ``coadd_maps.FOOTPRINT_VERTICES_PER_SIDE`` vertices per side, which follow the bow to
     0.1 px or better. Any polygon of >= 3 vertices is accepted.
     """
-    out = []
-    for exposure in exposures_json.get("exposures", []):
-        if not exposure.get("ok", False):
-            continue
-        paths = []
-        for name, corners in exposure.get("ccds", {}).items():
-            corners = np.asarray(corners, dtype=float)
-            if corners.ndim != 2 or corners.shape[0] < 3 or corners.shape[1] != 2:
-                raise ValueError(f"exposure {exposure.get('stem')!r} CCD {name}: expected at "
-                                 f"least 3 [ra, dec] vertices, got shape {corners.shape}")
-            x, y = wcs.all_world2pix(corners[:, 0], corners[:, 1], 1)
-            paths.append(PolygonPath(np.column_stack([x, y])))
-        if paths:
-            out.append((float(exposure["mjd"]), paths))
-    return out
+    return [(float(exposure["mjd"]), paths)
+            for exposure, paths in exposure_footprints(exposures_json, wcs, origin=1) if paths]
 
 
 def _covered_by(paths: list[PolygonPath], points: np.ndarray) -> np.ndarray:
