@@ -10,8 +10,10 @@ DR1 section 3.2 in the order the paper gives it. For one tile and detection mode
    decides and the forced bands carry the same SSFLAG and SSCOUNT_30;
 3. adds NDITH, EDGE and the MJDs of every band from its exposures' footprints
    (:func:`reduction.postprocess.coverage_columns`);
-4. corrects MAG_AUTO's bias per band (:func:`reduction.postprocess.auto_bias_correction`),
-   calibrated on the point sources of ``[postprocess] bias_reference``;
+4. corrects point sources' MAG_AUTO per band: first for the PSF light outside their own Kron
+   ellipse (:func:`reduction.postprocess.kron_loss_correction`), then with DR1's empirical
+   curve (:func:`reduction.postprocess.auto_bias_correction`), calibrated on the point sources
+   of ``[postprocess] bias_reference``;
 5. writes the tile catalog (:mod:`ks4release.tile_catalogs`): a band without a co-add has
    null measurements and NDITH = 0; single-mode catalogs get position errors from the
    barycentre variances;
@@ -43,6 +45,8 @@ from ks4release.reduction.postprocess import (
     auto_bias_correction,
     coverage_columns,
     flag_spurious,
+    kron_loss_correction,
+    point_source_targets,
 )
 from ks4release.refcat.formats import read_refcat
 from ks4release.tile_catalogs import (
@@ -152,10 +156,12 @@ def _calibration(references: dict[str, Table], band: str, settings: PostprocessS
 
 
 def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode: str,
-                  shape: tuple[int, int], wcs: WCS, references: dict[str, Table],
-                  settings: PostprocessSettings) -> tuple[Table, dict]:
+                  shape: tuple[int, int], wcs: WCS, pixel_scale_arcsec: float,
+                  references: dict[str, Table], settings: PostprocessSettings
+                  ) -> tuple[Table, dict]:
     """Steps 1, 3 and 4 of the module docstring for one band (upper-case ``band``)."""
     b = band.lower()
+    seeing_arcsec = float(fits.getheader(coadd_path(release_dir, tile, band, "coadd"))["SEEING"])
     zp, _ = read_maps(release_dir, tile, band, mode, shape=shape)
     table = apply_zp_maps(table, zp, band)
     exposures = json.loads(coadd_exposures_path(release_dir, tile, band).read_text())
@@ -167,9 +173,15 @@ def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode
         logger.warning("MAG_AUTO bias correction %s: not applied (%s)", b, reason)
         return table, {"bias_curve": None, "reason": reason}
     gaia = references.get("gaia_dr3")
-    table, curve = auto_bias_correction(table, calibration, b, settings,
-                                        gaia=None if gaia is None else _positions(gaia))
-    return table, {"bias_curve": asdict(curve)}
+    gaia_positions = None if gaia is None else _positions(gaia)
+    summary: dict = {}
+    if settings.kron_loss_correction:
+        targets = point_source_targets(table, b, settings, gaia_positions)
+        table, summary["kron_loss"] = kron_loss_correction(
+            table, b, seeing_arcsec, pixel_scale_arcsec, settings, targets=targets)
+    table, curve = auto_bias_correction(table, calibration, b, settings, gaia=gaia_positions)
+    summary["bias_curve"] = asdict(curve)
+    return table, summary
 
 
 def _jsonable(value: object) -> object:
@@ -212,7 +224,7 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
     for b in bands:
         table, summary["bands"][b] = _process_band(
             table, release_dir=release_dir, tile=tile, band=b, mode=mode, shape=shape,
-            wcs=wcs, references=references, settings=settings)
+            wcs=wcs, pixel_scale_arcsec=scale, references=references, settings=settings)
     band_letter = band.lower() if single else None
     cols = tile_catalog_columns(table, mode=mode, band=band_letter, pixel_scale_arcsec=scale)
     out = (single_catalog_path(release_dir, tile, band_letter) if single

@@ -36,6 +36,8 @@ from ks4release.reduction.postprocess import (
     bias_curve,
     coverage_columns,
     flag_spurious,
+    kron_loss_correction,
+    moffat_kron_fraction,
 )
 
 _KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
@@ -176,7 +178,8 @@ def test_spurious_cleaning_against_truth(tiny_coadds, detections):
 
 
 def test_removal_counts_and_fdr(tiny_coadds, detections):
-    """Default settings drop the flagged rows; FDR = removed / initial; SSCOUNT_30 by brute force."""
+    """Default settings drop the flagged rows; FDR = removed / initial; SSCOUNT_30 by brute
+    force."""
     table, _ = detections["I"]
     references = _references(tiny_coadds)
     kept, stats = flag_spurious(table, references, "I", PostprocessSettings())
@@ -541,3 +544,40 @@ def test_too_few_stars_leave_mag_auto_and_log_why(caplog):
     assert not curve.applied and "bias_min_stars" in curve.reason
     assert np.array_equal(out["mag_auto_v"], table["mag_auto_v"])
     assert "not applied" in caplog.text
+
+
+@settings(max_examples=20, deadline=None)
+@given(fwhm=st.floats(3.0, 8.0), beta=st.floats(2.0, 5.0), radius=st.floats(1.5, 6.0))
+def test_moffat_kron_fraction_of_a_circle_is_the_analytic_enclosed_light(fwhm, beta, radius):
+    """A Kron 'ellipse' with a = b = 1 px and factor r is a circle of radius r; a Moffat profile
+    holds 1 - (1 + r^2/alpha^2)^(1 - beta) of its light inside it (for circles of several
+    pixels, as Kron apertures are: pixel integration blurs the profile by a pixel)."""
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    fraction = moffat_kron_fraction(np.array([1.0]), np.array([1.0]), np.array([0.0]),
+                                    np.array([radius * fwhm]), fwhm, beta)
+    expected = 1.0 - (1.0 + (radius * fwhm / alpha) ** 2) ** (1.0 - beta)
+    assert fraction[0] == pytest.approx(expected, abs=5e-3)
+
+
+def test_kron_loss_correction_brightens_sources_with_small_ellipses():
+    """Bright stars with the usual ellipse set the reference; a faint point source whose
+    ellipse shrank gets brighter by the light its ellipse misses, an unchanged one stays."""
+    n = 30
+    a = np.r_[np.full(n, 3.0), 2.0, 3.0]
+    table = Table({"ra": 10.0 + np.arange(n + 2) * 0.01, "dec": np.full(n + 2, -30.0),
+                   "mag_auto_v": np.r_[np.full(n, 17.0), 21.5, 21.5],
+                   "a_image_v": a, "b_image_v": a, "theta_image_v": np.zeros(n + 2),
+                   "kron_radius_v": np.full(n + 2, 3.5), "snr_v": np.r_[np.full(n, 500.0), 8, 8],
+                   "class_star_v": np.full(n + 2, 0.98), "flags_v": np.zeros(n + 2, np.int16)})
+    targets = np.ones(n + 2, dtype=bool)
+    out, info = kron_loss_correction(table, "V", 1.9, 0.4, PostprocessSettings(),
+                                     targets=targets)
+    assert info["applied"] and info["reference_stars"] == n
+    fractions = moffat_kron_fraction(np.array([3.0, 2.0]), np.array([3.0, 2.0]), np.zeros(2),
+                                     np.full(2, 3.5), 1.9 / 0.4, 3.0)
+    expected = 21.5 + 2.5 * np.log10(fractions[1] / fractions[0])
+    assert out["mag_auto_v"][n] == pytest.approx(expected, abs=1e-6) and expected < 21.5 - 0.01
+    assert out["mag_auto_v"][n + 1] == pytest.approx(21.5)
+    untouched, _ = kron_loss_correction(table, "V", 1.9, 0.4, PostprocessSettings(),
+                                        targets=np.zeros(n + 2, dtype=bool))
+    assert np.array_equal(np.asarray(untouched["mag_auto_v"]), np.asarray(table["mag_auto_v"]))
