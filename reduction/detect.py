@@ -106,6 +106,8 @@ def read_mask(mask: Path | str, ccd_name: str, shape: tuple[int, int]) -> np.nda
     try:
         with fits.open(path) as hdul:
             data = np.asarray(hdul[ccd_name].data)
+    except FileNotFoundError:
+        raise InputError(path, "mask file does not exist") from None
     except KeyError:
         raise InputError(path, f"no mask extension {ccd_name!r}", hdu=ccd_name) from None
     except OSError as exc:

@@ -78,6 +78,7 @@ from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 
 from ks4release.errors import InputError
+from ks4release.reduction.detect import read_mask
 from ks4release.settings import ZeropointSettings
 from ks4release.survey import band as band_info
 
@@ -304,22 +305,7 @@ def describe_zeropoints(t: Table) -> None:
 
 def read_mask_ccd(path: Path | str, ccd: str, shape: tuple[int, int]) -> np.ndarray:
     """Boolean bad-pixel image (DR1 bits) of one CCD; all good when ``path`` is empty."""
-    if str(path) == "":
-        return np.zeros(shape, bool)
-    try:
-        with fits.open(path) as hdul:
-            data = np.asarray(hdul[ccd].data)
-    except FileNotFoundError:
-        raise InputError(path, "mask file does not exist") from None
-    except OSError as exc:
-        raise InputError(path, f"not a readable FITS mask ({exc})") from None
-    except KeyError:
-        raise InputError(path, f"extension {ccd!r} is missing (expected a mask per CCD)",
-                         hdu=ccd) from None
-    if data.shape != shape:
-        raise InputError(path, f"extension {ccd!r}: mask shape {data.shape} does not match the "
-                         f"exposure ({shape})", hdu=ccd)
-    return (data.astype(np.int64) & DR1_BAD_BITS) != 0
+    return (read_mask(path, ccd, shape) & DR1_BAD_BITS) != 0
 
 
 def read_wcs_ccd(path: Path | str, ccd: str) -> tuple[fits.Header, bool]:
