@@ -351,8 +351,13 @@ class ZeropointSettings:
         "Box size of the sep background mesh, px.",
         default=64)
     detect_sigma: float = documented(
-        "Detection threshold (sigma) of the sources searched for blends.",
+        "Detection threshold (sigma) of the sources searched for blends and masked out of the "
+        "background.",
         default=3.0)
+    background_grow_px: int = documented(
+        "Detected sources' pixels are grown by this many px and masked when the background "
+        "mesh is measured a second time (their wings would lift it in crowded fields).",
+        default=4)
     blend_fraction: float = documented(
         "A star is dropped when other detected sources within its aperture (plus two half-light "
         "radii) carry more than this fraction of its flux.",
@@ -426,7 +431,7 @@ class ZeropointSettings:
                   "prior_colour_term", "prior_ccd_offset_mag", "prior_ccd_slope_mag",
                   "prior_amp_offset_mag", "prior_amp_slope_mag", "tie_match_arcsec",
                   "prior_star_colour")
-        _at_least(self, 0.0, "tie_min_snr", "apcorr_min_snr")
+        _at_least(self, 0.0, "tie_min_snr", "apcorr_min_snr", "background_grow_px")
         _at_least(self, 1.0, "background_box_px", "min_stars_amp", "tie_max_size_ratio")
         _at_least(self, 0.0, "error_floor_mag")
         _fraction(self, "blend_fraction", "saturation_fraction")

@@ -76,6 +76,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
+from scipy.ndimage import binary_dilation
 
 from ks4release.errors import InputError
 from ks4release.reduction.detect import read_mask
@@ -173,6 +174,27 @@ def _blend_flux(objects: np.ndarray, x: np.ndarray, y: np.ndarray, self_radius: 
     return out
 
 
+def _sources_and_background(data: np.ndarray, bad: np.ndarray, settings: ZeropointSettings
+                            ) -> tuple[np.ndarray, sep.Background]:
+    """Detected sources and the background measured without them.
+
+    The background mesh is measured twice: the second time with the detected sources'
+    pixels, grown by ``background_grow_px``, masked out. In a crowded field the first mesh
+    takes in the light of the sources' wings; subtracting it takes more flux from the large
+    curve-of-growth aperture than from the photometric one and biases the aperture correction
+    low (by 0.036 mag at 24 times the demo's star density).
+    """
+    box = settings.background_box_px
+    first = sep.Background(data, mask=bad, bw=box, bh=box, fw=3, fh=3)
+    objects, segmap = sep.extract(data - first.back(), settings.detect_sigma, err=first.rms(),
+                                  mask=bad, minarea=5, filter_type="conv",
+                                  segmentation_map=True)
+    grow = settings.background_grow_px
+    sources = binary_dilation(segmap > 0, np.ones((2 * grow + 1, 2 * grow + 1), bool)) \
+        if grow > 0 else segmap > 0
+    return objects, sep.Background(data, mask=bad | sources, bw=box, bh=box, fw=3, fh=3)
+
+
 def measure_stars(image: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
                   *, gain: float, saturation: float, settings: ZeropointSettings
                   ) -> tuple[Table, dict[str, float]]:
@@ -182,16 +204,17 @@ def measure_stars(image: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: n
     photometric aperture and ``flux_big``, ``flux_big_err`` in the curve-of-growth aperture
     (ADU, background subtracted); ``cut``, the cuts failed (1 near the edge, 2 bad pixel in
     the aperture, 4 saturated, 8 no flux, 16 blended; 0 = usable); ``big_ok``, whether the
-    large aperture is free of bad pixels and inside the CCD. Also a dict with the CCD's
-    ``r50_px``, ``aperture_px`` and ``sky_adu``.
+    large aperture is inside the CCD and free of bad pixels and of neighbours (the blend rule
+    at the large radius: in a crowded field, neighbours in the curve-of-growth aperture
+    inflated the aperture correction by 0.15 mag at 24 times the demo's star density). Also a
+    dict with the CCD's ``r50_px``, ``aperture_px`` and ``sky_adu``.
     """
     data = np.ascontiguousarray(image, dtype=np.float32)
     ny, nx = data.shape
     bad = np.zeros(data.shape, bool) if bad is None else np.ascontiguousarray(bad, dtype=bool)
-    box = settings.background_box_px
-    bkg = sep.Background(data, mask=bad, bw=box, bh=box, fw=3, fh=3)
-    sub = data - bkg.back()
-    rms = bkg.rms()
+    objects, background = _sources_and_background(data, bad, settings)
+    sub = data - background.back()
+    rms = background.rms()
     x = np.asarray(x, float)
     y = np.asarray(y, float)
     inside = (x > 2) & (x < nx - 3) & (y > 2) & (y < ny - 3)
@@ -208,9 +231,8 @@ def measure_stars(image: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: n
                                       subpix=5)
     flux_big, ferr_big, flag_big = sep.sum_circle(sub, xs, ys, big, err=rms, gain=gain,
                                                   mask=bad, subpix=5)
-    objects = sep.extract(sub, settings.detect_sigma, err=rms, mask=bad, minarea=5,
-                          filter_type="conv")
     blend = _blend_flux(objects, xs, ys, max(2.0, r50_px), radius + 2.0 * r50_px)
+    blend_big = _blend_flux(objects, xs, ys, max(2.0, r50_px), big + 2.0 * r50_px)
 
     def within(r: float) -> np.ndarray:
         return (x > r) & (x < nx - 1 - r) & (y > r) & (y < ny - 1 - r)
@@ -219,10 +241,11 @@ def measure_stars(image: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: n
            | np.where((flag & sep.APER_HASMASKED) == 0, 0, _CUT_MASKED)
            | np.where(unsaturated, 0, _CUT_SATURATED) | np.where(flux > 0, 0, _CUT_FAINT)
            | np.where(blend <= settings.blend_fraction * np.maximum(flux, 0), 0, _CUT_BLEND))
-    big_ok = within(big) & ((flag_big & sep.APER_HASMASKED) == 0) & (flux_big > 0)
+    big_ok = (within(big) & ((flag_big & sep.APER_HASMASKED) == 0) & (flux_big > 0)
+              & (blend_big <= settings.blend_fraction * np.maximum(flux_big, 0)))
     table = Table({"x": x, "y": y, "flux": flux, "flux_err": ferr, "flux_big": flux_big,
                    "flux_big_err": ferr_big, "cut": cut, "big_ok": big_ok})
-    info = {"r50_px": r50_px, "aperture_px": radius, "sky_adu": float(bkg.globalback)}
+    info = {"r50_px": r50_px, "aperture_px": radius, "sky_adu": float(background.globalback)}
     return table, info
 
 

@@ -47,6 +47,9 @@ class SimulationConfig:
         (camera rotation), ``distortion_scale`` (fraction of the .ahead cubic distortion).
     Sky
         ``star_mag_limit`` (faintest star, V AB), ``galaxy_mag_limit`` (faintest galaxy, R AB),
+        ``star_density_factor`` (star counts relative to tile 0000's at b = -54 deg; about 10
+        sources per arcmin2 in all, like DR1's sparse validation tile 0698. DR1 also covers the
+        Galactic plane: its dense tile 0294 holds 54 sources per arcmin2, ~30 times the stars),
         ``galaxy_density_deg2`` (galaxies brighter than R = 24 per deg2),
         ``bright_stars_per_ccd`` (stars of V 11.5-13 placed on every CCD of every tile so that
         saturation, bleed trails and crosstalk appear even on a tiny survey).
@@ -79,6 +82,7 @@ class SimulationConfig:
     distortion_scale: float = 1.0
     star_mag_limit: float = 24.0
     galaxy_mag_limit: float = 24.0
+    star_density_factor: float = 1.0
     galaxy_density_deg2: float = 30000.0
     bright_stars_per_ccd: int = 1
     cosmic_rays_per_full_ccd: float = 400.0
@@ -133,7 +137,7 @@ class SimulationConfig:
 
     def _check_positive(self) -> None:
         """Strictly positive and non-negative numeric fields."""
-        for name in ("exptime_s", "moffat_beta", "galaxy_density_deg2"):
+        for name in ("exptime_s", "moffat_beta", "galaxy_density_deg2", "star_density_factor"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.moffat_beta <= 1.0:

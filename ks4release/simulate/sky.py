@@ -4,7 +4,8 @@ Stars
     V-band counts per magnitude per deg2 at the demo anchor (b ~ -54 deg) follow
     ``2 * 32.5 * 10**(0.21 (V - 14))`` to V = 17.5, measured on the real Gaia XP stars of tile
     0000 (``gaiaxp_0000.fits``: 32.5 per 0.5 mag per deg2 at V = 14, slope 0.21 dex/mag), and
-    flatten to 0.08 dex/mag fainter (halo-dominated counts). Colours follow the locus table
+    flatten to 0.08 dex/mag fainter (halo-dominated counts), times ``star_density_factor`` for
+    fields closer to the Galactic plane. Colours follow the locus table
     ``_LOCUS`` (AB; median B-V and V-R in bins of V-I, same file; R-I = V-I - V-R), V-I is
     drawn from that file's V-I histogram plus an M-dwarf tail that grows towards faint mags.
     Proper motions (mas/yr) and parallaxes are drawn so that true positions move between the
@@ -124,7 +125,8 @@ def _stars(cfg: SimulationConfig, plan: SurveyPlan) -> dict[str, np.ndarray]:
     """Field stars from the count model plus the bright stars placed on every CCD."""
     rng = rng_for(cfg.seed, "stars")
     grid = np.linspace(10.0, cfg.star_mag_limit, 2000)
-    mean = np.trapezoid(_star_counts_per_mag(grid), grid) * _area_deg2(plan)
+    mean = (np.trapezoid(_star_counts_per_mag(grid), grid) * _area_deg2(plan)
+            * cfg.star_density_factor)
     n = int(rng.poisson(mean))
     v = _draw_from_pdf(rng, grid, _star_counts_per_mag(grid), n)
     ra, dec = _uniform_positions(rng, plan, n)
