@@ -491,10 +491,11 @@ class CoaddSettings:
         "filled when in a short run (fill_max_gap_px), weight 0 otherwise.", default=_DR1_BITS_ALL)
     fill_max_gap_px: int = documented(
         "Masked runs up to this many pixels along a row (cosmic rays, bad columns, bleed "
-        "trails) are filled by linear interpolation between their good neighbours and keep "
-        "weight 1; longer runs get weight 0. SWarp zeroes the weight of every output pixel "
+        "trails) are filled by linear interpolation between their good neighbours before "
+        "resampling; longer runs get weight 0. SWarp zeroes the weight of every output pixel "
         "whose LANCZOS3 kernel touches a zero-weight input pixel, so masking every cosmic ray "
-        "would leave ~10% of each exposure out of the median.", default=16)
+        "would leave ~10% of each exposure out of the median; the filled pixels themselves "
+        "are then left out of it (weight 0 after resampling).", default=16)
     map_step_px: int = documented(
         "Output pixels between exact WCS evaluations when projecting masks (spline between).",
         default=16)

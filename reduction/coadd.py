@@ -3,16 +3,18 @@
 DR1 co-added the exposures of a tile and band with SWarp on a grid shared by all bands of the
 tile (fixed centre, TAN, 0.4 arcsec/px), LANCZOS3 resampling and median combination. So do we:
 :func:`run_coadd` writes SWarp inputs (TPV headers, short masked runs filled, the other masked
-pixels at weight 0), runs SWarp with FSCALASTRO_TYPE VARIABLE (flux kept through the 0.395 ->
-0.4 arcsec/px change and the field distortion: FIXED loses 0.02 mag, NONE 0.07 mag on the demo)
-optionally matches the backgrounds of the resampled exposures before the median
-(:func:`background_offsets`, ``CoaddSettings.background_match``) and adds what SWarp does not
-give:
+pixels at weight 0), has SWarp resample them with FSCALASTRO_TYPE VARIABLE (flux kept through
+the 0.395 -> 0.4 arcsec/px change and the field distortion: FIXED loses 0.02 mag, NONE 0.07 mag
+on the demo), zeroes the resampled weight wherever an exposure's own pixel was masked (filled
+runs only keep LANCZOS3 from spreading the hole; they never enter the median,
+:func:`_exclude_masked_pixels`), optionally matches the backgrounds of the resampled exposures
+(:func:`background_offsets`, ``CoaddSettings.background_match``), has SWarp take the masked
+median and adds what SWarp does not give:
 
 * ``<tile>_<band>_mask.fits``: bitwise OR of the DR1 bits of the contributing pixels (nearest
   input pixel), see :mod:`ks4release.reduction.coadd_maps`;
-* ``<tile>_<band>_ndith.fits``: number of exposures that entered the median at each pixel,
-  read from SWarp's resampled weight frames;
+* ``<tile>_<band>_ndith.fits``: number of exposures that entered the median at each pixel
+  (masked pixels of an exposure do not), read from the resampled weight frames;
 * ``<tile>_<band>_exposures.json``: stem, MJD, site, CCD footprints (sky outlines,
   ``coadd_maps.FOOTPRINT_VERTICES_PER_SIDE`` vertices per side, so that they follow the
   distortion's bow of the CCD edges) and ok flag of every exposure (for the catalog's NDITH,
@@ -24,8 +26,8 @@ give:
   ``NCOMBINE``, ``MJD-OBS``/``MJD-END``/``MJD-MEAN``, ``MAGZERO`` = 30, provenance.
 
 Background matching (Montage-style, for scattered light and ghosts that differ between
-exposures, such as the simulator's stray-light rings, which no DR1 mask bit flags): SWarp first
-only resamples (``-COMBINE N``: one frame per CCD on the tile grid, with its weight); each
+exposures, such as the simulator's stray-light rings, which no DR1 mask bit flags): on the
+resampled frames (``-COMBINE N``: one frame per CCD on the tile grid, with its weight), each
 exposure's smooth offset from the others is the least-squares solution of the background maps of
 all pairwise difference images (sources masked), the majority level taken as zero; the offset is
 subtracted from the frames and SWarp median-combines the matched frames (``-RESAMPLE N``:
@@ -53,7 +55,7 @@ import numpy as np
 import sep
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
-from scipy.ndimage import maximum_filter
+from scipy.ndimage import binary_dilation, maximum_filter
 from scipy.optimize import least_squares
 
 from ks4release import __version__
@@ -63,6 +65,7 @@ from ks4release.errors import InputError, StageError
 from ks4release.layout import coadd_exposures_path, coadd_path
 from ks4release.projection import tan_wcs_header
 from ks4release.reduction.coadd_maps import (
+    CcdProjection,
     accumulate_mask,
     ccd_footprint_deg,
     ndith_from_weights,
@@ -534,8 +537,8 @@ def run_coadd(*, tile: str, band: str, ra: float, dec: float, scaled: list[Path]
     work_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"{tile}_{band}_", dir=work_root) as tmp_name:
         tmp = Path(tmp_name)
-        images, weights, mask_map, t_maps = _swarp_inputs_and_mask(used, tmp, grid_wcs, shape,
-                                                                   settings)
+        images, weights, mask_map, masked, t_maps = _swarp_inputs_and_mask(
+            used, tmp, grid_wcs, shape, settings)
         timings["inputs_s"] = time.perf_counter() - t0 - t_maps
         timings["maps_s"] = t_maps
         t1 = time.perf_counter()
@@ -550,22 +553,21 @@ def run_coadd(*, tile: str, band: str, ra: float, dec: float, scaled: list[Path]
                   "binary": settings.swarp_binary}
         swarp = {"timeout_s": settings.timeout_s, "tile": tile, "band": band, "cwd": tmp}
         largest_offset = 0.0
-        if settings.background_match:
-            run_swarp(swarp_command(images, weights, combine=False, **common), **swarp)
+        run_swarp(swarp_command(images, weights, combine=False, **common), **swarp)
+        frames = {e.stem: sorted(tmp.glob(f"{e.stem}.*.resamp.fits")) for e in used}
+        try:
+            _exclude_masked_pixels(frames, masked, grid_wcs, shape)
             timings["swarp_s"] = time.perf_counter() - t1
-            t1 = time.perf_counter()
-            frames = {e.stem: sorted(tmp.glob(f"{e.stem}.*.resamp.fits")) for e in used}
-            try:
+            if settings.background_match:
+                t1 = time.perf_counter()
                 largest_offset = _match_backgrounds(frames, grid_wcs, shape, settings)
-            except ValueError as exc:
-                raise StageError(str(exc), stage="coadd", tile=tile, band=band) from None
-            timings["match_s"] = time.perf_counter() - t1
-            t1 = time.perf_counter()
-            matched = [f for stem_frames in frames.values() for f in stem_frames]
-            run_swarp(swarp_command(matched, [_weight_frame(f) for f in matched],
-                                    resample=False, **common), **swarp)
-        else:
-            run_swarp(swarp_command(images, weights, keep_resampled=True, **common), **swarp)
+                timings["match_s"] = time.perf_counter() - t1
+        except ValueError as exc:
+            raise StageError(str(exc), stage="coadd", tile=tile, band=band) from None
+        t1 = time.perf_counter()
+        resampled = [f for stem_frames in frames.values() for f in stem_frames]
+        run_swarp(swarp_command(resampled, [_weight_frame(f) for f in resampled],
+                                resample=False, **common), **swarp)
         with fits.open(out_image) as hdul:
             coadd = np.array(hdul[0].data, dtype=np.float32)
             _check_swarp_grid(hdul[0].header, grid_wcs, shape, tile, band)
@@ -591,10 +593,13 @@ def run_coadd(*, tile: str, band: str, ra: float, dec: float, scaled: list[Path]
 
 def _swarp_inputs_and_mask(used: list[_Exposure], folder: Path, grid_wcs: WCS,
                            shape: tuple[int, int], settings: CoaddSettings
-                           ) -> tuple[list[Path], list[Path], np.ndarray, float]:
+                           ) -> tuple[list[Path], list[Path], np.ndarray, dict[str, np.ndarray],
+                                      float]:
     """Write every exposure's SWarp input and weight files into ``folder`` and OR its mask
-    bits onto the grid; returns (images, weights, mask map, seconds spent on the mask)."""
+    bits onto the grid; returns (images, weights, mask map, each exposure's masked grid pixels
+    (:func:`_masked_on_grid`), seconds spent on the mask)."""
     mask_map = np.zeros(shape, dtype=np.uint8)
+    masked = {}
     images, weights = [], []
     t_maps = 0.0
     for exp in used:
@@ -611,11 +616,82 @@ def _swarp_inputs_and_mask(used: list[_Exposure], folder: Path, grid_wcs: WCS,
             ccds.append(SwarpCcd(name=name, data=data, weight=good.astype(np.float32),
                                  header=swarp_header(header, data.shape)))
         accumulate_mask(projections, mask_map)
+        masked[exp.stem] = _masked_on_grid(projections, settings.ignore_bits, shape)
         image, weight = folder / f"{exp.stem}.fits", folder / f"{exp.stem}.weight.fits"
         write_swarp_exposure(ccds, image, weight)
         images.append(image)
         weights.append(weight)
-    return images, weights, mask_map, t_maps
+    return images, weights, mask_map, masked, t_maps
+
+
+def _masked_on_grid(projections: list[CcdProjection], bits: int, shape: tuple[int, int]
+                    ) -> np.ndarray:
+    """Flat indices of the grid pixels whose nearest input pixel of one exposure carries any of
+    ``bits`` (sorted, unique): a few percent of the grid, kept instead of a map per exposure."""
+    parts = [np.empty(0, dtype=np.int64)]
+    for p in projections:
+        yy, xx = np.nonzero(p.bits & np.uint8(bits))
+        parts.append(np.ravel_multi_index((yy + p.y0, xx + p.x0), shape))
+    return np.unique(np.concatenate(parts))
+
+
+def _exclude_masked_pixels(frames: dict[str, list[Path]], masked: dict[str, np.ndarray],
+                           grid_wcs: WCS, shape: tuple[int, int]) -> None:
+    """Zero the resampled weight of every exposure where its own input pixels were masked,
+    wherever another exposure has unmasked data.
+
+    Short masked runs are filled before resampling, so that LANCZOS3 does not zero the weight
+    of every output pixel it carries them into (~10% of an exposure, one cosmic ray at a time).
+    The filled values must still stay out of the median: a 12 px crosstalk strip filled across
+    a star leaves a flat smear, which the median of two or three exposures turned into
+    elongated stars (CLASS_STAR ~0.03). The masked grid pixels, grown by one pixel to cover the
+    nearest-pixel projection, get weight 0 in that exposure's frames, so that the median is a
+    masked median and NDITH counts the exposures that entered it. Where every covering
+    exposure is masked (a saturated core, crosstalk strips that overlap) the filled values are
+    kept rather than leaving a hole: on the demo, whose 1/16-scale CCDs put a full bleed trail
+    and its crosstalk strips on every chip (10% of a chip), holes grew the area without data
+    by 3% of a tile.
+    """
+    grown = {stem: _grown_indices(indices, shape) for stem, indices in masked.items()}
+    good = np.zeros(shape, dtype=np.int16)
+    for stem, paths in frames.items():
+        covered = np.zeros(shape, dtype=bool)
+        for path in paths:
+            _, weight, slices = _read_weight_frame(path, grid_wcs, shape)
+            if slices is not None:
+                covered[slices[0]] |= weight[slices[1]] > 0
+        covered.flat[grown[stem]] = False
+        good += covered
+    for stem, paths in frames.items():
+        excluded = np.zeros(shape, dtype=bool)
+        excluded.flat[grown[stem]] = True
+        excluded &= good > 0
+        for path in paths:
+            header, weight, slices = _read_weight_frame(path, grid_wcs, shape)
+            if slices is None:
+                continue
+            on_grid, on_frame = slices
+            weight[on_frame][excluded[on_grid]] = 0.0
+            fits.PrimaryHDU(data=weight, header=header).writeto(_weight_frame(path),
+                                                                overwrite=True)
+
+
+def _grown_indices(indices: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Flat grid indices grown by one pixel (3 x 3), sorted."""
+    flags = np.zeros(shape, dtype=bool)
+    flags.flat[indices] = True
+    return np.flatnonzero(binary_dilation(flags, np.ones((3, 3), dtype=bool)))
+
+
+def _read_weight_frame(frame: Path, grid_wcs: WCS, shape: tuple[int, int]
+                       ) -> tuple[fits.Header, np.ndarray, tuple | None]:
+    """Header, pixels and (grid, frame) slices (:func:`_grid_slices`) of a resampled frame's
+    weight."""
+    path = _weight_frame(frame)
+    with fits.open(path) as hdul:
+        header, weight = hdul[0].header.copy(), np.array(hdul[0].data, dtype=np.float32)
+    return header, weight, _grid_slices(*_frame_box(header, grid_wcs, path), weight.shape,
+                                        shape)
 
 
 def _weight_frame(frame: Path) -> Path:

@@ -37,7 +37,9 @@ def tiny_coadds(tiny_survey, tmp_path_factory) -> dict:
     """The V and I co-adds of ``tiny_survey``'s tile, made once per session (~40 s).
 
     Built by the co-add stage from exposures scaled with the true zero points and masked with
-    the truth's DR1 bits (``truth_release.write_scaled_from_truth``), so that tests of
+    the truth's DR1 bits (``truth_release.write_scaled_from_truth``), backgrounds matched as in
+    the demo's release.toml (I_04's stray-light ring would otherwise show wherever masked pixels
+    of two other exposures leave a median of two), so that tests of
     detection, photometry, maps and post-processing measure their own stage against truth.
     Read-only. Keys: ``survey``, ``release`` (folders), ``tile``, ``ra``, ``dec``, ``bands``,
     ``stems`` (band -> exposure stems), ``refcat`` (catalog name -> Parquet file of the
@@ -56,7 +58,7 @@ def tiny_coadds(tiny_survey, tmp_path_factory) -> dict:
         run_coadd(tile=tile, band=band, ra=ra, dec=dec,
                   scaled=[scaled_path(release, s) for s in stems[band]],
                   masks=[mask_path(release, s) for s in stems[band]], release_dir=release,
-                  settings=CoaddSettings(nthreads=2))
+                  settings=CoaddSettings(nthreads=2, background_match=True))
     refcat = {name: tiny_survey / "refcat" / f"{name}.parquet"
               for name in ("gaia_dr3", "gaia_xp", "delve_dr2")}
     return {"survey": tiny_survey, "release": release, "tile": tile, "ra": ra, "dec": dec,

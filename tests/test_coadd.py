@@ -297,7 +297,11 @@ def _isolated_stars(built: dict, radius_px: float, on_ring: bool = False) -> np.
     sources, every truth source within 60"), with no bleed trail or amplifier defect (bits 2, 8)
     in the aperture, at least two exposures over all of it and no satellite trail or
     stray-light ring of any exposure near it; with ``on_ring``, those whose aperture does touch
-    a stray-light ring (and no satellite trail)."""
+    a stray-light ring (and no satellite trail). Cosmic rays and crosstalk ghosts (bit 1) may
+    lie in the aperture: ``run_coadd`` keeps every masked pixel out of the median and so do the
+    data maps of the expectation (:func:`_exposure_data_maps`); the I star of this survey that
+    sits on ghosts in all four exposures has NDITH 0 over its core and fails the coverage
+    condition (rejecting any bit 1 would leave 3 stars on the I_04 ring)."""
     src, wcs = built["truth_sources"], built["wcs"]
     mean_mjd = float(built["truth_exposures"].mjd.mean())
     ra, dec = positions_at(src, mean_mjd)
@@ -339,13 +343,156 @@ def _isolated_stars(built: dict, radius_px: float, on_ring: bool = False) -> np.
     return np.array(keep, dtype=int), x, y
 
 
+# Half size (co-add px) of the model stamps: the 8" aperture (20 px) and a margin.
+_MODEL_HALF_PX = 30
+
+
+def _without_data(truth: np.ndarray, filled: bool = False) -> np.ndarray:
+    """Pixels of a truth mask (one CCD) whose data do not enter the co-add's median: the DR1
+    bits the co-add ignores (short runs are filled before resampling, but only to keep LANCZOS3
+    from spreading the holes; the filled values stay out of the median). With ``filled``, those
+    left without data where every exposure is masked: the runs too long to fill."""
+    settings_ = CoaddSettings()
+    masked = (dr1_bits(truth) & settings_.ignore_bits) != 0
+    if not filled:
+        return masked
+    return fill_masked_pixels(np.zeros(truth.shape), masked, settings_.fill_max_gap_px)[1]
+
+
+def _exposure_data_maps(built: dict, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """Per exposure of ``built["truth_exposures"]`` (first axis), whether it has data entering
+    the co-add's median at the co-add pixels (gx, gy; stamps round stars, star first): on one of
+    its CCDs by the true WCS, and not within one pixel of one whose nearest input pixel is
+    :func:`_without_data` (as ``run_coadd`` excludes them). Per pixel, not per star: a star's
+    aperture may straddle a CCD edge, one exposure's dead amplifier or cosmic ray."""
+    ra, dec = built["wcs"].all_pix2world(gx.ravel(), gy.ravel(), 0)
+    unmasked, usable = [], []
+    for stem in built["truth_exposures"].stem:
+        on_ccd, masked = np.zeros(gx.size, dtype=bool), np.zeros(gx.size, dtype=bool)
+        unfilled = np.zeros(gx.size, dtype=bool)
+        with fits.open(built["survey"] / "truth" / "masks" / f"{stem}_mask.fits") as hdul:
+            for name in CCD_NAMES:
+                no_data = _without_data(hdul[name].data)
+                still_bad = _without_data(hdul[name].data, filled=True)
+                cx, cy = quiet_wcs(hdul[name].header).all_world2pix(ra, dec, 0)
+                ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
+                on = (ix >= 0) & (ix < no_data.shape[1]) & (iy >= 0) & (iy < no_data.shape[0])
+                on_ccd |= on
+                masked[on] |= no_data[iy[on], ix[on]]
+                unfilled[on] |= still_bad[iy[on], ix[on]]
+        grown = binary_dilation(masked.reshape(gx.shape), np.ones((1, 3, 3), dtype=bool))
+        unmasked.append(on_ccd.reshape(gx.shape) & ~grown)
+        usable.append((on_ccd & ~unfilled).reshape(gx.shape))
+    unmasked, usable = np.array(unmasked), np.array(usable)
+    # where every exposure is masked the co-add keeps the filled values (see run_coadd)
+    return np.where(unmasked.any(axis=0), unmasked, usable)
+
+
+def _median_over_valid(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Median along the first axis of the ``valid`` values (the mean of the middle two for an
+    even count, as SWarp's median), 0 where none is valid."""
+    n = valid.sum(axis=0)
+    ordered = np.sort(np.where(valid, values, np.inf), axis=0)
+    low = np.take_along_axis(ordered, np.maximum((n - 1) // 2, 0)[None], axis=0)[0]
+    high = np.take_along_axis(ordered, (n // 2)[None], axis=0)[0]
+    return np.where(n > 0, (low + high) / 2, 0.0)
+
+
+def _moffat(dx: np.ndarray, dy: np.ndarray, fwhm_arcsec: float) -> np.ndarray:
+    """Moffat (beta = 3, the simulator's PSF) of unit flux at offsets (arcsec) from its centre,
+    per 0.4" co-add pixel (sampled at pixel centres, as the simulator does)."""
+    alpha = fwhm_arcsec / (2 * math.sqrt(2 ** (1 / 3) - 1))
+    return 2 / (math.pi * alpha**2) * (1 + (dx**2 + dy**2) / alpha**2) ** -3 * 0.4**2
+
+
+def _exposure_noise(built: dict) -> np.ndarray:
+    """Per exposure of ``built["truth_exposures"]``: the pixel noise of its scaled exposure
+    (scaled units per input pixel, mean over the CCDs), from the injected sky, read noise and
+    zero points."""
+    zps = pd.read_parquet(built["survey"] / "truth" / "zeropoints.parquet")
+    sigmas = []
+    for _, exp in built["truth_exposures"].iterrows():
+        per_ccd = []
+        for ccd in Camera.kmtnet(1 / 16).ccds:
+            zp = zps[(zps.file == exp.file) & (zps.ccd == ccd.name)]
+            zp_mean = float(np.mean(zp.zp_y0 + zp.zp_slope / 2))
+            sky_e = exp[f"sky_adu_{ccd.name}"] * ccd.gain_e_per_adu
+            noise_adu = math.sqrt(sky_e + ccd.read_noise_e**2) / ccd.gain_e_per_adu
+            per_ccd.append(noise_adu * 10 ** (0.4 * (30 - zp_mean)))
+        sigmas.append(np.mean(per_ccd))
+    return np.array(sigmas)
+
+
+def _noisy_median(model: np.ndarray, has_data: np.ndarray, noise: np.ndarray,
+                  rng: np.random.Generator, draws: int = 100) -> np.ndarray:
+    """Mean over noise draws of the per-pixel median of the exposures' pixels (first axis of
+    ``model`` and ``has_data``) with their pixel noise added. Where the exposures differ (site
+    colour terms, seeing) the median of noisy pixels is not the median of the noise-free ones:
+    0.001-0.005 mag on the stars of this survey. Draws come in +/- pairs (antithetic: the
+    noise's linear part cancels, so few draws do)."""
+    half = rng.normal(size=(draws // 2, *model.shape)) * noise[:, None]
+    noisy = np.concatenate([half, -half]) + model
+    valid = np.broadcast_to(has_data, noisy.shape)
+    return _median_over_valid(noisy.swapaxes(0, 1), valid.swapaxes(0, 1)).mean(axis=0)
+
+
+def _aperture_magnitudes(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius_arcsec: float,
+                         seeing_arcsec: float) -> np.ndarray:
+    """Magnitudes (zero point 30) in circular apertures at (x, y), with the Moffat (beta = 3)
+    aperture correction at ``seeing_arcsec``."""
+    flux, _, _ = sep.sum_circle(image, x, y, radius_arcsec / 0.4, subpix=5)
+    alpha = seeing_arcsec / (2 * math.sqrt(2 ** (1 / 3) - 1))
+    enclosed = 1 - (1 + (radius_arcsec / alpha) ** 2) ** -2
+    return 30 - 2.5 * np.log10(flux / enclosed)
+
+
+def _expected_magnitudes(built: dict, stars: np.ndarray, x: np.ndarray, y: np.ndarray,
+                         radius_arcsec: float) -> np.ndarray:
+    """What the aperture photometry of ``_aperture_offsets`` gives for the truth sources
+    ``stars`` (point sources at co-add pixels x, y) on average over the co-add's noise.
+
+    Per exposure, the star at its true magnitude with its site's colour term times the true
+    V-I (as the simulator injects it) and a Moffat PSF at the exposure's true seeing, on a
+    stamp of co-add pixels; the per-pixel median over the exposures with data there
+    (:func:`_exposure_data_maps`) with their pixel noise (:func:`_noisy_median`); measured as
+    the co-add is. The median of exposures from sites with different colour terms, or of
+    different seeing, is not the exposure with the median colour term: in I of this survey (one
+    SAAO exposure, colour term 0.04, three CTIO, 0.02) the red stars come out up to 0.02 mag
+    brighter than that. The noise is the input pixels' (resampling lowers it by ~10%, which
+    moves the expectation by < 0.0003 mag).
+    """
+    src = built["truth_sources"].iloc[stars]
+    colour = (src.mag_V - src.mag_I).to_numpy()
+    mag = src[f"mag_{built['band']}"].to_numpy()
+    offsets = np.arange(-_MODEL_HALF_PX, _MODEL_HALF_PX + 1)
+    cx, cy = np.rint(x), np.rint(y)
+    row, column = np.meshgrid(offsets, offsets, indexing="ij")
+    gx, gy = cx[:, None, None] + column, cy[:, None, None] + row
+    dx, dy = (gx - x[:, None, None]) * 0.4, (gy - y[:, None, None]) * 0.4
+    exposures = built["truth_exposures"]
+    model = np.array([
+        10 ** (-0.4 * (mag - site(exp.site).colour_term * colour - 30))[:, None, None]
+        * _moffat(dx, dy, exp.seeing_fwhm_arcsec) for exp in exposures.itertuples()])
+    has_data = _exposure_data_maps(built, gx, gy)
+    noise = _exposure_noise(built)
+    near = np.hypot(*np.meshgrid(offsets, offsets)) <= radius_arcsec / 0.4 + 1
+    rng = np.random.default_rng(5)
+    median = np.zeros(gx.shape)
+    for k in range(len(stars)):
+        median[k][near] = _noisy_median(model[:, k][:, near], has_data[:, k][:, near], noise,
+                                        rng)
+    seeing = built["header"]["SEEING"]
+    return np.array([_aperture_magnitudes(stamp, x[k:k + 1] - cx[k] + _MODEL_HALF_PX,
+                                          y[k:k + 1] - cy[k] + _MODEL_HALF_PX, radius_arcsec,
+                                          seeing)[0] for k, stamp in enumerate(median)])
+
+
 def _aperture_offsets(built: dict, on_ring: bool = False) -> np.ndarray:
-    """Co-add minus truth magnitudes of the isolated stars (``_isolated_stars``): 8" radius
+    """Co-add minus expected magnitudes of the isolated stars (``_isolated_stars``): 8" radius
     apertures, Moffat (beta = 3, the simulator's PSF) aperture correction at the measured
-    seeing; the truth magnitude includes the site colour term of the exposures (median)."""
+    seeing, the expectation from truth by :func:`_expected_magnitudes`."""
     radius_arcsec = 8.0
-    radius_px = radius_arcsec / 0.4
-    idx, x, y = _isolated_stars(built, radius_px, on_ring)
+    idx, x, y = _isolated_stars(built, radius_arcsec / 0.4, on_ring)
     # as the catalogs will: minus the background map
     image = np.ascontiguousarray(built["image"])
     no_data = built["ndith"] == 0
@@ -354,26 +501,24 @@ def _aperture_offsets(built: dict, on_ring: bool = False) -> np.ndarray:
                             minarea=5, segmentation_map=True)
     sources = binary_dilation(segmap > 0, np.ones((21, 21), dtype=bool))
     background = sep.Background(image, mask=no_data | sources, bw=128, bh=128)
-    flux, _, _ = sep.sum_circle(image - background.back(), x[idx], y[idx], radius_px, subpix=5)
-    alpha = built["header"]["SEEING"] / (2 * math.sqrt(2 ** (1 / 3) - 1))
-    enclosed = 1 - (1 + (radius_arcsec / alpha) ** 2) ** -2
-    src = built["truth_sources"].iloc[idx]
-    colour_term = np.median([site(s).colour_term for s in built["truth_exposures"].site])
-    expected = src[f"mag_{built['band']}"] - colour_term * (src.mag_V - src.mag_I)
-    return 30 - 2.5 * np.log10(flux / enclosed) - expected.to_numpy()
+    measured = _aperture_magnitudes(image - background.back(), x[idx], y[idx], radius_arcsec,
+                                    built["header"]["SEEING"])
+    return measured - _expected_magnitudes(built, idx, x[idx], y[idx], radius_arcsec)
 
 
-def test_aperture_photometry_of_isolated_stars_matches_truth(built):
-    """Stars away from every unmasked artifact: median offset from truth < 0.005 mag."""
-    offset = _aperture_offsets(built)
+@pytest.mark.parametrize("band", ["V", "I"])
+def test_aperture_photometry_of_isolated_stars_matches_truth(matching, band):
+    """Stars away from every unmasked artifact (V: all exposures from CTIO; I: one from SAAO,
+    whose colour term differs): median offset from the expectation < 0.005 mag."""
+    offset = _aperture_offsets(matching[(band, True)])
+    logging.getLogger(__name__).info("photometry %s: %d stars, median offset %.4f mag", band,
+                                     offset.size, np.median(offset))
     assert offset.size >= 8
-    logging.getLogger(__name__).info("photometry: %d stars, median offset %.4f mag", offset.size,
-                                     np.median(offset))
-    assert abs(np.median(offset)) < 0.005, f"median offset {np.median(offset):.4f} mag"
+    assert abs(np.median(offset)) < 0.005, f"{band}: median offset {np.median(offset):.4f} mag"
 
 
 def test_background_matching_removes_the_stray_light_ring(matching):
-    """Stars whose aperture touches the I_04 stray-light ring (5; V has 2, at NDITH 2 where no
+    """Stars whose aperture touches the I_04 stray-light ring (4; V has 1, at NDITH 2 where no
     difference tells which exposure is lifted): the median offset from truth (the photometric
     check's method) is within 0.005 mag with matching, lifted by more than 0.03 mag without.
     Against the co-add of the exposures with the true ring subtracted (same noise): where the
@@ -527,28 +672,28 @@ def _output_pixels_in_exposures(built: dict, step: int):
 
 
 def test_ndith_equals_true_coverage_away_from_edges(built):
-    """NDITH = exposures whose CCD holds the pixel on data that enters the median, wherever the
-    pixel is more than 4 input pixels from the edge of a CCD or of a region without data (the
-    dead amplifier and masked runs too long to fill: LANCZOS3 reaches 3 pixels)."""
-    settings_ = CoaddSettings()
+    """NDITH = exposures whose CCD holds the pixel on unmasked data, or, where every exposure
+    is masked, on data the filling kept (runs short enough to fill), wherever the pixel is more
+    than 4 input pixels from the edge of a CCD or of such a region (LANCZOS3 reaches 3
+    pixels)."""
     gy, gx, per_exposure = _output_pixels_in_exposures(built, step=3)
-    count = np.zeros(gy.size, dtype=int)
+    unmasked = np.zeros(gy.size, dtype=int)
+    usable = np.zeros(gy.size, dtype=int)
     ambiguous = np.zeros(gy.size, dtype=bool)
     pad, reach = 8, 4
     square = np.ones((2 * reach + 1, 2 * reach + 1), dtype=bool)
     for hits in per_exposure.values():
         for _, cx, cy, truth in hits:
-            dr1 = (dr1_bits(truth) & settings_.ignore_bits) != 0
-            _, still_bad = fill_masked_pixels(np.zeros(truth.shape), dr1,
-                                              settings_.fill_max_gap_px)
-            no_data = np.pad(still_bad, pad, constant_values=True)
-            band = binary_dilation(no_data, square) & binary_dilation(~no_data, square)
-            ny, nx = no_data.shape
-            ix = np.rint(cx).astype(int) + pad
-            iy = np.rint(cy).astype(int) + pad
-            on = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
-            ambiguous[on] |= band[iy[on], ix[on]]
-            count[on] += ~no_data[iy[on], ix[on]]
+            for filled, count in ((False, unmasked), (True, usable)):
+                no_data = np.pad(_without_data(truth, filled), pad, constant_values=True)
+                band = binary_dilation(no_data, square) & binary_dilation(~no_data, square)
+                ny, nx = no_data.shape
+                ix = np.rint(cx).astype(int) + pad
+                iy = np.rint(cy).astype(int) + pad
+                on = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+                ambiguous[on] |= band[iy[on], ix[on]]
+                count[on] += ~no_data[iy[on], ix[on]]
+    count = np.where(unmasked > 0, unmasked, usable)
     ndith = built["ndith"][gy, gx]
     clear = ~ambiguous
     agree = np.mean(ndith[clear] == count[clear])
@@ -605,18 +750,8 @@ def test_seeing_and_depth_match_what_was_injected(built):
     exposures = built["truth_exposures"]
     header = built["header"]
     assert header["SEEING"] == pytest.approx(np.median(exposures.seeing_fwhm_arcsec), rel=0.10)
-    zps = pd.read_parquet(built["survey"] / "truth" / "zeropoints.parquet")
     camera = Camera.kmtnet(1 / 16)
-    sigmas = []
-    for _, exp in exposures.iterrows():
-        per_ccd = []
-        for ccd in camera.ccds:
-            zp = zps[(zps.file == exp.file) & (zps.ccd == ccd.name)]
-            zp_mean = float(np.mean(zp.zp_y0 + zp.zp_slope / 2))
-            sky_e = exp[f"sky_adu_{ccd.name}"] * ccd.gain_e_per_adu
-            noise_adu = math.sqrt(sky_e + ccd.read_noise_e**2) / ccd.gain_e_per_adu
-            per_ccd.append(noise_adu * 10 ** (0.4 * (30 - zp_mean)))
-        sigmas.append(np.mean(per_ccd))
+    sigmas = _exposure_noise(built)
     rng = np.random.default_rng(0)
     draws = rng.normal(0, 1, (200_000, len(sigmas))) * np.array(sigmas)
     sigma_median = float(np.std(np.median(draws, axis=1)))
