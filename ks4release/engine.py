@@ -548,7 +548,9 @@ class Engine:
                 continue
             to_run.append(item)
 
-        removed = clean_stale_temporaries(p.parent for item in to_run for p in item.outputs)
+        # the stamps' folders too: a task killed while writing its stamp leaves a temporary
+        removed = clean_stale_temporaries(p.parent for item in to_run
+                                          for p in (*item.outputs, item.stamp))
         for path in removed:
             log.info("removed stale temporary %s", path)
         by_key = {item.task.key: item for item in to_run}
