@@ -205,9 +205,13 @@ def tap_query(url: str, query: str, *, limits: QueryLimits, use_async: bool = Fa
     finally:
         if own_session:
             session.close()
-    status, message = _status(result)
     try:
-        table = result.to_table()
+        with warnings.catch_warnings():
+            # pyvo may repeat its truncation warning when the result is read; the truncation
+            # is raised below as RefcatOverflowError
+            warnings.simplefilter("ignore", DALOverflowWarning)
+            status, message = _status(result)
+            table = result.to_table()
     except Exception as exc:  # astropy raises several types for inconsistent VOTables
         raise RefcatServiceError(
             f"malformed VOTable in the response ({' '.join(str(exc).split())[:300]})",
