@@ -527,10 +527,20 @@ class CoaddSettings:
         "one exposure (no DR1 mask bit) does not lift the median (stars under an 8-sigma ring "
         "of the test survey: 0.065 mag too bright otherwise). Costs a second SWarp call "
         "(combine only), n(n-1)/2 background maps (+1.3 s, 40% more time, on a demo tile of 4 "
-        "exposures) and ~20 bytes of memory per exposure and grid pixel: a full-size tile of 7 "
-        "exposures would need ~70 GB, so it is off by default (DR1's plain median) and on in "
-        "the demo survey's release.toml, whose exposures carry simulated stray-light rings.",
+        "exposures), a matched copy of every resampled frame on disk and ~20 bytes of memory "
+        "per exposure and pixel of a block of background_match_block_rows rows (~4.2 GB for a "
+        "full-size tile of 7 exposures). Off by default (DR1's plain median); on in the demo "
+        "survey's release.toml, whose exposures carry simulated stray-light rings.",
         default=False)
+    background_match_block_rows: int = documented(
+        "The background matching works on blocks of this many grid rows (a multiple of "
+        "background_match_mesh_px), each computed with a margin of background_match_filter // 2 "
+        "+ 9 meshes on either side and kept in its own rows only: memory ~20 bytes x exposures "
+        "x grid width x (rows + 2 margins), ~4.2 GB for 7 exposures of a 21886 px wide "
+        "full-size tile at 1024 (the whole grid would need ~70 GB). Smaller blocks cost more "
+        "margin (31% more pixels at 1024 with 16 px meshes); the offsets stay within ~4e-5 of a "
+        "pixel's sigma of the whole grid's but where that flips a threshold decision.",
+        default=1024)
     background_match_mesh_px: int = documented(
         "Mesh of the background maps of the pairwise differences of exposures, co-add px. "
         "Must be well below the width of the structure it removes (a demo stray-light ring has "
@@ -549,14 +559,20 @@ class CoaddSettings:
         "Growth of the background-match source mask, co-add px.", default=1)
     background_match_min_sigma: float = documented(
         "Values of a pairwise background-match map smaller than this many times the noise of "
-        "one mesh (1.2533 x the difference image's rms / mesh) are set to 0, so that the maps' "
-        "own noise stays out of the co-add where there is no scattered light; 0 keeps all.",
+        "one mesh (1.2533 x the difference image's local rms / mesh) are set to 0, so that the "
+        "maps' own noise stays out of the co-add where there is no scattered light; 0 keeps "
+        "all.",
         default=3.0)
 
     def __post_init__(self) -> None:
         if self.background_match_mesh_px < 2:
             raise ValueError(f"background_match_mesh_px must be >= 2, got "
                              f"{self.background_match_mesh_px}")
+        if (self.background_match_block_rows < self.background_match_mesh_px
+                or self.background_match_block_rows % self.background_match_mesh_px):
+            raise ValueError(f"background_match_block_rows must be a positive multiple of "
+                             f"background_match_mesh_px ({self.background_match_mesh_px}), got "
+                             f"{self.background_match_block_rows}")
         if self.background_match_min_sigma < 0:
             raise ValueError(f"background_match_min_sigma must be >= 0, got "
                              f"{self.background_match_min_sigma}")

@@ -29,8 +29,10 @@ Background matching (Montage-style, for scattered light and ghosts that differ b
 exposures, such as the simulator's stray-light rings, which no DR1 mask bit flags): on the
 resampled frames (``-COMBINE N``: one frame per CCD on the tile grid, with its weight), each
 exposure's smooth offset from the others is the least-squares solution of the background maps of
-all pairwise difference images (sources masked), the majority level taken as zero; the offset is
-subtracted from the frames and SWarp median-combines the matched frames (``-RESAMPLE N``:
+all pairwise difference images (sources masked), the majority level taken as zero, computed in
+blocks of grid rows with overlapping margins (memory ~20 bytes per exposure and pixel of a block,
+``CoaddSettings.background_match_block_rows``); the offset is subtracted from copies of the
+frames and SWarp median-combines the matched copies (``-RESAMPLE N``:
 bit-identical to the one-pass co-add when nothing is subtracted, and as fast as a numpy masked
 median of the same frames, 0.7 s on a demo tile, which would also need every frame in memory).
 A ring in one exposure of four otherwise lifts the median by a fraction of the ring over its
@@ -45,9 +47,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +88,7 @@ from ks4release.survey import DITHER_OFFSETS_ARCMIN, REFERENCE_ZEROPOINT
 
 __all__ = [
     "CoaddSettings",
+    "background_offset_blocks",
     "background_offsets",
     "coadd_work_dir",
     "fill_masked_pixels",
@@ -100,6 +105,13 @@ _DR1_BITS = 15
 # Source mask of the empty apertures: detection threshold (sigma) and growth (px).
 _EMPTY_THRESH = 1.0
 _EMPTY_GROW_PX = 3
+# Margin of a background-match block beyond the reach of sep's median filter, meshes. On
+# synthetic stacks of unit noise (filter 3, mesh 16, blocks of 32-64 rows) block-wise offsets
+# differ from the whole grid's by up to 0.2-0.35 / 0.005 / 1e-3 / 4e-5 of a pixel's sigma at
+# 0 / 3 / 5 / 9 meshes beyond it (sep's natural bicubic spline: ~4x less pull per mesh); at 5,
+# 12 of 16 stacks also had a source pixel or a map at the min_sigma cut flipped, moving a
+# mesh-sized patch by up to 0.13; at 9 none had.
+_MATCH_MARGIN_MESHES = 9
 
 
 
@@ -324,16 +336,16 @@ def _masked_median(stack: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def _source_pixels(stack: np.ndarray, valid: np.ndarray, mesh_px: int, nsigma: float
                    ) -> np.ndarray:
-    """Pixels of sources: ``nsigma`` sep detections (minarea 5) on the per-pixel median of the
-    exposures minus its background map of ``mesh_px`` meshes. The median and the small mesh
-    keep scattered light of one exposure out of the detections (a stray-light ring reaches
-    4 sigma in the mean of four demo exposures and would be masked as a source, its own
-    matching then interpolated over)."""
+    """Pixels of sources: ``nsigma`` sep detections (minarea 5, against the local rms map) on the
+    per-pixel median of the exposures minus its background map of ``mesh_px`` meshes. The median
+    and the small mesh keep scattered light of one exposure out of the detections (a stray-light
+    ring reaches 4 sigma in the mean of four demo exposures and would be masked as a source, its
+    own matching then interpolated over)."""
     median = _masked_median(stack, valid)
     no_data = ~np.isfinite(median)
     median = np.ascontiguousarray(np.where(no_data, 0.0, median), dtype=np.float32)
     background = sep.Background(median, mask=no_data, bw=mesh_px, bh=mesh_px)
-    _, segmap = sep.extract(median - background.back(), nsigma, err=background.globalrms,
+    _, segmap = sep.extract(median - background.back(), nsigma, err=background.rms(),
                             mask=no_data, minarea=5, segmentation_map=True)
     return segmap > 0
 
@@ -343,26 +355,28 @@ def background_offsets(stack: np.ndarray, valid: np.ndarray, *, mesh_px: int,
                        source_grow_px: int = 1, min_sigma: float = 3.0) -> np.ndarray:
     """Smooth background offset of every exposure from the others, on a common grid.
 
-    ``stack`` (n, ny, nx) holds the n resampled exposures, ``valid`` (n, ny, nx) where each
-    has data. For every pair of exposures the difference of their backgrounds is the sep
-    background map (``mesh_px`` meshes, median filter of ``filter_size`` meshes, sigma-clipped
-    per mesh) of their difference image where both have data, with the sources of the median
-    image masked (:func:`_source_pixels`, grown by ``source_grow_px``): stars and galaxies
-    cancel in a difference, so a small mesh follows scattered light without eating them, and a
-    difference of two noisy images is symmetric, so no noise bias enters (a median of the
-    others would be pulled towards an offset exposure). At each pixel the offsets of the
-    exposures covering it are the least-squares solution of those pairwise differences
-    (exposure i: the mean over covering j of D_ij, D_ii = 0), shifted so that their median is
-    zero: the majority of exposures, those without scattered light, keep their level and one
-    lifted exposure takes all of its own lift. Pairwise maps do not change where the set of
-    covering exposures changes (chip gaps), so neither do the offsets. Where only two
-    exposures overlap, a difference cannot tell which one is lifted: both move halfway, which
-    leaves their median (= mean) as it was. Pairwise values below ``min_sigma`` times the noise
-    of one mesh (1.2533 x the difference image's rms / ``mesh_px``) are set to 0 (``min_sigma``
-    0: none): where nothing is found nothing is subtracted, so the maps' own noise (~0.1 sigma
-    of a pixel at a 16 px mesh, coherent over a mesh) does not cost depth (0.05 mag on the demo's
-    V co-add otherwise). The cut acts on the pairs, not on each exposure's offsets, so that the
-    two offsets of a pair always move together.
+    ``stack`` (n, ny, nx) holds the n resampled exposures, ``valid`` (n, ny, nx) where each has
+    data. For every pair of exposures the difference of their backgrounds is the sep background
+    map (``mesh_px`` meshes, median filter of ``filter_size`` meshes, sigma-clipped per mesh) of
+    their difference image where both have data, with the sources of the median image masked
+    (:func:`_source_pixels`, grown by ``source_grow_px``): stars and galaxies cancel in a
+    difference, so a small mesh follows scattered light without eating them, and a difference of
+    two noisy images is symmetric, so no noise bias enters (a median of the others would be
+    pulled towards an offset exposure). At each pixel the offsets of the exposures covering it
+    are the least-squares solution of those pairwise differences (exposure i: the mean over
+    covering j of D_ij, D_ii = 0), shifted so that their median is zero: the majority of
+    exposures, those without scattered light, keep their level and one lifted exposure takes all
+    of its own lift. Pairwise maps do not change where the set of covering exposures changes
+    (chip gaps), so neither do the offsets. Where only two exposures overlap, a difference
+    cannot tell which one is lifted: both move halfway, which leaves their median (= mean) as it
+    was. Pairwise values below ``min_sigma`` times the noise of one mesh (1.2533 x the
+    difference image's local rms / ``mesh_px``, sep's rms map) are set to 0 (``min_sigma`` 0:
+    none): where nothing is found nothing is subtracted, so the maps' own noise (~0.1 sigma of a
+    pixel at a 16 px mesh, coherent over a mesh) does not cost depth (0.05 mag on the demo's V
+    co-add otherwise). The cut acts on the pairs, not on each exposure's offsets, so that the
+    two offsets of a pair always move together. Every noise figure is local (sep's rms maps, not
+    its image-wide median of them), so that the offsets of a part of the grid depend on its
+    surroundings only (:func:`background_offset_blocks`).
 
     Returns the offsets (n, ny, nx) float32, 0 where an exposure has no data.
     """
@@ -387,12 +401,48 @@ def background_offsets(stack: np.ndarray, valid: np.ndarray, *, mesh_px: int,
                                         fw=filter_size, fh=filter_size)
             pair = background.back()
             # noise of one mesh's estimate (the median of mesh_px^2 pixels)
-            pair[np.abs(pair) < min_sigma * 1.2533 * background.globalrms / mesh_px] = 0.0
+            pair[np.abs(pair) < min_sigma * 1.2533 / mesh_px * background.rms()] = 0.0
             summed[i][both] += pair[both]
             summed[j][both] -= pair[both]
     summed /= np.maximum(count, 1).astype(np.float32)
     majority = _masked_median(summed, valid)
     return np.where(valid, summed - majority, 0.0).astype(np.float32)
+
+
+def background_offset_blocks(read_rows: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+                             ny: int, *, block_rows: int, mesh_px: int,
+                             filter_size: int = 3, source_sigma: float = 5.0,
+                             source_grow_px: int = 1, min_sigma: float = 3.0
+                             ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """:func:`background_offsets` of a grid of ``ny`` rows, computed in blocks of rows.
+
+    ``read_rows(r0, r1)`` returns the (stack, valid) rows r0:r1 of the grid (n, r1 - r0, nx).
+    Each block of ``block_rows`` rows (a multiple of ``mesh_px``, so that sep's meshes fall
+    where they fall on the whole grid) is computed from its rows extended by a margin of
+    ``filter_size // 2 + 9`` meshes on each side (less at the grid's ends), of which only its
+    own rows are kept. Beyond the reach of sep's median filter (``filter_size // 2`` meshes) the
+    block's edge still pulls on sep's natural bicubic spline (~4x less per mesh) and on the
+    detection of the sources it cuts: 9 meshes more leave the kept rows within ~4e-5 of a
+    pixel's sigma of the whole grid's offsets, so close that a source pixel at sep's threshold
+    or a pairwise map at the ``min_sigma`` cut seldom flips (which moves a mesh-sized patch by
+    ~0.1 sigma). Yields (y0, y1, offsets of rows y0:y1),
+    top to bottom; peak memory ~20 bytes per exposure and pixel of ``block_rows + 2 x margin``
+    rows.
+    """
+    if block_rows < mesh_px or block_rows % mesh_px:
+        raise ValueError(f"block_rows must be a positive multiple of mesh_px ({mesh_px}), got "
+                         f"{block_rows}")
+    margin = (filter_size // 2 + _MATCH_MARGIN_MESHES) * mesh_px
+    for y0 in range(0, ny, block_rows):
+        y1 = min(ny, y0 + block_rows)
+        r0, r1 = max(0, y0 - margin), min(ny, y1 + margin)
+        stack, valid = read_rows(r0, r1)
+        offsets = background_offsets(stack, valid, mesh_px=mesh_px, filter_size=filter_size,
+                                     source_sigma=source_sigma, source_grow_px=source_grow_px,
+                                     min_sigma=min_sigma)
+        del stack, valid
+        yield y0, y1, offsets[:, y0 - r0:y1 - r0]
+        del offsets  # before the next block is read (the caller drops its view too)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +616,9 @@ def run_coadd(*, tile: str, band: str, ra: float, dec: float, scaled: list[Path]
             raise StageError(str(exc), stage="coadd", tile=tile, band=band) from None
         t1 = time.perf_counter()
         resampled = [f for stem_frames in frames.values() for f in stem_frames]
-        run_swarp(swarp_command(resampled, [_weight_frame(f) for f in resampled],
+        images = ([_matched_frame(f) for f in resampled] if settings.background_match
+                  else resampled)
+        run_swarp(swarp_command(images, [_weight_frame(f) for f in resampled],
                                 resample=False, **common), **swarp)
         with fits.open(out_image) as hdul:
             coadd = np.array(hdul[0].data, dtype=np.float32)
@@ -724,47 +776,119 @@ def _grid_slices(y0: int, x0: int, frame_shape: tuple[int, int], shape: tuple[in
 
 def _match_backgrounds(frames: dict[str, list[Path]], grid_wcs: WCS, shape: tuple[int, int],
                        settings: CoaddSettings) -> float:
-    """Subtract every exposure's background offset (:func:`background_offsets`) from its
-    resampled frames in place (where their weight is > 0); returns the largest |offset|.
+    """Write every resampled frame less its exposure's background offset
+    (:func:`background_offsets`, where its weight is > 0) to :func:`_matched_frame`; returns the
+    largest |offset|.
 
-    Holds the n exposures on the whole grid at once: ~20 bytes per exposure and grid pixel at
-    the peak (measured: +160 MB for 4 exposures of the demo's 1368^2 grid). A full-size tile
-    (21886^2, 7 exposures) would need ~70 GB; it needs the grid cut into row blocks overlapping
-    by a few meshes first.
+    The grid is matched in blocks of ``settings.background_match_block_rows`` rows
+    (:func:`background_offset_blocks`, margins of ``filter // 2 + 9`` meshes), each read from
+    the frames and their weights (row sections, no memory map, so that the resident memory is
+    the block's) and written into copies of the frames, whose originals later blocks still read
+    as their margin. Peak memory ~20 bytes per exposure and pixel of a block with its margins
+    (20.3 measured): ~4.2 GB for a full-size tile (21886 px wide, 7 exposures, 1024 + 2 x 160
+    rows) instead of ~70 GB for the whole grid (the demo's 1368^2 grid: two blocks at the
+    default).
     """
-    stems = list(frames)
-    stack = np.zeros((len(stems), *shape), dtype=np.float32)
-    valid = np.zeros((len(stems), *shape), dtype=bool)
-    for i, stem in enumerate(stems):
-        for path in frames[stem]:
-            with fits.open(path) as image, fits.open(_weight_frame(path)) as weight:
-                y0, x0 = _frame_box(image[0].header, grid_wcs, path)
-                slices = _grid_slices(y0, x0, image[0].data.shape, shape)
-                if slices is None:
-                    continue
-                on_grid, on_frame = slices
-                used = weight[0].data[on_frame] > 0
-                stack[i][on_grid] = np.where(used, image[0].data[on_frame], stack[i][on_grid])
-                valid[i][on_grid] |= used
-    offsets = background_offsets(stack, valid, mesh_px=settings.background_match_mesh_px,
-                                 filter_size=settings.background_match_filter,
-                                 source_sigma=settings.background_match_source_sigma,
-                                 source_grow_px=settings.background_match_source_grow_px,
-                                 min_sigma=settings.background_match_min_sigma)
-    del stack
-    for i, stem in enumerate(stems):
-        for path in frames[stem]:
-            with fits.open(path) as image, fits.open(_weight_frame(path)) as weight:
-                header, data = image[0].header.copy(), np.array(image[0].data, dtype=np.float32)
-                used = weight[0].data > 0
-            slices = _grid_slices(*_frame_box(header, grid_wcs, path), data.shape, shape)
-            if slices is None:
+    placed = [[_place_frame(path, grid_wcs, shape) for path in frames[stem]] for stem in frames]
+    for stem_frames in frames.values():
+        for path in stem_frames:
+            shutil.copyfile(path, _matched_frame(path))
+    largest = 0.0
+    blocks = background_offset_blocks(
+        lambda r0, r1: _read_stack(placed, r0, r1, shape[1]), shape[0],
+        block_rows=settings.background_match_block_rows,
+        mesh_px=settings.background_match_mesh_px, filter_size=settings.background_match_filter,
+        source_sigma=settings.background_match_source_sigma,
+        source_grow_px=settings.background_match_source_grow_px,
+        min_sigma=settings.background_match_min_sigma)
+    for y0, y1, offsets in blocks:
+        for i, exposure_frames in enumerate(placed):
+            for frame in exposure_frames:
+                if frame is not None:
+                    _write_matched_rows(frame, y0, y1, offsets[i])
+        largest = max(largest, float(np.abs(offsets).max()))
+        del offsets
+    return largest
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PlacedFrame:
+    """A resampled frame, where it lies on the tile grid and where its pixels start in the
+    file (SWarp writes BITPIX -32 unscaled)."""
+
+    path: Path
+    on_grid: tuple[slice, slice]
+    on_frame: tuple[slice, slice]
+    width: int
+    data_offset: int
+
+
+def _place_frame(path: Path, grid_wcs: WCS, shape: tuple[int, int]) -> _PlacedFrame | None:
+    """Where ``path`` lies on the grid (None if outside), from its header alone."""
+    with fits.open(path, memmap=False) as hdul:
+        header, data_offset = hdul[0].header, hdul.fileinfo(0)["datLoc"]
+        if header["BITPIX"] != -32 or header.get("BZERO", 0) != 0 or header.get("BSCALE", 1) != 1:
+            raise ValueError(f"{path}: resampled frame is not unscaled float32 (BITPIX -32)")
+        frame_shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
+        slices = _grid_slices(*_frame_box(header, grid_wcs, path), frame_shape, shape)
+    if slices is None:
+        return None
+    return _PlacedFrame(path=path, on_grid=slices[0], on_frame=slices[1], width=frame_shape[1],
+                        data_offset=data_offset)
+
+
+def _frame_rows(frame: _PlacedFrame, r0: int, r1: int) -> tuple[slice, slice] | None:
+    """(grid rows, frame rows) of the part of ``frame`` in grid rows r0:r1, or None."""
+    g0, g1 = max(r0, frame.on_grid[0].start), min(r1, frame.on_grid[0].stop)
+    if g0 >= g1:
+        return None
+    shift = frame.on_frame[0].start - frame.on_grid[0].start
+    return slice(g0, g1), slice(g0 + shift, g1 + shift)
+
+
+def _read_rows(path: Path, rows: slice) -> np.ndarray:
+    """Whole rows of a FITS image, read from the file without mapping it (float32)."""
+    with fits.open(path, memmap=False) as hdul:
+        return np.asarray(hdul[0].section[rows, :], dtype=np.float32)
+
+
+def _read_stack(placed: list[list[_PlacedFrame | None]], r0: int, r1: int, nx: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(stack, valid) of grid rows r0:r1 (n, r1 - r0, nx): every exposure's frames where their
+    weight is > 0."""
+    stack = np.zeros((len(placed), r1 - r0, nx), dtype=np.float32)
+    valid = np.zeros(stack.shape, dtype=bool)
+    for i, exposure_frames in enumerate(placed):
+        for frame in exposure_frames:
+            rows = None if frame is None else _frame_rows(frame, r0, r1)
+            if rows is None:
                 continue
-            on_grid, on_frame = slices
-            part = data[on_frame]
-            part[used[on_frame]] -= offsets[i][on_grid][used[on_frame]]
-            fits.PrimaryHDU(data=data, header=header).writeto(path, overwrite=True)
-    return float(np.abs(offsets).max())
+            on_grid = (slice(rows[0].start - r0, rows[0].stop - r0), frame.on_grid[1])
+            used = _read_rows(_weight_frame(frame.path), rows[1])[:, frame.on_frame[1]] > 0
+            stack[i][on_grid][used] = _read_rows(frame.path, rows[1])[:, frame.on_frame[1]][used]
+            valid[i][on_grid] |= used
+    return stack, valid
+
+
+def _write_matched_rows(frame: _PlacedFrame, y0: int, y1: int, offsets: np.ndarray) -> None:
+    """Write the frame's rows in grid rows y0:y1, less ``offsets`` (the exposure's offsets of
+    those rows) where their weight is > 0, into the frame's :func:`_matched_frame`."""
+    rows = _frame_rows(frame, y0, y1)
+    if rows is None:
+        return
+    data = _read_rows(frame.path, rows[1])
+    used = _read_rows(_weight_frame(frame.path), rows[1]) > 0
+    part, used_part = data[:, frame.on_frame[1]], used[:, frame.on_frame[1]]
+    part[used_part] -= offsets[rows[0].start - y0:rows[0].stop - y0, frame.on_grid[1]][used_part]
+    with open(_matched_frame(frame.path), "r+b") as out:
+        out.seek(frame.data_offset + rows[1].start * frame.width * 4)
+        out.write(data.astype(">f4").tobytes())
+
+
+def _matched_frame(frame: Path) -> Path:
+    """The background-matched copy of a resampled frame (``x.resamp.fits`` ->
+    ``x.matched.fits``)."""
+    return frame.with_name(frame.name.removesuffix(".resamp.fits") + ".matched.fits")
 
 
 def _footprint(exp: _Exposure) -> dict:

@@ -31,6 +31,7 @@ from ks4release.errors import StageError
 from ks4release.layout import coadd_exposures_path, coadd_path, mask_path, scaled_path
 from ks4release.reduction.coadd import (
     CoaddSettings,
+    background_offset_blocks,
     background_offsets,
     fill_masked_pixels,
     limiting_magnitude,
@@ -125,11 +126,14 @@ def _remove_true_rings(survey, release, oracle, stems: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def matching(built, tmp_path_factory) -> dict:
-    """Co-adds with and without background matching (~20 s): V without (``built`` has it), I
-    with and without, and I from exposures whose true stray-light ring was subtracted (the
-    "oracle"). I_04 of this survey carries a stray-light ring of ~8 sigma of a pixel (V_03 one
-    below 1 sigma); the scaled exposures keep it (truth sky subtracted, no mesh)."""
+    """Co-adds with and without background matching (~20 s): V without (matched: ``built``, in
+    two blocks of rows), I with (in one block: the whole grid) and without, and I from
+    exposures whose true stray-light ring was subtracted (the "oracle"). I_04 of this survey
+    carries a stray-light ring of ~8 sigma of a pixel (V_03 one below 1 sigma); the scaled
+    exposures keep it (truth sky subtracted, no mesh)."""
     plain = tmp_path_factory.mktemp("plain")
+    grid_rows = tile_grid(TILE_RA, TILE_DEC, Camera.kmtnet(1 / 16))[1][0]
+    whole_grid = 16 * math.ceil(grid_rows / 16)  # one block of background_match_mesh_px rows
     release = built["release"]
     out = {}
     for band in ("V", "I"):
@@ -150,7 +154,8 @@ def matching(built, tmp_path_factory) -> dict:
                 out[(band, match)] = built
                 continue
             result = run_coadd(tile=TILE, band=band, ra=TILE_RA, dec=TILE_DEC, release_dir=folder,
-                               settings=CoaddSettings(nthreads=2, background_match=match),
+                               settings=CoaddSettings(nthreads=2, background_match=match,
+                                                      background_match_block_rows=whole_grid),
                                **inputs)
             out[(band, match)] = _load_coadd(built, folder, band, result)
     return out
@@ -220,7 +225,9 @@ def test_tile_grid_is_dr1_sized_and_centred():
                                           ("grid_margin_arcsec", -5.0),
                                           ("background_match_mesh_px", 1),
                                           ("background_match_source_sigma", 0.0),
-                                          ("background_match_min_sigma", -1.0)])
+                                          ("background_match_min_sigma", -1.0),
+                                          ("background_match_block_rows", 100),
+                                          ("background_match_block_rows", 0)])
 def test_settings_name_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         CoaddSettings(**{field: value})
@@ -597,6 +604,32 @@ def test_background_matching_keeps_stars_galaxies_and_maps(matching):
         "background_offset_max"]
 
 
+def test_background_matching_in_blocks_equals_the_whole_grid(matching, tmp_path):
+    """I matched in blocks of 256 rows (6 on the 1368 px grid, the inner ones reading neither
+    end of it) vs in one block: NDITH and mask identical, the largest offset the same, every
+    pixel within 1e-3 of the co-add's noise (measured: 9e-6, 2% of the pixels differ at all)."""
+    whole = matching[("I", True)]
+    release = whole["release"]
+    result = run_coadd(tile=TILE, band="I", ra=TILE_RA, dec=TILE_DEC, release_dir=tmp_path,
+                       scaled=[scaled_path(release, s) for s in whole["stems"]],
+                       masks=[mask_path(release, s) for s in whole["stems"]],
+                       settings=CoaddSettings(nthreads=2, background_match=True,
+                                              background_match_block_rows=256))
+    blocks = _load_coadd(whole, tmp_path, "I", result)
+    noise = sep.Background(np.ascontiguousarray(whole["image"]),
+                           mask=whole["ndith"] == 0).globalrms
+    difference = np.abs(blocks["image"] - whole["image"]) / noise
+    logging.getLogger(__name__).info(
+        "I in blocks of 256 rows vs the whole grid: max difference %.2g sigma, %.3f%% of the "
+        "pixels differ; match %.2f s vs %.2f s", difference.max(), 100 * np.mean(difference > 0),
+        result["timings_s"]["match_s"], whole["result"]["timings_s"]["match_s"])
+    assert np.array_equal(blocks["ndith"], whole["ndith"])
+    assert np.array_equal(blocks["mask"], whole["mask"])
+    assert abs(result["background_offset_max"] - whole["result"]["background_offset_max"]) < (
+        1e-3 * noise)
+    assert difference.max() < 1e-3
+
+
 def _smooth_bump(shape: tuple[int, int], cx: float, cy: float, sigma: float) -> np.ndarray:
     y, x = np.mgrid[:shape[0], :shape[1]]
     return np.exp(-0.5 * ((x - cx) ** 2 + (y - cy) ** 2) / sigma**2)
@@ -641,6 +674,47 @@ def test_background_offsets_find_the_lifted_exposure(seed, n, lifted, amplitude,
     stack[lifted] -= bump
     quiet = background_offsets(stack, valid, mesh_px=16)
     assert np.mean(quiet[valid] != 0) < 0.25
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 5), block_meshes=st.integers(2, 8),
+       gap_row=st.integers(0, 620))
+def test_background_offsets_in_blocks_equal_the_whole_grid(seed, n, block_meshes, gap_row):
+    """Block-wise offsets (rows of block_meshes x 16 px, their margins as run_coadd's, so that
+    inner blocks see neither end of the grid) equal the whole grid's everywhere, block edges
+    included: within 1e-3 of a pixel's sigma (measured on 16 stacks: <= 4e-5, median 3e-6),
+    with or without the min_sigma cut."""
+    rng = np.random.default_rng(seed)
+    shape = (640, 96)
+    stack = rng.normal(0.0, 1.0, (n, *shape)).astype(np.float32)
+    fwhm = rng.uniform(1.2, 2.0, n)
+    for sx, sy in rng.uniform(3, [shape[1] - 3, shape[0] - 3], (80, 2)):
+        for i in range(n):
+            stack[i] += 50.0 * _smooth_bump(shape, sx, sy, fwhm[i])
+    stack[0] += 6.0 * _smooth_bump(shape, 48, rng.uniform(0, shape[0]), 30.0)
+    valid = np.ones(stack.shape, dtype=bool)
+    valid[1, :, 40:52] = False  # a chip gap along the columns, one along the rows
+    valid[2, gap_row:gap_row + 12] = False
+    stack[~valid] = 0.0
+    block_rows = 16 * block_meshes
+    for min_sigma in (0.0, 3.0):
+        whole = background_offsets(stack, valid, mesh_px=16, min_sigma=min_sigma)
+        reads = []
+
+        def read_rows(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+            reads.append((r0, r1))
+            return stack[:, r0:r1], valid[:, r0:r1]
+
+        blocks = list(background_offset_blocks(read_rows, shape[0], block_rows=block_rows,
+                                                mesh_px=16, min_sigma=min_sigma))
+        assert [(y0, y1) for y0, y1, _ in blocks] == [
+            (y0, min(y0 + block_rows, shape[0])) for y0 in range(0, shape[0], block_rows)]
+        assert any(r0 > 0 and r1 < shape[0] for r0, r1 in reads)
+        difference = np.abs(np.concatenate([o for _, _, o in blocks], axis=1) - whole)
+        assert difference.max() < 1e-3, difference.max()
+    with pytest.raises(ValueError, match="block_rows"):
+        next(background_offset_blocks(lambda r0, r1: (stack, valid), shape[0], block_rows=24,
+                                      mesh_px=16))
 
 
 def test_star_positions_match_truth(built):
