@@ -786,8 +786,8 @@ class PostprocessSettings:
         "point (the ellipse shrinks at low S/N: on the demo +0.02 to +0.08 mag at 20-23 mag "
         "otherwise). Ours; DR1 has only the curve.", default=True)
     kron_psf_beta: float = documented(
-        "Moffat index of the PSF model of the Kron loss correction (the demo's PSF: 3; measure "
-        "it on bright stars of real data).", default=3.0)
+        "Moffat index of the PSF model of the Kron loss correction when the co-add header has "
+        "no usable PSFBETA (the median index the co-add stage fits to its stars).", default=3.0)
     kron_reference_snr: float = documented(
         "Least S/N of the bright point sources whose median Kron light fraction is the "
         "reference of the Kron loss correction.", default=100.0)

@@ -19,7 +19,8 @@ median and adds what SWarp does not give:
   ``coadd_maps.FOOTPRINT_VERTICES_PER_SIDE`` vertices per side, so that they follow the
   distortion's bow of the CCD edges) and ok flag of every exposure (for the catalog's NDITH,
   EDGE and MJD columns);
-* co-add header: ``SEEING`` (median FWHM of stars on the co-add, arcsec), ``MAGLIM`` (5-sigma
+* co-add header: ``SEEING`` (median FWHM of stars on the co-add, arcsec) and ``PSFBETA``
+  (their median Moffat index, for the catalog's Kron loss correction), ``MAGLIM`` (5-sigma
   limiting AB magnitude in an aperture of ``DEPTHAPD`` arcsec diameter = 2 x SEEING by default,
   from random empty apertures, so the noise correlation of the resampling is included; the
   median of the local values in 4 x 4 cells where NDITH has its most common value),
@@ -164,13 +165,13 @@ def _moffat(params: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return amp * (1.0 + ((x - x0) ** 2 + (y - y0) ** 2) / alpha**2) ** (-beta) + bg
 
 
-def _fit_fwhm(image: np.ndarray, x: float, y: float, half: int) -> float:
-    """FWHM (px) of a circular Moffat with free beta fitted to the stamp around (x, y); NaN if
-    the fit fails or leaves the plausible range."""
+def _fit_moffat(image: np.ndarray, x: float, y: float, half: int) -> tuple[float, float]:
+    """FWHM (px) and beta of a circular Moffat with free beta fitted to the stamp around
+    (x, y); NaN, NaN if the fit fails or leaves the plausible range."""
     ix, iy = round(float(x)), round(float(y))
     stamp = image[iy - half:iy + half + 1, ix - half:ix + half + 1].astype(float)
     if stamp.shape != (2 * half + 1, 2 * half + 1) or not np.all(np.isfinite(stamp)):
-        return math.nan
+        return math.nan, math.nan
     gy, gx = np.mgrid[iy - half:iy + half + 1, ix - half:ix + half + 1]
     start = np.array([stamp.max(), x, y, 3.0, 3.0, 0.0])
     lower = [0.0, x - 2, y - 2, 0.3, 1.05, -np.inf]
@@ -178,9 +179,9 @@ def _fit_fwhm(image: np.ndarray, x: float, y: float, half: int) -> float:
     fit = least_squares(lambda p: (_moffat(p, gx, gy) - stamp).ravel(), start,
                         bounds=(lower, upper), x_scale="jac")
     if not fit.success:
-        return math.nan
+        return math.nan, math.nan
     alpha, beta = fit.x[3], fit.x[4]
-    return float(2.0 * alpha * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    return float(2.0 * alpha * math.sqrt(2.0 ** (1.0 / beta) - 1.0)), float(beta)
 
 
 def _detect(image: np.ndarray, bad: np.ndarray, thresh: float, minarea: int = 9
@@ -201,24 +202,26 @@ def _detect(image: np.ndarray, bad: np.ndarray, thresh: float, minarea: int = 9
 
 
 def measure_seeing(image: np.ndarray, bad: np.ndarray, pixel_scale_arcsec: float, *,
-                   snr_min: float = 50.0, max_stars: int = 300) -> tuple[float, int]:
-    """Median FWHM (arcsec) of the stars on an image, and how many stars it rests on.
+                   snr_min: float = 50.0, max_stars: int = 300) -> tuple[float, float, int]:
+    """Median FWHM (arcsec) and Moffat beta of the stars on an image, and how many stars they
+    rest on.
 
     Stars: sep detections with S/N >= ``snr_min``, no sep flag, no bad pixel near them, round
     (b/a > 0.8), not among the brightest 2% (saturation), whose half-light radius lies within
     15% of the stellar locus (the 20th percentile of the candidates' radii: galaxies are
     larger). Each is fitted with a circular Moffat of free beta, so the FWHM does not assume the
-    PSF profile. NaN and 0 when fewer than 5 stars qualify.
+    PSF profile (its median beta describes the co-add PSF's wings, which a median of exposures
+    of different seeing shapes). NaN, NaN and 0 when fewer than 5 stars qualify.
     """
     objects, _, _, noise = _detect(image, bad, 5.0)
     if objects.size == 0:
-        return math.nan, 0
+        return math.nan, math.nan, 0
     snr = objects["flux"] / (noise * np.sqrt(np.maximum(objects["npix"], 1)))
     keep = (snr >= snr_min) & (objects["flag"] == 0) & (objects["b"] > 0.8 * objects["a"])
     keep &= objects["peak"] < np.percentile(objects["peak"], 98)
     obj = objects[keep]
     if obj.size < 5:
-        return math.nan, 0
+        return math.nan, math.nan, 0
     data = np.ascontiguousarray(image, dtype=np.float32)
     radius, _ = sep.flux_radius(data, obj["x"], obj["y"], 6.0 * obj["a"], 0.5, subpix=5)
     locus = np.percentile(radius, 20)
@@ -226,12 +229,13 @@ def measure_seeing(image: np.ndarray, bad: np.ndarray, pixel_scale_arcsec: float
     obj = obj[np.argsort(-obj["flux"])][:max_stars]
     half = int(max(6, math.ceil(3.0 * locus)))
     dilated = _dilate(bad, half)
-    fwhm = [_fit_fwhm(image, o["x"], o["y"], half) for o in obj
-            if not dilated[round(float(o["y"])), round(float(o["x"]))]]
-    fwhm = np.array([f for f in fwhm if math.isfinite(f)])
-    if fwhm.size < 5:
-        return math.nan, int(fwhm.size)
-    return float(np.median(fwhm) * pixel_scale_arcsec), int(fwhm.size)
+    fits_ = np.array([_fit_moffat(image, o["x"], o["y"], half) for o in obj
+                      if not dilated[round(float(o["y"])), round(float(o["x"]))]]).reshape(-1, 2)
+    fits_ = fits_[np.all(np.isfinite(fits_), axis=1)]
+    if len(fits_) < 5:
+        return math.nan, math.nan, len(fits_)
+    return (float(np.median(fits_[:, 0]) * pixel_scale_arcsec), float(np.median(fits_[:, 1])),
+            len(fits_))
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -927,10 +931,11 @@ def _quality(coadd: np.ndarray, mask_map: np.ndarray, ndith: np.ndarray,
               slice(max(0, nx // 2 - half), nx // 2 + half))
     coadd, mask_map, ndith = coadd[window], mask_map[window], ndith[window]
     usable = (ndith == modal) & (mask_map == 0) & (modal > 0)
-    seeing, n_stars = measure_seeing(coadd, ndith == 0, settings.pixel_scale_arcsec,
-                                     snr_min=settings.star_snr_min,
-                                     max_stars=settings.star_count_max)
-    result = {"seeing_arcsec": seeing, "seeing_stars": n_stars, "ndith_modal": modal,
+    seeing, beta, n_stars = measure_seeing(coadd, ndith == 0, settings.pixel_scale_arcsec,
+                                           snr_min=settings.star_snr_min,
+                                           max_stars=settings.star_count_max)
+    result = {"seeing_arcsec": seeing, "psf_beta": beta, "seeing_stars": n_stars,
+              "ndith_modal": modal,
               "depth_mag": math.nan, "depth_aperture_arcsec": math.nan,
               "depth_aperture_sigma": math.nan, "depth_apertures": 0, "depth_cells": 0}
     if math.isfinite(seeing):
@@ -963,7 +968,8 @@ def _coadd_header(tile: str, band: str, grid_wcs: WCS, used: list[_Exposure], qu
         ("MJD-END", max(mjds), "[d] start of the latest exposure"),
         ("MJD-MEAN", float(np.mean(mjds)), "[d] mean MJD of the exposures"),
         ("SEEING", finite(quality["seeing_arcsec"]), "[arcsec] median FWHM of stars"),
-        ("NSEEING", quality["seeing_stars"], "stars behind SEEING"),
+        ("PSFBETA", finite(quality["psf_beta"]), "median Moffat beta of the same stars"),
+        ("NSEEING", quality["seeing_stars"], "stars behind SEEING and PSFBETA"),
         ("MAGLIM", finite(quality["depth_mag"]),
          f"{settings.depth_sigma:g}-sigma AB limit in DEPTHAPD aperture"),
         ("DEPTHAPD", finite(quality["depth_aperture_arcsec"]),

@@ -491,15 +491,16 @@ def moffat_kron_fraction(a: np.ndarray, b: np.ndarray, theta_deg: np.ndarray,
 
 
 def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scale_arcsec: float,
-                         settings: PostprocessSettings, *, targets: np.ndarray
-                         ) -> tuple[Table, dict]:
+                         settings: PostprocessSettings, *, targets: np.ndarray,
+                         psf_beta: float | None = None) -> tuple[Table, dict]:
     """Correct point sources' MAG_AUTO for the PSF light outside their own Kron ellipse.
 
     At low S/N the isophotal moments shrink and with them the Kron ellipse, which then misses
     more of the PSF's wings than the ellipses of the bright stars the AUTO zero point was set
     on (the zero point absorbs their loss). For each target the correction is
     ``2.5 log10(f_source / f_reference)``, with ``f`` the light fraction of a Moffat PSF (the
-    co-add's seeing, ``[postprocess] kron_psf_beta``) inside the source's ellipse and
+    co-add's seeing; index ``psf_beta``, the co-add's measured one, else ``[postprocess]
+    kron_psf_beta``) inside the source's ellipse and
     ``f_reference`` the median over bright clean point sources (S/N >= kron_reference_snr,
     CLASS_STAR >= bias_class_star_min, FLAGS <= bias_flags_max).
     """
@@ -507,10 +508,13 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
     cols = (f"mag_auto_{b}", f"a_image_{b}", f"b_image_{b}", f"theta_image_{b}",
             f"kron_radius_{b}", f"snr_{b}", f"class_star_{b}", f"flags_{b}")
     _require(table, cols, f"kron_loss_correction band {band}")
+    beta = settings.kron_psf_beta if psf_beta is None else float(psf_beta)
+    if not beta > 1.0:
+        raise ValueError(f"kron_loss_correction band {band}: PSF beta must be > 1, got {beta}")
     fraction = moffat_kron_fraction(_float(table, f"a_image_{b}"), _float(table, f"b_image_{b}"),
                                     _float(table, f"theta_image_{b}"),
                                     _float(table, f"kron_radius_{b}"),
-                                    fwhm_arcsec / pixel_scale_arcsec, settings.kron_psf_beta)
+                                    fwhm_arcsec / pixel_scale_arcsec, beta)
     reference = ((_float(table, f"snr_{b}") >= settings.kron_reference_snr)
                  & (_float(table, f"class_star_{b}") >= settings.bias_class_star_min)
                  & (_float(table, f"flags_{b}") <= settings.bias_flags_max)
@@ -520,7 +524,7 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
         reason = (f"{int(reference.sum())} reference stars < bias_min_stars = "
                   f"{settings.bias_min_stars}")
         logger.info("Kron loss correction %s: not applied (%s)", b, reason)
-        return out, {"applied": False, "reason": reason}
+        return out, {"applied": False, "reason": reason, "psf_beta": beta}
     f_ref = float(np.median(fraction[reference]))
     mag_auto = _float(table, f"mag_auto_{b}")
     apply = targets & np.isfinite(fraction) & np.isfinite(mag_auto)
@@ -533,7 +537,7 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
     logger.info("Kron loss correction %s: reference fraction %.4f from %d stars, %d sources "
                 "corrected (median %+.4f mag)", b, f_ref, int(reference.sum()),
                 int(apply.sum()), float(np.median(delta[apply])) if apply.any() else 0.0)
-    return out, {"applied": True, "reference_fraction": f_ref,
+    return out, {"applied": True, "psf_beta": beta, "reference_fraction": f_ref,
                  "reference_stars": int(reference.sum()), "corrected": int(apply.sum())}
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -161,7 +162,8 @@ def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode
                   ) -> tuple[Table, dict]:
     """Steps 1, 3 and 4 of the module docstring for one band (upper-case ``band``)."""
     b = band.lower()
-    seeing_arcsec = float(fits.getheader(coadd_path(release_dir, tile, band, "coadd"))["SEEING"])
+    header = fits.getheader(coadd_path(release_dir, tile, band, "coadd"))
+    seeing_arcsec = float(header["SEEING"])
     zp, _ = read_maps(release_dir, tile, band, mode, shape=shape)
     table = apply_zp_maps(table, zp, band)
     exposures = json.loads(coadd_exposures_path(release_dir, tile, band).read_text())
@@ -178,10 +180,19 @@ def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode
     if settings.kron_loss_correction:
         targets = point_source_targets(table, b, settings, gaia_positions)
         table, summary["kron_loss"] = kron_loss_correction(
-            table, b, seeing_arcsec, pixel_scale_arcsec, settings, targets=targets)
+            table, b, seeing_arcsec, pixel_scale_arcsec, settings, targets=targets,
+            psf_beta=_measured_psf_beta(header))
     table, curve = auto_bias_correction(table, calibration, b, settings, gaia=gaia_positions)
     summary["bias_curve"] = asdict(curve)
     return table, summary
+
+
+def _measured_psf_beta(header: fits.Header) -> float | None:
+    """The co-add's measured Moffat index (``PSFBETA``), None when absent or not usable."""
+    value = header.get("PSFBETA")
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 1.0:
+        return float(value)
+    return None
 
 
 def _jsonable(value: object) -> object:

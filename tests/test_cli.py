@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -87,6 +88,11 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
         assert catalog.schema.field(column).metadata[b"unit"] == b"mag"
     for band in "VI":
         assert (release / "maps" / tile / f"zp_map_{tile}_{band}_dual_APER5.npy").is_file()
+        # the Kron loss correction models the PSF with the co-add's measured Moffat index
+        header = fits.getheader(release / "images" / tile / f"{tile}_{band}_coadd.fits")
+        summary = json.loads((release / "work" / "catalog" / f"{tile}_single_{band}_summary.json")
+                             .read_text())
+        assert summary["bands"][band]["kron_loss"]["psf_beta"] == header["PSFBETA"]
     for catalog in ("idual_master", "single_master"):
         assert (release / "catalogs" / f"{catalog}.parquet").is_file()
         assert (release / "export" / catalog / "READY").is_file()

@@ -601,3 +601,15 @@ def test_kron_loss_correction_brightens_sources_with_small_ellipses():
     untouched, _ = kron_loss_correction(table, "V", 1.9, 0.4, PostprocessSettings(),
                                         targets=np.zeros(n + 2, dtype=bool))
     assert np.array_equal(np.asarray(untouched["mag_auto_v"]), np.asarray(table["mag_auto_v"]))
+    # a measured PSF index replaces the configured one: broader wings (beta 2) lose more
+    broad, info = kron_loss_correction(table, "V", 1.9, 0.4, PostprocessSettings(),
+                                       targets=targets, psf_beta=2.0)
+    fractions = moffat_kron_fraction(np.array([3.0, 2.0]), np.array([3.0, 2.0]), np.zeros(2),
+                                     np.full(2, 3.5), 1.9 / 0.4, 2.0)
+    assert info["psf_beta"] == 2.0
+    assert broad["mag_auto_v"][n] == pytest.approx(21.5 + 2.5 * np.log10(fractions[1]
+                                                                         / fractions[0]))
+    assert broad["mag_auto_v"][n] < out["mag_auto_v"][n]
+    with pytest.raises(ValueError, match="beta"):
+        kron_loss_correction(table, "V", 1.9, 0.4, PostprocessSettings(), targets=targets,
+                             psf_beta=1.0)
