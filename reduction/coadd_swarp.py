@@ -162,7 +162,7 @@ def swarp_command(images: Sequence[Path], weights: Sequence[Path], *, out_image:
                   pixel_scale_arcsec: float, resample_dir: Path, nthreads: int,
                   combine_type: str = "MEDIAN", resampling_type: str = "LANCZOS3",
                   fscalastro_type: str = "VARIABLE", projection_err_px: float = 0.001,
-                  keep_resampled: bool = False, resample: bool = True, combine: bool = True,
+                  resample: bool = True, combine: bool = True,
                   binary: str = "SWarp") -> list[str]:
     """The SWarp argument list for one co-add on the grid ``center_deg``/``shape``.
 
@@ -174,7 +174,6 @@ def swarp_command(images: Sequence[Path], weights: Sequence[Path], *, out_image:
     the input-to-output mapping (its default, 0.001 px, is not met by the TPV of a KMTNet CCD,
     so SWarp falls back to the exact mapping of every pixel, 4.5x slower; 0.01 px changes star
     fluxes by < 3e-4 and positions by 0.0003 arcsec median on the demo).
-    ``keep_resampled`` leaves SWarp's resampled frames and weights in ``resample_dir``.
     ``combine`` False only resamples (one ``<stem>.<ext>.resamp.fits`` frame and its
     ``.resamp.weight.fits`` per input extension, kept in ``resample_dir``; no co-add is written);
     ``resample`` False combines inputs that are already such frames on the output grid.
@@ -189,7 +188,7 @@ def swarp_command(images: Sequence[Path], weights: Sequence[Path], *, out_image:
         "-COMBINE", "Y" if combine else "N", "-COMBINE_TYPE", combine_type,
         "-RESAMPLE", "Y" if resample else "N", "-RESAMPLING_TYPE", resampling_type,
         "-RESAMPLE_DIR", str(resample_dir),
-        "-DELETE_TMPFILES", "N" if keep_resampled or not combine else "Y",
+        "-DELETE_TMPFILES", "N" if not combine else "Y",
         "-CENTER_TYPE", "MANUAL", "-CENTER", f"{center_deg[0]:.10f},{center_deg[1]:.10f}",
         "-PIXELSCALE_TYPE", "MANUAL", "-PIXEL_SCALE", f"{pixel_scale_arcsec:.10g}",
         "-IMAGE_SIZE", f"{nx},{ny}",
