@@ -7,9 +7,10 @@ exposures and masks made from the truth as in ``tests/test_coadd.py``:
   resampling, background matching of the resampled exposures, SWarp MEDIAN with
   FSCALASTRO_TYPE VARIABLE, mask and NDITH maps, seeing and depth, writing); time of each
   step, per tile and per exposure, and peak memory;
-* ``ours_no_match``: the same with ``background_match = false`` (one SWarp call resampling and
-  combining): the difference is the cost of the background matching; the median aperture-flux
-  ratio of bright stars between the two shows what matching changes;
+* ``ours_no_match``: the same with ``background_match = false`` (the same two SWarp calls,
+  resampling then the masked median, without the matching between them): the difference is
+  the cost of the background matching; the median aperture-flux ratio of bright stars between
+  the two shows what matching changes;
 * ``swarp_plain``: SWarp alone on the same prepared inputs, LANCZOS3 + MEDIAN on the same grid
   and otherwise SWarp's defaults (FSCALASTRO_TYPE FIXED; PROJECTION_ERR as ours, 0.01 px, since
   the default makes SWarp 4.5x slower): the ratio ours / plain is our overhead; the median

@@ -33,9 +33,9 @@ exposure's smooth offset from the others is the least-squares solution of the ba
 all pairwise difference images (sources masked), the majority level taken as zero, computed in
 blocks of grid rows with overlapping margins (memory ~20 bytes per exposure and pixel of a block,
 ``CoaddSettings.background_match_block_rows``); the offset is subtracted from copies of the
-frames and SWarp median-combines the matched copies (``-RESAMPLE N``:
-bit-identical to the one-pass co-add when nothing is subtracted, and as fast as a numpy masked
-median of the same frames, 0.7 s on a demo tile, which would also need every frame in memory).
+frames and SWarp median-combines the matched copies (``-RESAMPLE N``, as every co-add does:
+as fast as a numpy masked median of the same frames, 0.7 s on a demo tile, which would also
+need every frame in memory).
 A ring in one exposure of four otherwise lifts the median by a fraction of the ring over its
 ~90 px wide band: 0.04-0.09 mag on the stars under an 8-sigma ring of the test survey.
 
@@ -178,9 +178,11 @@ def _fit_moffat(image: np.ndarray, x: float, y: float, half: int) -> tuple[float
     upper = [np.inf, x + 2, y + 2, 3.0 * half, 20.0, np.inf]
     fit = least_squares(lambda p: (_moffat(p, gx, gy) - stamp).ravel(), start,
                         bounds=(lower, upper), x_scale="jac")
-    if not fit.success:
-        return math.nan, math.nan
     alpha, beta = fit.x[3], fit.x[4]
+    at_bound = np.isclose([alpha, alpha, beta, beta], [lower[3], upper[3], lower[4], upper[4]],
+                          rtol=1e-3)
+    if not fit.success or at_bound.any():
+        return math.nan, math.nan
     return float(2.0 * alpha * math.sqrt(2.0 ** (1.0 / beta) - 1.0)), float(beta)
 
 
@@ -211,7 +213,8 @@ def measure_seeing(image: np.ndarray, bad: np.ndarray, pixel_scale_arcsec: float
     15% of the stellar locus (the 20th percentile of the candidates' radii: galaxies are
     larger). Each is fitted with a circular Moffat of free beta, so the FWHM does not assume the
     PSF profile (its median beta describes the co-add PSF's wings, which a median of exposures
-    of different seeing shapes). NaN, NaN and 0 when fewer than 5 stars qualify.
+    of different seeing shapes). NaN, NaN and the number of good fits when fewer than 5 stars
+qualify or fit.
     """
     objects, _, _, noise = _detect(image, bad, 5.0)
     if objects.size == 0:
@@ -556,9 +559,9 @@ def run_coadd(*, tile: str, band: str, ra: float, dec: float, scaled: list[Path]
     Returns
     -------
     dict
-        Seconds spent per step (inputs, swarp, match when ``settings.background_match``, maps,
-        quality, write), the largest background offset subtracted (co-add units) and the header
-        figures.
+        Seconds spent per step (inputs, swarp, exclude (masked pixels out of the median), match
+        when ``settings.background_match``, maps, quality, write), the largest background
+        offset subtracted (co-add units) and the header figures.
 
     Raises
     ------
@@ -609,9 +612,11 @@ def run_coadd(*, tile: str, band: str, ra: float, dec: float, scaled: list[Path]
         largest_offset = 0.0
         run_swarp(swarp_command(images, weights, combine=False, **common), **swarp)
         frames = {e.stem: sorted(tmp.glob(f"{e.stem}.*.resamp.fits")) for e in used}
+        timings["swarp_s"] = time.perf_counter() - t1
         try:
+            t1 = time.perf_counter()
             _exclude_masked_pixels(frames, masked, grid_wcs, shape)
-            timings["swarp_s"] = time.perf_counter() - t1
+            timings["exclude_s"] = time.perf_counter() - t1
             if settings.background_match:
                 t1 = time.perf_counter()
                 largest_offset = _match_backgrounds(frames, grid_wcs, shape, settings)
@@ -683,11 +688,13 @@ def _swarp_inputs_and_mask(used: list[_Exposure], folder: Path, grid_wcs: WCS,
 def _masked_on_grid(projections: list[CcdProjection], bits: int, shape: tuple[int, int]
                     ) -> np.ndarray:
     """Flat indices of the grid pixels whose nearest input pixel of one exposure carries any of
-    ``bits`` (sorted, unique): a few percent of the grid, kept instead of a map per exposure."""
-    parts = [np.empty(0, dtype=np.int64)]
+    ``bits`` (sorted, unique; int32 when the grid allows): a few percent of the grid, kept
+    instead of a map per exposure (4 bytes per masked pixel against 1 per grid pixel)."""
+    dtype = np.int32 if shape[0] * shape[1] < 2**31 else np.int64
+    parts = [np.empty(0, dtype=dtype)]
     for p in projections:
         yy, xx = np.nonzero(p.bits & np.uint8(bits))
-        parts.append(np.ravel_multi_index((yy + p.y0, xx + p.x0), shape))
+        parts.append(np.ravel_multi_index((yy + p.y0, xx + p.x0), shape).astype(dtype))
     return np.unique(np.concatenate(parts))
 
 
@@ -706,25 +713,26 @@ def _exclude_masked_pixels(frames: dict[str, list[Path]], masked: dict[str, np.n
     exposure is masked (a saturated core, crosstalk strips that overlap) the filled values are
     kept rather than leaving a hole: on the demo, whose 1/16-scale CCDs put a full bleed trail
     and its crosstalk strips on every chip (10% of a chip), holes grew the area without data
-    by 3% of a tile.
+    by 3% of a tile. Four grid-sized byte maps at a time (~1.9 GB for a full-size tile).
     """
-    grown = {stem: _grown_indices(indices, shape) for stem, indices in masked.items()}
-    good = np.zeros(shape, dtype=np.int16)
+    good = np.zeros(shape, dtype=np.uint8)  # exposures with unmasked data (NCOMBINE < 256)
+    covered, scratch, grown = (np.zeros(shape, dtype=bool) for _ in range(3))
     for stem, paths in frames.items():
-        covered = np.zeros(shape, dtype=bool)
+        covered[:] = False
         for path in paths:
             _, weight, slices = _read_weight_frame(path, grid_wcs, shape)
             if slices is not None:
                 covered[slices[0]] |= weight[slices[1]] > 0
-        covered.flat[grown[stem]] = False
+        covered &= ~_grow_into(masked[stem], scratch=scratch, out=grown)
         good += covered
+    has_good = good > 0
+    del good
     for stem, paths in frames.items():
-        excluded = np.zeros(shape, dtype=bool)
-        excluded.flat[grown[stem]] = True
-        excluded &= good > 0
+        excluded = _grow_into(masked[stem], scratch=scratch, out=grown)
+        excluded &= has_good
         for path in paths:
             header, weight, slices = _read_weight_frame(path, grid_wcs, shape)
-            if slices is None:
+            if slices is None or not excluded[slices[0]].any():
                 continue
             on_grid, on_frame = slices
             weight[on_frame][excluded[on_grid]] = 0.0
@@ -732,11 +740,13 @@ def _exclude_masked_pixels(frames: dict[str, list[Path]], masked: dict[str, np.n
                                                                 overwrite=True)
 
 
-def _grown_indices(indices: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Flat grid indices grown by one pixel (3 x 3), sorted."""
-    flags = np.zeros(shape, dtype=bool)
-    flags.flat[indices] = True
-    return np.flatnonzero(binary_dilation(flags, np.ones((3, 3), dtype=bool)))
+def _grow_into(indices: np.ndarray, *, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` set to the grid map of the flat ``indices`` grown by one pixel (3 x 3); both
+    grid-sized buffers are reused from exposure to exposure."""
+    scratch[:] = False
+    scratch.flat[indices] = True
+    binary_dilation(scratch, np.ones((3, 3), dtype=bool), output=out)
+    return out
 
 
 def _read_weight_frame(frame: Path, grid_wcs: WCS, shape: tuple[int, int]

