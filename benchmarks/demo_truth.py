@@ -494,6 +494,8 @@ def class_star(ctx: dict) -> list[dict]:
                 "said_star": table[f"class_star_{b}"].to_numpy()[rows[keep]] >= 0.5,
                 "is_star": ctx["star"][src[keep]], "flags4": flags < 4,
                 "clean": (flags == 0) & (table[f"imaflags_iso_{b}"].to_numpy()[rows[keep]] == 0)}))
+        if not parts:
+            continue
         judged = pd.concat(parts, ignore_index=True)
         for label, column in samples:
             sample = judged if column is None else judged[judged[column]]

@@ -450,8 +450,8 @@ def test_three_sites_every_amp_within_requirement(three_sites, tmp_path):
 
 @pytest.fixture(scope="module")
 def crowded_field(tmp_path_factory) -> tuple[Path, str]:
-    """One CTIO B exposure of a 1/4-scale survey with 24 times the demo's star counts, about
-    DR1's dense validation tile 0294 (54 sources per arcmin2; the demo has ~10)."""
+    """One CTIO B exposure of a 1/4-scale survey with 24 times the demo's star counts (~45
+    sources per arcmin2 in all; DR1's dense validation tile 0294 holds 54, the demo ~10)."""
     root = tmp_path_factory.mktemp("zp_crowded") / "survey"
     cfg = SimulationConfig(scale=0.25, bands=("B",), seed=1, star_density_factor=24.0)
     exposure = next(e for e in plan_survey(cfg).exposures if e.site == "CTIO")
