@@ -84,6 +84,7 @@ from ks4release.reduction.coadd_swarp import (
     swarp_version,
     write_swarp_exposure,
 )
+from ks4release.reduction.sep_objects import set_extraction_limits
 from ks4release.settings import CoaddSettings
 from ks4release.survey import DITHER_OFFSETS_ARCMIN, REFERENCE_ZEROPOINT
 
@@ -198,6 +199,7 @@ def _detect(image: np.ndarray, bad: np.ndarray, thresh: float, minarea: int = 9
     background = sep.Background(data, mask=bad, bw=64, bh=64)
     noise = float(background.globalrms)
     subtracted = data - background.back()
+    set_extraction_limits(data.size)
     objects, segmap = sep.extract(subtracted, thresh, err=noise, mask=bad, minarea=minarea,
                                   segmentation_map=True)
     return objects, segmap, subtracted, noise
@@ -352,6 +354,7 @@ def _source_pixels(stack: np.ndarray, valid: np.ndarray, mesh_px: int, nsigma: f
     no_data = ~np.isfinite(median)
     median = np.ascontiguousarray(np.where(no_data, 0.0, median), dtype=np.float32)
     background = sep.Background(median, mask=no_data, bw=mesh_px, bh=mesh_px)
+    set_extraction_limits(median.size)
     _, segmap = sep.extract(median - background.back(), nsigma, err=background.rms(),
                             mask=no_data, minarea=5, segmentation_map=True)
     return segmap > 0

@@ -43,6 +43,7 @@ from ks4release.reduction.sep_objects import (
     ellipse,
     footprint_max,
     psf_half_light_radius,
+    set_extraction_limits,
 )
 from ks4release.settings import DetectSettings
 
@@ -187,6 +188,7 @@ def detect_ccd(data: np.ndarray, mask_bits: np.ndarray, info: CcdInfo, settings:
     sub = filled - bkg.back()
     rms = bkg.rms().astype(np.float32)
     sub[bad] = 0.0
+    set_extraction_limits(sub.size)
     objects, segmap = sep.extract(
         sub, settings.thresh_sigma, err=rms, mask=bad, minarea=settings.min_area_px,
         filter_kernel=CONV_KERNEL, filter_type="conv", deblend_nthresh=settings.deblend_nthresh,

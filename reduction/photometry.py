@@ -117,6 +117,7 @@ from ks4release.reduction.sep_objects import (
     ellipse,
     footprint_max,
     psf_half_light_radius,
+    set_extraction_limits,
 )
 from ks4release.reduction.stellarity import Network, class_star, isophotal_profile, read_nnw
 from ks4release.settings import PhotometrySettings
@@ -295,8 +296,7 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
 
 def _detect(band: _Band, settings: PhotometrySettings) -> tuple[np.ndarray, np.ndarray]:
     """sep extraction on the prepared detection image: (objects, segmentation map)."""
-    sep.set_extract_pixstack(min(settings.pixel_stack, band.image.size))
-    sep.set_sub_object_limit(4096)
+    set_extraction_limits(band.image.size, settings.pixel_stack)
     try:
         objects, segmap = sep.extract(
             band.image, settings.detect_thresh_sigma, err=band.rms, mask=band.masked,

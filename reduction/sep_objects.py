@@ -12,10 +12,26 @@ import math
 import numpy as np
 import sep
 
-__all__ = ["CONV_KERNEL", "ellipse", "footprint_max", "psf_half_light_radius"]
+__all__ = ["CONV_KERNEL", "KMTNET_PIXEL_STACK", "ellipse", "footprint_max",
+           "psf_half_light_radius", "set_extraction_limits"]
 
 #: SExtractor's default.conv: 3 x 3 pyramidal kernel ("all-ground").
 CONV_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=np.float32)
+
+#: MEMORY_PIXSTACK of the KS4 team's kmtnet.sex.
+KMTNET_PIXEL_STACK = 3_000_000
+
+
+def set_extraction_limits(n_pixels: int, pixel_stack: int = KMTNET_PIXEL_STACK) -> None:
+    """sep's extraction limits before ``sep.extract`` on an image of ``n_pixels``: the pixel stack
+    of kmtnet.sex (never more than the image; sep allocates it up front) and 4096 sub-objects.
+
+    sep's default stack, 300,000 pixels, stops the extraction ("internal pixel buffer full")
+    when one object covers more: a halo of 250 px sigma on a 1200^2 image does, which a bright
+    star or galaxy on a full-size 9232^2 CCD can.
+    """
+    sep.set_extract_pixstack(max(1, min(int(pixel_stack), int(n_pixels))))
+    sep.set_sub_object_limit(4096)
 
 
 def footprint_max(segmap: np.ndarray, values: np.ndarray, n: int, *, bitwise: bool

@@ -80,6 +80,7 @@ from scipy.ndimage import binary_dilation
 
 from ks4release.errors import InputError
 from ks4release.reduction.detect import read_mask
+from ks4release.reduction.sep_objects import set_extraction_limits
 from ks4release.settings import ZeropointSettings
 from ks4release.survey import band as band_info
 
@@ -186,6 +187,7 @@ def _sources_and_background(data: np.ndarray, bad: np.ndarray, settings: Zeropoi
     """
     box = settings.background_box_px
     first = sep.Background(data, mask=bad, bw=box, bh=box, fw=3, fh=3)
+    set_extraction_limits(data.size)
     objects, segmap = sep.extract(data - first.back(), settings.detect_sigma, err=first.rms(),
                                   mask=bad, minarea=5, filter_type="conv",
                                   segmentation_map=True)

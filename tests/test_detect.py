@@ -155,3 +155,29 @@ def test_run_detect_on_the_demo_survey_matches_true_positions(tiny_survey, tmp_p
     dx, dy = np.concatenate(dx), np.concatenate(dy)
     assert dx.size >= 10
     assert np.sqrt(np.mean(dx**2)) < 0.06 and np.sqrt(np.mean(dy**2)) < 0.06
+
+
+def test_extraction_limits_allow_objects_larger_than_seps_default():
+    """One object of ~400,000 pixels above threshold (a halo of 250 px sigma) stops sep at its
+    default 300,000-pixel stack; with kmtnet.sex's stack it is extracted. The stack never
+    exceeds the image (sep allocates it up front)."""
+    import sep
+
+    from ks4release.reduction.sep_objects import KMTNET_PIXEL_STACK, set_extraction_limits
+
+    yy, xx = np.mgrid[:1200, :1200]
+    image = (np.random.default_rng(1).normal(0.0, 1.0, yy.shape)
+             + 50.0 * np.exp(-((xx - 600) ** 2 + (yy - 600) ** 2) / (2 * 250.0**2)))
+    image = image.astype(np.float32)
+    default = sep.get_extract_pixstack()
+    try:
+        sep.set_extract_pixstack(300_000)
+        with pytest.raises(Exception, match="pixel buffer full"):
+            sep.extract(image, 3.0, err=1.0)
+        set_extraction_limits(image.size)
+        assert sep.get_extract_pixstack() == min(KMTNET_PIXEL_STACK, image.size)
+        assert len(sep.extract(image, 3.0, err=1.0)) >= 1
+        set_extraction_limits(100)
+        assert sep.get_extract_pixstack() == 100
+    finally:
+        sep.set_extract_pixstack(default)  # sep's limits are process-wide
