@@ -73,6 +73,9 @@ from ks4release.reduction.coadd_maps import (
     CcdProjection,
     accumulate_mask,
     ccd_footprint_deg,
+    exposure_coverage,
+    frame_box,
+    grid_slices,
     ndith_from_weights,
     project_ccd,
 )
@@ -721,11 +724,7 @@ def _exclude_masked_pixels(frames: dict[str, list[Path]], masked: dict[str, np.n
     good = np.zeros(shape, dtype=np.uint8)  # exposures with unmasked data (NCOMBINE < 256)
     covered, scratch, grown = (np.zeros(shape, dtype=bool) for _ in range(3))
     for stem, paths in frames.items():
-        covered[:] = False
-        for path in paths:
-            _, weight, slices = _read_weight_frame(path, grid_wcs, shape)
-            if slices is not None:
-                covered[slices[0]] |= weight[slices[1]] > 0
+        exposure_coverage([_weight_frame(p) for p in paths], grid_wcs, covered)
         covered &= ~_grow_into(masked[stem], scratch=scratch, out=grown)
         good += covered
     has_good = good > 0
@@ -754,41 +753,18 @@ def _grow_into(indices: np.ndarray, *, scratch: np.ndarray, out: np.ndarray) -> 
 
 def _read_weight_frame(frame: Path, grid_wcs: WCS, shape: tuple[int, int]
                        ) -> tuple[fits.Header, np.ndarray, tuple | None]:
-    """Header, pixels and (grid, frame) slices (:func:`_grid_slices`) of a resampled frame's
-    weight."""
+    """Header, pixels and (grid, frame) slices (:func:`.coadd_maps.grid_slices`) of a
+    resampled frame's weight."""
     path = _weight_frame(frame)
     with fits.open(path) as hdul:
         header, weight = hdul[0].header.copy(), np.array(hdul[0].data, dtype=np.float32)
-    return header, weight, _grid_slices(*_frame_box(header, grid_wcs, path), weight.shape,
+    return header, weight, grid_slices(*frame_box(header, grid_wcs, path), weight.shape,
                                         shape)
 
 
 def _weight_frame(frame: Path) -> Path:
     """SWarp's weight frame of a resampled frame (``x.resamp.fits`` -> ``x.resamp.weight.fits``)."""
     return frame.with_name(frame.name.removesuffix(".fits") + ".weight.fits")
-
-
-def _frame_box(header: fits.Header, grid_wcs: WCS, path: Path) -> tuple[int, int]:
-    """(y0, x0) of a resampled frame on the tile grid: SWarp shifts CRPIX by whole pixels."""
-    dx = grid_wcs.wcs.crpix[0] - header["CRPIX1"]
-    dy = grid_wcs.wcs.crpix[1] - header["CRPIX2"]
-    same = np.allclose([header["CRVAL1"], header["CRVAL2"]], grid_wcs.wcs.crval, rtol=0,
-                       atol=1e-9)
-    if not same or abs(dx - round(dx)) > 1e-6 or abs(dy - round(dy)) > 1e-6:
-        raise ValueError(f"{path}: resampled frame is not on the tile grid")
-    return round(float(dy)), round(float(dx))
-
-
-def _grid_slices(y0: int, x0: int, frame_shape: tuple[int, int], shape: tuple[int, int]
-                 ) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
-    """(grid, frame) slices of the part of a frame at (y0, x0) inside the grid, or None."""
-    ny, nx = frame_shape
-    gy0, gx0 = max(0, y0), max(0, x0)
-    gy1, gx1 = min(shape[0], y0 + ny), min(shape[1], x0 + nx)
-    if gy0 >= gy1 or gx0 >= gx1:
-        return None
-    return ((slice(gy0, gy1), slice(gx0, gx1)),
-            (slice(gy0 - y0, gy1 - y0), slice(gx0 - x0, gx1 - x0)))
 
 
 def _match_backgrounds(frames: dict[str, list[Path]], grid_wcs: WCS, shape: tuple[int, int],
@@ -847,7 +823,7 @@ def _place_frame(path: Path, grid_wcs: WCS, shape: tuple[int, int]) -> _PlacedFr
         if header["BITPIX"] != -32 or header.get("BZERO", 0) != 0 or header.get("BSCALE", 1) != 1:
             raise ValueError(f"{path}: resampled frame is not unscaled float32 (BITPIX -32)")
         frame_shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-        slices = _grid_slices(*_frame_box(header, grid_wcs, path), frame_shape, shape)
+        slices = grid_slices(*frame_box(header, grid_wcs, path), frame_shape, shape)
     if slices is None:
         return None
     return _PlacedFrame(path=path, on_grid=slices[0], on_frame=slices[1], width=frame_shape[1],

@@ -34,7 +34,10 @@ __all__ = [
     "accumulate_mask",
     "ccd_bbox",
     "ccd_footprint_deg",
+    "exposure_coverage",
     "exposure_footprints",
+    "frame_box",
+    "grid_slices",
     "ndith_from_weights",
     "project_ccd",
 ]
@@ -177,40 +180,63 @@ def project_ccd(mask: np.ndarray, ccd_wcs: WCS, grid_wcs: WCS, grid_shape: tuple
     return CcdProjection(y0=y0, y1=y1, x0=x0, x1=x1, bits=bits)
 
 
-def ndith_from_weights(frames_by_exposure: dict[str, list[Path]], grid_wcs: WCS,
-                       grid_shape: tuple[int, int]) -> np.ndarray:
-    """NDITH map from SWarp's resampled weight frames (``*.resamp.weight.fits``).
-
-    Each frame is a sub-image of the output grid (same CRVAL and CD, CRPIX shifted by whole
-    pixels); an exposure counts once where any of its frames has weight > 0.
+def frame_box(header: fits.Header, grid_wcs: WCS, path: Path) -> tuple[int, int]:
+    """(y0, x0) of a SWarp resampled frame on the tile grid: the same CRVAL and CD, CRPIX
+    shifted by whole pixels.
 
     Raises
     ------
     ValueError
-        When a frame is not on the grid (CRVAL, CD or a fractional CRPIX shift differ).
+        Naming ``path`` when the frame is not on the grid (CRVAL or a fractional shift differ).
+    """
+    dx = grid_wcs.wcs.crpix[0] - header["CRPIX1"]
+    dy = grid_wcs.wcs.crpix[1] - header["CRPIX2"]
+    same = np.allclose([header["CRVAL1"], header["CRVAL2"]], grid_wcs.wcs.crval, rtol=0,
+                       atol=1e-9)
+    if not same or abs(dx - round(dx)) > 1e-6 or abs(dy - round(dy)) > 1e-6:
+        raise ValueError(f"{path}: resampled frame is not on the tile grid")
+    return round(float(dy)), round(float(dx))
+
+
+def grid_slices(y0: int, x0: int, frame_shape: tuple[int, int], shape: tuple[int, int]
+                ) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """(grid, frame) slices of the part of a frame at (y0, x0) inside the grid, or None."""
+    ny, nx = frame_shape
+    gy0, gx0 = max(0, y0), max(0, x0)
+    gy1, gx1 = min(shape[0], y0 + ny), min(shape[1], x0 + nx)
+    if gy0 >= gy1 or gx0 >= gx1:
+        return None
+    return ((slice(gy0, gy1), slice(gx0, gx1)),
+            (slice(gy0 - y0, gy1 - y0), slice(gx0 - x0, gx1 - x0)))
+
+
+def exposure_coverage(weight_frames: list[Path], grid_wcs: WCS, out: np.ndarray) -> np.ndarray:
+    """``out`` (a grid-sized bool map, overwritten) set where any of one exposure's resampled
+    weight frames (``*.resamp.weight.fits``) has weight > 0."""
+    out[:] = False
+    for path in weight_frames:
+        with fits.open(path) as hdul:
+            header, weight = hdul[0].header, hdul[0].data
+            slices = grid_slices(*frame_box(header, grid_wcs, path), weight.shape, out.shape)
+            if slices is not None:
+                out[slices[0]] |= weight[slices[1]] > 0
+    return out
+
+
+def ndith_from_weights(frames_by_exposure: dict[str, list[Path]], grid_wcs: WCS,
+                       grid_shape: tuple[int, int]) -> np.ndarray:
+    """NDITH map from SWarp's resampled weight frames (``*.resamp.weight.fits``): an exposure
+    counts once where any of its frames has weight > 0 (:func:`exposure_coverage`).
+
+    Raises
+    ------
+    ValueError
+        When a frame is not on the grid (:func:`frame_box`).
     """
     ndith = np.zeros(grid_shape, dtype=np.int16)
     covered = np.zeros(grid_shape, dtype=bool)
-    gny, gnx = grid_shape
-    for stem, frames in frames_by_exposure.items():
-        covered[:] = False
-        for path in frames:
-            with fits.open(path) as hdul:
-                header, weight = hdul[0].header, hdul[0].data
-                dx = grid_wcs.wcs.crpix[0] - header["CRPIX1"]
-                dy = grid_wcs.wcs.crpix[1] - header["CRPIX2"]
-                same = np.allclose([header["CRVAL1"], header["CRVAL2"]], grid_wcs.wcs.crval,
-                                   rtol=0, atol=1e-9)
-                if not same or abs(dx - round(dx)) > 1e-6 or abs(dy - round(dy)) > 1e-6:
-                    raise ValueError(f"{path}: resampled frame of {stem} is not on the tile grid")
-                x0, y0 = round(float(dx)), round(float(dy))
-                ny, nx = weight.shape
-                gx0, gy0 = max(0, x0), max(0, y0)
-                gx1, gy1 = min(gnx, x0 + nx), min(gny, y0 + ny)
-                if gx0 < gx1 and gy0 < gy1:
-                    used = weight[gy0 - y0:gy1 - y0, gx0 - x0:gx1 - x0] > 0
-                    covered[gy0:gy1, gx0:gx1] |= used
-        ndith += covered
+    for frames in frames_by_exposure.values():
+        ndith += exposure_coverage(frames, grid_wcs, covered)
     return ndith
 
 
