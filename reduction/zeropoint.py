@@ -163,15 +163,17 @@ def reference_mags(refcat: Table, band: str) -> dict[str, np.ndarray]:
 
 
 def _blend_flux(objects: np.ndarray, x: np.ndarray, y: np.ndarray, self_radius: float,
-                reach: float) -> np.ndarray:
-    """Flux of detected sources other than the star itself within ``reach`` px of each star."""
-    out = np.zeros(x.size)
+                reaches: tuple[float, ...]) -> list[np.ndarray]:
+    """Per reach: flux of detected sources other than the star itself within that many px of
+    each star (one distance computation for all reaches)."""
+    out = [np.zeros(x.size) for _ in reaches]
     if objects.size == 0:
         return out
     ox, oy, of = objects["x"], objects["y"], objects["flux"]
     for i in range(x.size):
         d = np.hypot(ox - x[i], oy - y[i])
-        out[i] = of[(d > self_radius) & (d < reach)].sum()
+        for flux, reach in zip(out, reaches, strict=True):
+            flux[i] = of[(d > self_radius) & (d < reach)].sum()
     return out
 
 
@@ -233,8 +235,8 @@ def measure_stars(image: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: n
                                       subpix=5)
     flux_big, ferr_big, flag_big = sep.sum_circle(sub, xs, ys, big, err=rms, gain=gain,
                                                   mask=bad, subpix=5)
-    blend = _blend_flux(objects, xs, ys, max(2.0, r50_px), radius + 2.0 * r50_px)
-    blend_big = _blend_flux(objects, xs, ys, max(2.0, r50_px), big + 2.0 * r50_px)
+    blend, blend_big = _blend_flux(objects, xs, ys, max(2.0, r50_px),
+                                   (radius + 2.0 * r50_px, big + 2.0 * r50_px))
 
     def within(r: float) -> np.ndarray:
         return (x > r) & (x < nx - 1 - r) & (y > r) & (y < ny - 1 - r)
