@@ -3,9 +3,10 @@
 For each CCD of a raw exposure: estimate the background with :class:`sep.Background` (masked
 pixels excluded), extract sources on the background-subtracted image with SExtractor's 3 x 3
 convolution kernel (``tools.md``: sep's default "matched" filter finds many more noise peaks),
-refine positions with windowed centroids (:func:`sep.winpos`, SExtractor's ``XWIN_IMAGE``), and
-measure a fixed-aperture flux and a Kron (``MAG_AUTO``-style) flux. The astrometry stage reads
-the windowed centroids; later stages read the photometry.
+refine positions with windowed centroids and their errors
+(:func:`~ks4release.reduction.sep_objects.windowed_centroids`, SExtractor's ``XWIN_IMAGE`` and
+``ERRX2WIN_IMAGE``), and measure a fixed-aperture flux and a Kron (``MAG_AUTO``-style) flux.
+The astrometry stage reads the windowed centroids; later stages read the photometry.
 
 Output, one Parquet table per exposure (``ks4release.layout.sources_path``), every column with a
 unit and a description (:data:`SOURCE_COLUMNS`). Pixel coordinates are 0-based (pixel centre of
@@ -42,8 +43,8 @@ from ks4release.reduction.sep_objects import (
     CONV_KERNEL,
     ellipse,
     footprint_max,
-    psf_half_light_radius,
     set_extraction_limits,
+    windowed_centroids,
 )
 from ks4release.settings import DetectSettings
 
@@ -74,8 +75,8 @@ SOURCE_COLUMNS: tuple[tuple[str, u.UnitBase | None, str], ...] = (
     ("amp", None, "Amplifier index 0-7 (AMPSEC{amp+1}) holding the windowed centroid"),
     ("x", u.pix, "Windowed centroid x, 0-based pixel (XWIN_IMAGE - 1)"),
     ("y", u.pix, "Windowed centroid y, 0-based pixel (YWIN_IMAGE - 1)"),
-    ("x_err", u.pix, "1-sigma error of x (isophotal barycentre error)"),
-    ("y_err", u.pix, "1-sigma error of y (isophotal barycentre error)"),
+    ("x_err", u.pix, "1-sigma error of x (ERRX2WIN_IMAGE; barycentre's where no window)"),
+    ("y_err", u.pix, "1-sigma error of y (ERRY2WIN_IMAGE; barycentre's where no window)"),
     ("flux", u.adu, "Flux in the fixed circular aperture at (x, y), background subtracted"),
     ("flux_err", u.adu, "1-sigma error of flux (background noise and Poisson)"),
     ("snr", None, "Signal-to-noise ratio flux / flux_err"),
@@ -207,15 +208,8 @@ def _measure(sub, data, bits, bad, rms, segmap, objects, info: CcdInfo,
     n = objects.size
     ny, nx = sub.shape
     seg_id = np.arange(1, n + 1, dtype=np.int32)
-    x0, y0 = objects["x"].astype(np.float64), objects["y"].astype(np.float64)
-    rmax = np.clip(6.0 * objects["a"], 3.0, 60.0)
-    r_half, _ = sep.flux_radius(sub, x0, y0, rmax, 0.5, normflux=None, mask=bad, subpix=5,
-                                segmap=segmap, seg_id=seg_id)
-    r_half = np.where(np.isfinite(r_half) & (r_half > 0), r_half, 1.0)
-    window = np.minimum(r_half, psf_half_light_radius(objects, r_half, rms))
-    xw, yw, wflag = sep.winpos(sub, x0, y0, 2.0 * window / 2.3548, mask=bad)
-    ok = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x0, yw - y0) < 2.0)
-    x, y = np.where(ok, xw, x0), np.where(ok, yw, y0)
+    cen = windowed_centroids(sub, objects, rms, bad, segmap, seg_id, info.gain)
+    x, y, r_half = cen.x, cen.y, cen.r_half
     radius = 0.5 * settings.aperture_diameter_arcsec / pixel_scale_arcsec
     flux, ferr, aflag = sep.sum_circle(sub, x, y, radius, err=rms, gain=info.gain, mask=bad,
                                        subpix=5)
@@ -228,8 +222,7 @@ def _measure(sub, data, bits, bad, rms, segmap, objects, info: CcdInfo,
     cols = {
         "ccd": np.full(n, info.name), "amp": _amplifier(x, info.amplifiers),
         "x": x, "y": y,
-        "x_err": np.sqrt(np.maximum(objects["errx2"], 0.0)),
-        "y_err": np.sqrt(np.maximum(objects["erry2"], 0.0)),
+        "x_err": cen.x_err, "y_err": cen.y_err,
         "flux": flux, "flux_err": ferr, "snr": snr, "flux_auto": fauto,
         "flux_auto_err": fauto_err, "kron_radius": kronrad, "flux_radius": r_half,
         "fwhm_px": 2.0 * r_half, "a": objects["a"], "b": objects["b"],

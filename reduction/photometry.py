@@ -116,8 +116,8 @@ from ks4release.reduction.sep_objects import (
     CONV_KERNEL,
     ellipse,
     footprint_max,
-    psf_half_light_radius,
     set_extraction_limits,
+    windowed_centroids,
 )
 from ks4release.reduction.stellarity import Network, class_star, isophotal_profile, read_nnw
 from ks4release.settings import PhotometrySettings
@@ -160,8 +160,8 @@ _COMMON = (
     ("y_image", u.pix, "Windowed centroid y on the detection image, 1-based pixel (YWIN_IMAGE)"),
     ("ra", u.deg, "Right ascension of (x_image, y_image), co-add WCS (ICRS)"),
     ("dec", u.deg, "Declination of (x_image, y_image), co-add WCS (ICRS)"),
-    ("errx2_image", u.pix ** 2, "Variance of the detection's barycentre x (ERRX2_IMAGE)"),
-    ("erry2_image", u.pix ** 2, "Variance of the detection's barycentre y (ERRY2_IMAGE)"),
+    ("errx2win_image", u.pix ** 2, "Variance of x_image (ERRX2WIN_IMAGE, pixel noise only)"),
+    ("erry2win_image", u.pix ** 2, "Variance of y_image (ERRY2WIN_IMAGE, pixel noise only)"),
     ("tile", None, "KS4 tile name"),
 )
 
@@ -319,8 +319,10 @@ class _Detection:
 
     objects: np.ndarray
     segmap: np.ndarray
-    x: np.ndarray            # 0-based
+    x: np.ndarray            # 0-based windowed centroid
     y: np.ndarray
+    x_err: np.ndarray        # its 1-sigma error (ERRX2WIN, pixel noise only)
+    y_err: np.ndarray
     a: np.ndarray
     b: np.ndarray
     theta: np.ndarray        # radians
@@ -335,30 +337,16 @@ def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
     n = objects.size
     seg_id = np.arange(1, n + 1, dtype=np.int32)
     a, b, theta = ellipse(objects)
-    x, y = _windowed_centroids(band, objects, segmap, seg_id)
+    gain = band.gain if band.gain > 0 else None
+    cen = windowed_centroids(band.image, objects, band.rms, band.masked, segmap, seg_id, gain)
+    x, y = cen.x, cen.y
     r_kron, _ = sep.kron_radius(band.image, x, y, a, b, theta, 6.0, mask=band.masked,
                                 segmap=segmap, seg_id=seg_id)
     r_kron = np.where(np.isfinite(r_kron) & (r_kron > 0), r_kron, 0.0)
     kron = np.maximum(settings.kron_factor * r_kron, settings.kron_min_radius)
-    return _Detection(objects=objects, segmap=segmap, x=x, y=y, a=a, b=b, theta=theta,
+    return _Detection(objects=objects, segmap=segmap, x=x, y=y, x_err=cen.x_err,
+                      y_err=cen.y_err, a=a, b=b, theta=theta,
                       kron=kron, seg_id=seg_id, dilated=grey_dilation(segmap, size=3))
-
-
-def _windowed_centroids(band: _Band, objects: np.ndarray, segmap: np.ndarray,
-                        seg_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Windowed centroids (SExtractor's XWIN/YWIN) with a Gaussian window of FWHM twice the
-    smaller of the object's and the PSF's half-light radius; the barycentre where the
-    iteration fails or moves by 2 pixels or more. On the demo co-adds this halves the offset
-    of faint stars from their true positions compared with the barycentre."""
-    x0 = objects["x"].astype(np.float64)
-    y0 = objects["y"].astype(np.float64)
-    r_half, _ = sep.flux_radius(band.image, x0, y0, np.clip(6.0 * objects["a"], 3.0, 60.0), 0.5,
-                                mask=band.masked, segmap=segmap, seg_id=seg_id, subpix=5)
-    r_half = np.where(np.isfinite(r_half) & (r_half > 0), r_half, 1.0)
-    window = np.minimum(r_half, psf_half_light_radius(objects, r_half, band.rms))
-    xw, yw, flag = sep.winpos(band.image, x0, y0, 2.0 * window / 2.3548, mask=band.masked)
-    ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x0, yw - y0) < 2.0)
-    return np.where(ok, xw, x0), np.where(ok, yw, y0)
 
 
 def _aperture_radii_px(diameters: tuple[float, ...], pixel_scale: float) -> list[float]:
@@ -753,7 +741,7 @@ def _table(detection: _Band, det: _Detection, per_band: list[dict[str, np.ndarra
     ra, dec = detection.wcs.all_pix2world(det.x, det.y, 0)
     values = {"number": np.arange(1, n + 1), "x_image": det.x + 1.0, "y_image": det.y + 1.0,
               "ra": np.asarray(ra) % 360.0, "dec": np.asarray(dec),
-              "errx2_image": det.objects["errx2"], "erry2_image": det.objects["erry2"],
+              "errx2win_image": det.x_err ** 2, "erry2win_image": det.y_err ** 2,
               "tile": np.full(n, detection.tile)}
     for cols in per_band:
         values.update(cols)

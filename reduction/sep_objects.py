@@ -8,12 +8,14 @@ sep's aperture sums accept and into per-object values over the footprints.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import sep
 
-__all__ = ["CONV_KERNEL", "KMTNET_PIXEL_STACK", "ellipse", "footprint_max",
-           "psf_half_light_radius", "set_extraction_limits"]
+__all__ = ["CONV_KERNEL", "KMTNET_PIXEL_STACK", "Centroids", "ellipse", "footprint_max",
+           "psf_half_light_radius", "set_extraction_limits", "windowed_centroids",
+           "windowed_errors"]
 
 #: SExtractor's default.conv: 3 x 3 pyramidal kernel ("all-ground").
 CONV_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=np.float32)
@@ -73,3 +75,96 @@ def psf_half_light_radius(objects: np.ndarray, r_half: np.ndarray, rms: np.ndarr
     if bright.sum() < 3:
         return float("inf")
     return float(np.median(r_half[bright]))
+
+
+#: SExtractor's WINPOS_NSIG: the windowed centroid sums pixels within this many window sigmas.
+WINPOS_NSIG = 4.0
+# Stamp pixels per block of the vectorised error sums (bounds each stamp array to ~32 MB).
+_ERROR_BLOCK_PIXELS = 4_000_000
+
+
+@dataclass(frozen=True)
+class Centroids:
+    """Windowed centroids (0-based pixels) with their 1-sigma errors and half-light radii."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_err: np.ndarray
+    y_err: np.ndarray
+    r_half: np.ndarray
+
+
+def windowed_centroids(image: np.ndarray, objects: np.ndarray, rms: np.ndarray,
+                       mask: np.ndarray | None, segmap: np.ndarray, seg_id: np.ndarray,
+                       gain: float | None) -> Centroids:
+    """SExtractor's XWIN/YWIN_IMAGE and ERRX2WIN/ERRY2WIN_IMAGE of sep's objects.
+
+    The Gaussian window has a FWHM of twice the smaller of the object's and the PSF's
+    half-light radius (SExtractor: twice FLUX_RADIUS). Where the iteration fails or moves the
+    position by 2 px or more, the isophotal barycentre and its error (ERRX2_IMAGE) are kept.
+    The barycentre's error counts only the isophote's pixels and so understates the scatter of
+    the windowed position of faint sources (by a factor of ~2 at S/N 5-20 on single exposures),
+    which is why the windowed error is computed (:func:`windowed_errors`).
+    """
+    x0 = objects["x"].astype(np.float64)
+    y0 = objects["y"].astype(np.float64)
+    r_half, _ = sep.flux_radius(image, x0, y0, np.clip(6.0 * objects["a"], 3.0, 60.0), 0.5,
+                                normflux=None, mask=mask, segmap=segmap, seg_id=seg_id,
+                                subpix=5)
+    r_half = np.where(np.isfinite(r_half) & (r_half > 0), r_half, 1.0)
+    sigma = 2.0 * np.minimum(r_half, psf_half_light_radius(objects, r_half, rms)) / 2.3548
+    xw, yw, flag = sep.winpos(image, x0, y0, sigma, mask=mask)
+    ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - x0, yw - y0) < 2.0)
+    x, y = np.where(ok, xw, x0), np.where(ok, yw, y0)
+    ex, ey = windowed_errors(image, x, y, sigma, rms, mask, gain)
+    bx = np.sqrt(np.maximum(objects["errx2"], 0.0))
+    by = np.sqrt(np.maximum(objects["erry2"], 0.0))
+    use = ok & np.isfinite(ex) & np.isfinite(ey)
+    return Centroids(x=x, y=y, x_err=np.where(use, ex, bx), y_err=np.where(use, ey, by),
+                     r_half=r_half)
+
+
+def windowed_errors(image: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: np.ndarray,
+                    rms: np.ndarray, mask: np.ndarray | None, gain: float | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """1-sigma errors of windowed centroids at (x, y), SExtractor's ERRX2WIN formula::
+
+        var(x) = 4 sum(w^2 var_p (x_p - x)^2) / sum(w I_p)^2,  w = exp(-r^2 / (2 sigma^2))
+
+    over the unmasked pixels within ``WINPOS_NSIG`` sigmas, with the pixel variance
+    ``var_p = rms_p^2 + max(I_p, 0) / gain``. NaN where the windowed flux is not positive.
+    """
+    x, y, sigma = (np.asarray(a, np.float64) for a in (x, y, sigma))
+    n = x.size
+    ex, ey = np.full(n, np.nan), np.full(n, np.nan)
+    if n == 0:
+        return ex, ey
+    rms = np.broadcast_to(np.asarray(rms, np.float64), image.shape)
+    half = int(math.ceil(WINPOS_NSIG * float(np.nanmax(sigma)))) + 1
+    off = np.arange(-half, half + 1)
+    block = max(1, _ERROR_BLOCK_PIXELS // off.size**2)
+    for lo in range(0, n, block):
+        sl = slice(lo, min(lo + block, n))
+        cx, cy = np.rint(x[sl]).astype(np.int64), np.rint(y[sl]).astype(np.int64)
+        col = cx[:, None, None] + off[None, None, :]
+        row = cy[:, None, None] + off[None, :, None]
+        inside = (col >= 0) & (col < image.shape[1]) & (row >= 0) & (row < image.shape[0])
+        col, row = np.clip(col, 0, image.shape[1] - 1), np.clip(row, 0, image.shape[0] - 1)
+        dx, dy = col - x[sl, None, None], row - y[sl, None, None]
+        r2 = dx**2 + dy**2
+        s2 = sigma[sl, None, None] ** 2
+        use = inside & (r2 < (WINPOS_NSIG**2) * s2)
+        if mask is not None:
+            use &= ~mask[row, col]
+        pix = np.where(use, image[row, col], 0.0)
+        w = np.where(use, np.exp(-r2 / (2.0 * s2)), 0.0)
+        var = rms[row, col] ** 2
+        if gain:
+            var = var + np.maximum(pix, 0.0) / gain
+        wv = w**2 * var
+        flux = np.sum(w * pix, axis=(1, 2))
+        good = flux > 0
+        denom = np.where(good, flux, 1.0) ** 2
+        ex[sl] = np.where(good, np.sqrt(4.0 * np.sum(wv * dx**2, axis=(1, 2)) / denom), np.nan)
+        ey[sl] = np.where(good, np.sqrt(4.0 * np.sum(wv * dy**2, axis=(1, 2)) / denom), np.nan)
+    return ex, ey

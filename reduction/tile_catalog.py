@@ -118,8 +118,8 @@ def tile_catalog_columns(table: Table, *, mode: str, band: str | None,
     """The columns of the tile-catalog schema from a processed table (NaN for null).
 
     Bands absent from ``table`` (dual mode: no co-add) get null measurements and NDITH = 0.
-    Single mode: ``raerr``/``decerr`` (arcsec) from the barycentre variances
-    ``errx2_image``, ``erry2_image`` (pixels squared) of a north-up co-add.
+    Single mode: ``raerr``/``decerr`` (arcsec) from the windowed-centroid variances
+    ``errx2win_image``, ``erry2win_image`` (pixels squared) of a north-up co-add.
     """
     schema = tile_catalog_schema(mode, band)
     n = len(table)
@@ -131,7 +131,7 @@ def tile_catalog_columns(table: Table, *, mode: str, band: str | None,
             cols[spec.name] = np.zeros(n)  # not observed in this band
         elif spec.name in ("raerr", "decerr"):
             axis = "x" if spec.name == "raerr" else "y"
-            cols[spec.name] = np.sqrt(_float_column(table, f"err{axis}2_image")) \
+            cols[spec.name] = np.sqrt(_float_column(table, f"err{axis}2win_image")) \
                 * pixel_scale_arcsec
         else:
             cols[spec.name] = np.full(n, np.nan)
