@@ -16,8 +16,10 @@ Steps (per exposure; DR1 used SCAMP with the ``.ahead`` distortion models as pri
    demo chip at b = -54 deg holds only ~5-10 usable Gaia stars; the shared model fits ~25 per
    exposure. CCDs whose headers do not share a tangent point are fitted one by one.
 4. Iterate ``n_iterations`` times: re-match within ``match_radius_arcsec`` with the current
-   model, clip residuals beyond ``clip_sigma`` robust sigmas, refit (the polynomial degree
-   drops when there are too few stars for it).
+   model, clip residuals beyond ``clip_sigma`` robust sigmas, each residual in units of its own
+   expected error (detection, Gaia, epoch and ``position_floor_arcsec``), refit (the polynomial
+   degree drops when there are too few stars for it). Detection errors are those of the
+   windowed centroids (ERRX2WIN, :mod:`.detect`).
 5. Quality check of every CCD (DR1: 64 sub-sections, at least 62 good). The chip is cut into
    ``subsection_side`` x ``subsection_side`` sub-sections (:func:`subsection_index`). Expected
    stars are Gaia stars with ``qa_mag_range[0] <= G <= qa_mag_range[1]`` that the fitted WCS
@@ -31,6 +33,9 @@ Steps (per exposure; DR1 used SCAMP with the ``.ahead`` distortion models as pri
    * its match rate (expected stars matched within ``match_radius_arcsec`` / expected stars)
      is at least ``min_match_rate`` **and** the RMS per axis of its matched residuals,
      ``sqrt(mean((dra*cos(dec))^2 + ddec^2) / 2)``, is at most ``max_subsection_rms_arcsec``.
+     The RMS counts the matches whose residual measures the solution rather than the star:
+     detections of S/N at least ``qa_min_snr`` that were not deblended (a faint star's own
+     noise, or a blend's pull, would decide a sub-section holding one or two stars).
 
    A chip passes with at least ``min_good_subsections`` good sub-sections and at least
    ``min_matches`` matched stars (our guard against a chip without usable data, since empty
@@ -38,9 +43,12 @@ Steps (per exposure; DR1 used SCAMP with the ``.ahead`` distortion models as pri
    bad chip cannot pull the others), logged with their reason, and flagged for exclusion from
    the co-add.
 
-Gaia positions are at epoch 2016.0; DR1 did not propagate them to the exposure epoch, nor do we
-by default. ``propagate_proper_motion = true`` moves them with
-:func:`ks4release.refcat.propagate_positions` to the exposure's epoch.
+Gaia positions are at epoch 2016.0. DR1 did not propagate them to the exposure epoch; by default
+we do (``propagate_proper_motion``, with :func:`ks4release.refcat.propagate_positions`), because
+KS4's exposures are 4-8 years later and the fit otherwise pulls the WCS towards where the stars
+were. Either way each Gaia star's weight counts what the epoch difference adds to its position
+error (:func:`ks4release.refcat.epoch_position_error`): the proper-motion error times the years
+when propagated, the unapplied motion itself when not.
 
 Output (``ks4release.layout.wcs_path``): an empty primary HDU (exposure, MJD, settings summary)
 and one header-only image HDU per CCD (``EXTNAME`` = CCD) with the fitted TAN-SIP WCS (CD
@@ -82,7 +90,7 @@ from ks4release.reduction.astrometry_match import (
 )
 from ks4release.reduction.detect import read_mask
 from ks4release.refcat.formats import read_refcat
-from ks4release.refcat.propagate import propagate_positions
+from ks4release.refcat.propagate import epoch_position_error, propagate_positions
 from ks4release.settings import AstrometrySettings
 
 __all__ = [
@@ -101,6 +109,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Column added to the Gaia table by :func:`_load_gaia`: per-axis error (mas) from the epoch
+#: difference (:func:`~ks4release.refcat.propagate.epoch_position_error`).
+EPOCH_ERROR_COLUMN = "epoch_error"
 
 #: QA keywords of each CCD extension and their comments.
 QA_CARDS = {
@@ -190,8 +202,8 @@ def subsection_stats(x_exp: np.ndarray, y_exp: np.ndarray, matched: np.ndarray,
 
     ``x_exp, y_exp`` are the pixel positions of the expected Gaia stars; ``matched`` says
     which have a detection within the match radius (any detection flags), ``measured`` which
-    have a residual ``dra/ddec`` from a clean detection (ignored elsewhere). A sub-section whose
-    matches are all flagged detections passes the RMS test for lack of anything to test.
+    have a residual ``dra/ddec`` that tests the solution (ignored elsewhere). A sub-section
+    without a measured star passes the RMS test for lack of anything to test.
     """
     n = settings.subsection_side
     idx = subsection_index(x_exp, y_exp, shape, n)
@@ -387,19 +399,24 @@ def _rematch(chip: _Chip, model: FocalPlaneModel, ctx: _Context) -> None:
 
 
 def _clip(chips: list[_Chip], ctx: _Context) -> None:
-    """Reject pairs beyond ``clip_sigma`` robust sigmas of the group's separations.
+    """Reject pairs beyond ``clip_sigma`` robust sigmas of the group's normalised separations.
 
-    The sigma per axis of a 2-D Gaussian is ``sqrt(median(r^2) / (2 ln 2))``; one sigma for
-    the group, because a demo chip holds too few stars for its own.
+    Each separation is divided by its pair's expected error per axis (detection, Gaia and the
+    floor: :func:`_weights`), so a faint star is judged by its own noise, not by the bright
+    stars' (one sigma in arcsec clipped ~20% of the matches, nearly all faint, on a demo
+    exposure). The scale of the normalised separations, ``sqrt(median(z^2) / (2 ln 2))`` for a
+    2-D Gaussian, is one for the group, because a demo chip holds too few stars for its own;
+    it absorbs errors that are right in shape but too small, and is never below 1: the bright
+    stars, whose errors the floor dominates, would otherwise pull it down and clip the faint.
     """
     live = [c for c in chips if not c.failed and c.dist.size]
     if not live:
         return
-    d = np.concatenate([c.dist for c in live])
-    sigma = max(math.sqrt(np.median(d**2) / (2.0 * math.log(2.0))),
-                ctx.settings.position_floor_arcsec)
-    for chip in live:
-        chip.kept = chip.dist <= ctx.settings.clip_sigma * sigma
+    z = [c.dist * np.sqrt(_weights(c, c.pairs[0], ctx.gaia["err"][c.ref_idx[c.pairs[1]]], ctx))
+         for c in live]
+    scale = max(math.sqrt(np.median(np.concatenate(z) ** 2) / (2.0 * math.log(2.0))), 1.0)
+    for chip, zc in zip(live, z, strict=True):
+        chip.kept = zc <= ctx.settings.clip_sigma * scale
 
 
 def _iterate(chips: list[_Chip], crval: tuple[float, float], ctx: _Context, n_iterations: int
@@ -454,6 +471,14 @@ def _matched_by_any(chip: _Chip, model: FocalPlaneModel, ctx: _Context) -> np.nd
     return out
 
 
+def _tests_solution(detections: Table, settings: AstrometrySettings) -> np.ndarray:
+    """Which matched detections have residuals that measure the solution, not themselves:
+    S/N at least ``qa_min_snr`` and not deblended (FLAGS bit 2; a blend's centroid is pulled
+    by its neighbour, by ~0.1-0.3 arcsec on the 8x-density demo survey)."""
+    return ((np.asarray(detections["snr"], float) >= settings.qa_min_snr)
+            & ((np.asarray(detections["flags"]).astype(np.int64) & 2) == 0))
+
+
 def _assess(chip: _Chip, model: FocalPlaneModel, ctx: _Context) -> ChipSolution:
     """The chip's WCS from the model, and DR1's quality check on it."""
     inp, gaia, settings = chip.inp, ctx.gaia, ctx.settings
@@ -469,11 +494,13 @@ def _assess(chip: _Chip, model: FocalPlaneModel, ctx: _Context) -> ChipSolution:
                 & (x >= m - 0.5) & (x <= nx - 0.5 - m) & (y >= m - 0.5) & (y <= ny - 0.5 - m))
     expected &= ~_near_masked(inp.bad, x, y, m)
     expected &= _isolated(x, y, g, settings.isolation_arcsec / ctx.pixel_scale)
-    measured = np.zeros(ref.size, bool)
+    i_det, i_ref = chip.pairs
+    paired, measured = np.zeros(ref.size, bool), np.zeros(ref.size, bool)
     res_ra, res_dec = np.zeros(ref.size), np.zeros(ref.size)
-    measured[chip.pairs[1]] = True
-    res_ra[chip.pairs[1]], res_dec[chip.pairs[1]] = dra, ddec
-    matched = measured | _matched_by_any(chip, model, ctx)
+    paired[i_ref] = True
+    measured[i_ref[_tests_solution(chip.det[i_det], settings)]] = True
+    res_ra[i_ref], res_dec[i_ref] = dra, ddec
+    matched = paired | _matched_by_any(chip, model, ctx)
     exp = np.flatnonzero(expected)
     sub = subsection_stats(x[exp], y[exp], matched[exp], measured[exp], res_ra[exp],
                            res_dec[exp], inp.shape, settings)
@@ -497,7 +524,7 @@ def _verdict(chip: _Chip, sub: SubsectionStats, n_match: int,
         low_rate = int((tested & ((sub.n_matched < settings.min_match_rate * sub.n_expected)
                                   | (sub.n_matched == 0))).sum())
         high_rms = int((tested & (sub.n_matched > 0)
-                        & ~(sub.rms_arcsec <= settings.max_subsection_rms_arcsec)).sum())
+                        & (sub.rms_arcsec > settings.max_subsection_rms_arcsec)).sum())
         return (f"{sub.n_good}/{n_sub} good sub-sections (need {settings.min_good_subsections})"
                 f"; {low_rate} low rate, {high_rms} high RMS")
     if n_match < settings.min_matches:
@@ -555,7 +582,8 @@ def _solve_group(inputs: list[ChipInput], gaia: dict[str, np.ndarray],
 
 
 def _gaia_arrays(gaia: Table) -> dict[str, np.ndarray]:
-    """Plain arrays of the Gaia columns the solver uses (position error in arcsec)."""
+    """Plain arrays of the Gaia columns the solver uses (position error per axis in arcsec,
+    including :data:`EPOCH_ERROR_COLUMN` when present)."""
     def values(name: str, fill: float) -> np.ndarray:
         if name not in gaia.colnames:
             return np.full(len(gaia), fill)
@@ -563,7 +591,8 @@ def _gaia_arrays(gaia: Table) -> dict[str, np.ndarray]:
         data = col.filled(fill) if hasattr(col, "filled") else col
         return np.nan_to_num(np.asarray(data, float), nan=fill)
 
-    err_mas = np.hypot(values("ra_error", 0.0), values("dec_error", 0.0)) / math.sqrt(2.0)
+    err_mas = np.hypot(np.hypot(values("ra_error", 0.0), values("dec_error", 0.0)) / math.sqrt(2.0),
+                       values(EPOCH_ERROR_COLUMN, 0.0))
     return {"ra": values("ra", np.nan), "dec": values("dec", np.nan),
             "g": values("phot_g_mean_mag", 99.0), "err": err_mas / 1000.0}
 
@@ -681,9 +710,14 @@ def read_fitted_wcs(path: Path) -> dict[str, FittedWcs]:
 
 
 def _load_gaia(gaia: Path, mjd: float, settings: AstrometrySettings) -> Table:
+    """Gaia DR3 stars for an exposure taken at ``mjd``: moved to its epoch when configured,
+    with the error the epoch difference adds (:data:`EPOCH_ERROR_COLUMN`)."""
     table = read_refcat(gaia, "gaia_dr3")
+    epoch = float(Time(mjd, format="mjd").jyear)
     if settings.propagate_proper_motion:
-        table = propagate_positions(table, float(Time(mjd, format="mjd").jyear))
+        table = propagate_positions(table, epoch)
+    table[EPOCH_ERROR_COLUMN] = epoch_position_error(
+        table, epoch, propagated=settings.propagate_proper_motion)
     return table
 
 

@@ -26,6 +26,7 @@ from ks4release.reduction.astrometry import (
     read_fitted_wcs,
     run_astrometry,
     solve_exposure,
+    subsection_index,
     subsection_stats,
     write_fitted_wcs,
 )
@@ -202,7 +203,8 @@ def _truth_mask(survey, stem: str, out) -> None:
 
 @pytest.fixture(scope="module")
 def demo(tiny_survey, tmp_path_factory):
-    """Detections, masks and fitted WCS of every demo exposure (DR1 mode: no propagation)."""
+    """Detections, masks and fitted WCS of every demo exposure (default settings: Gaia moved to
+    each exposure's epoch)."""
     work = tmp_path_factory.mktemp("astrometry")
     gaia = tiny_survey / "refcat" / "gaia_dr3.parquet"
     runs = {}
@@ -268,13 +270,14 @@ def test_demo_wcs_matches_the_true_wcs_over_the_chip(demo):
 def test_proper_motion_propagation_removes_the_epoch_bias(demo):
     plain, moved = [], []
     for stem, run in demo["runs"].items():
-        out = demo["work"] / f"{stem}_pm_wcs.fits"
-        run_astrometry(run["exposure"], run["sources"], demo["gaia"], out,
-                       AstrometrySettings(propagate_proper_motion=True), mask=run["mask"])
-        fitted = read_fitted_wcs(out)
-        assert fits.getheader(out)["ASTPM"] is True
+        fitted = read_fitted_wcs(run["wcs"])
+        assert fits.getheader(run["wcs"])["ASTPM"] is True
         moved.append(_truth_residuals(demo, stem, {c: fitted[c].wcs for c in CCDS}))
-        plain_fit = read_fitted_wcs(run["wcs"])
+        dr1 = demo["work"] / f"{stem}_dr1_wcs.fits"
+        run_astrometry(run["exposure"], run["sources"], demo["gaia"], dr1,
+                       AstrometrySettings(propagate_proper_motion=False), mask=run["mask"])
+        assert fits.getheader(dr1)["ASTPM"] is False
+        plain_fit = read_fitted_wcs(dr1)
         plain.append(_truth_residuals(demo, stem, {c: plain_fit[c].wcs for c in CCDS}))
     plain, moved = np.vstack(plain), np.vstack(moved)
     # The demo's stars drift by pmdec ~ -3 mas/yr on average over 4-8 years since 2016.0.
@@ -336,6 +339,60 @@ def test_a_badly_distorted_chip_is_rejected_by_the_subsection_check(demo, caplog
     # The good chips keep their accuracy: the warped chip stays out of the shared fit.
     res = _truth_residuals(demo, stem, {c: solved[c].wcs for c in ("KK", "NN", "TT")})
     assert np.all(np.sqrt(np.mean(res**2, axis=0)) <= GOAL_RMS_ARCSEC)
+
+
+def test_faint_stars_are_judged_by_their_own_errors(demo):
+    """The fit clips each match in units of its own expected error, so faint stars stay in it
+    (one sigma in arcsec for all matches clipped ~20% of them, nearly all faint)."""
+    kept, faint_kept = [], []
+    for stem in demo["runs"]:
+        sources = Table.read(demo["runs"][stem]["sources"])
+        solved = solve_exposure(_chip_inputs(demo, stem, sources), _gaia(demo),
+                                AstrometrySettings(), camera_scale=1 / 16)
+        for sol in solved.values():
+            m = sol.matches
+            tree = cKDTree(np.column_stack([sources["x"], sources["y"]])
+                           [np.asarray(sources["ccd"]) == sol.name])
+            snr = np.asarray(sources["snr"])[np.asarray(sources["ccd"]) == sol.name]
+            _, i = tree.query(np.column_stack([m["x"], m["y"]]))
+            kept.append(np.asarray(m["kept"]))
+            faint_kept.append(np.asarray(m["kept"])[snr[i] < 50])
+    kept, faint_kept = np.concatenate(kept), np.concatenate(faint_kept)
+    assert kept.size >= 100 and faint_kept.size >= 20
+    assert kept.mean() >= 0.85 and faint_kept.mean() >= 0.9, (kept.mean(), faint_kept.mean())
+
+
+def _shift_one_measured_star(demo, stem: str, flags: int) -> tuple[int, int]:
+    """Move the detection of one tested Gaia star of CCD KK by 1 px (0.4") and give it
+    ``flags``; return (sub-section of that star, good sub-sections of KK)."""
+    sources = Table.read(demo["runs"][stem]["sources"])
+    base = solve_exposure(_chip_inputs(demo, stem, sources), _gaia(demo), AstrometrySettings(),
+                          camera_scale=1 / 16)["KK"]
+    m = base.matches
+    on = np.flatnonzero(np.asarray(sources["ccd"]) == "KK")
+    _, i = cKDTree(np.column_stack([sources["x"][on], sources["y"][on]])).query(
+        np.column_stack([m["x"], m["y"]]))
+    rows = on[i]
+    usable = (np.asarray(sources["snr"])[rows] > 50) & (np.asarray(sources["flags"])[rows] == 0) \
+        & (m["g_mag"] > 14.5) & (m["x"] > 10) & (m["x"] < 565) & (m["y"] > 10) & (m["y"] < 565)
+    j = int(np.flatnonzero(usable)[0])
+    sources["x"][rows[j]] += 1.0
+    sources["flags"][rows[j]] = flags
+    sol = solve_exposure(_chip_inputs(demo, stem, sources), _gaia(demo), AstrometrySettings(),
+                         camera_scale=1 / 16)["KK"]
+    cell = int(subsection_index(np.array([m["x"][j]]), np.array([m["y"][j]]), (576, 576), 8)[0])
+    assert base.subsections.good[cell]
+    return cell, sol
+
+
+def test_a_deblended_outlier_does_not_decide_its_subsection(demo):
+    """A 0.4" outlier fails its sub-section's RMS when it is a clean detection, but not when it
+    is deblended (its neighbour pulls its centroid): blends measure themselves, not the WCS."""
+    stem = next(iter(demo["runs"]))
+    cell, clean = _shift_one_measured_star(demo, stem, flags=0)
+    assert not clean.subsections.good[cell] and clean.subsections.rms_arcsec[cell] > 0.1
+    cell, blended = _shift_one_measured_star(demo, stem, flags=2)
+    assert blended.subsections.good[cell]
 
 
 def test_warped_chip_through_the_task_function(demo, tmp_path):

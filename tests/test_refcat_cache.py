@@ -19,6 +19,7 @@ from ks4release.refcat import (
     RefcatCache,
     RefcatOfflineError,
     Region,
+    epoch_position_error,
     fetch_region,
     propagate_positions,
 )
@@ -175,3 +176,20 @@ def test_propagation_refuses_silly_epochs():
         propagate_positions(table, 3000.0)
     with pytest.raises(ValueError, match="propagate_to_epoch"):
         RefcatSection(propagate_to_epoch=50.0)
+
+
+def test_epoch_position_error_counts_the_motion_or_its_error():
+    table = Table({"ra": [1.0, 1.0, 1.0], "dec": [2.0, 2.0, 2.0],
+                   "pmra": [30.0, np.nan, 3.0], "pmdec": [-40.0, np.nan, 4.0],
+                   "pmra_error": [0.3, np.nan, 0.03], "pmdec_error": [0.4, np.nan, 0.04],
+                   "ref_epoch": [2016.0, 2016.0, 2016.0]})
+    # Not moved: the 50 mas/yr motion over 6 years is 300 mas, 212 mas per axis.
+    ignored = epoch_position_error(table, 2022.0, propagated=False)
+    np.testing.assert_allclose(ignored, [300.0 / np.sqrt(2), 0.0, 30.0 / np.sqrt(2)])
+    # Moved: only the proper-motion errors grow with time (0.5 mas/yr over 6 years).
+    moved = epoch_position_error(table, 2022.0, propagated=True)
+    np.testing.assert_allclose(moved, [3.0 / np.sqrt(2), 0.0, 0.3 / np.sqrt(2)])
+    # Earlier epochs count the same way; a table without motions adds nothing.
+    np.testing.assert_allclose(epoch_position_error(table, 2010.0, propagated=False), ignored)
+    assert not epoch_position_error(Table({"ra": [1.0], "dec": [2.0]}), 2022.0,
+                                    propagated=True).any()

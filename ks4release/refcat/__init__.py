@@ -34,7 +34,7 @@ from ks4release.refcat.formats import (
     read_refcat,
     refcat_format,
 )
-from ks4release.refcat.propagate import GAIA_DR3_EPOCH, propagate_positions
+from ks4release.refcat.propagate import GAIA_DR3_EPOCH, epoch_position_error, propagate_positions
 from ks4release.refcat.region import (
     BoxRegion,
     CellBounds,
@@ -77,6 +77,7 @@ __all__ = [
     "cell_of",
     "conform_table",
     "fetch_region",
+    "epoch_position_error",
     "propagate_positions",
     "read_refcat",
     "refcat_format",

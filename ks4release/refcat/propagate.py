@@ -21,7 +21,7 @@ from astropy.table import MaskedColumn, Table
 from astropy.time import Time
 from erfa import ErfaWarning
 
-__all__ = ["GAIA_DR3_EPOCH", "propagate_positions"]
+__all__ = ["GAIA_DR3_EPOCH", "epoch_position_error", "propagate_positions"]
 
 #: Reference epoch of Gaia DR3 positions (Julian year).
 GAIA_DR3_EPOCH = 2016.0
@@ -79,3 +79,24 @@ def propagate_positions(table: Table, epoch: float) -> Table:
     out["dec"].description = table["dec"].description
     out.meta["epoch"] = float(epoch)
     return out
+
+
+def epoch_position_error(table: Table, epoch: float, *, propagated: bool) -> np.ndarray:
+    """Per-axis position error (mas) that the epoch difference adds to each source.
+
+    ``propagated``: the positions were moved to ``epoch``, so the proper-motion errors
+    (``pmra_error``, ``pmdec_error``; none when absent) grow with the time since ``ref_epoch``.
+    Otherwise the motion itself was ignored: the source has moved by ``|pm| * dt``, counted as
+    an error (``/ sqrt(2)`` per axis) so that fast stars weigh less in a fit. Sources without a
+    proper motion get 0.
+    """
+    dt = np.abs(epoch - np.nan_to_num(_values(table, "ref_epoch", GAIA_DR3_EPOCH),
+                                      nan=GAIA_DR3_EPOCH))
+    if propagated:
+        e_ra = _values(table, "pmra_error", 0.0)
+        e_dec = _values(table, "pmdec_error", 0.0)
+    else:
+        e_ra = _values(table, "pmra", 0.0)
+        e_dec = _values(table, "pmdec", 0.0)
+    rate = np.hypot(np.nan_to_num(e_ra), np.nan_to_num(e_dec)) / math.sqrt(2.0)
+    return rate * dt
