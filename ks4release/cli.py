@@ -107,17 +107,22 @@ def cli(verbose: bool) -> None:
               show_default=True, help="Adjacent tiles along Dec.")
 @click.option("--bands", default="".join(SimulationConfig().bands), show_default=True,
               help="Bands to simulate, e.g. BVRI or I.")
+@click.option("--star-density", type=click.FloatRange(min=0.0, min_open=True),
+              default=SimulationConfig().star_density_factor, show_default=True,
+              help="Star counts relative to tile 0000's (b = -54 deg); about 30 gives DR1's "
+                   "dense tile 0294.")
 @_engine_options
 def simulate(directory: Path, seed: int, scale: float, anchor: str, tiles_ra: int,
-             tiles_dec: int, bands: str, workers: int | None, scheduler: str | None,
-             local: bool, no_progress: bool) -> None:
+             tiles_dec: int, bands: str, star_density: float, workers: int | None,
+             scheduler: str | None, local: bool, no_progress: bool) -> None:
     """Write a simulated KS4 survey with known truth into DIRECTORY.
 
     Exposures, reference catalogs and a release.toml in the pipeline's input formats, plus a
     truth/ folder the pipeline never reads. A rerun resumes where a previous one stopped.
     """
     sim = SimulationConfig(seed=seed, scale=scale, anchor_tile=anchor, n_tiles_ra=tiles_ra,
-                           n_tiles_dec=tiles_dec, bands=tuple(bands.upper()))
+                           n_tiles_dec=tiles_dec, bands=tuple(bands.upper()),
+                           star_density_factor=star_density)
     _run_simulation(directory, sim, workers=workers, scheduler=scheduler, local=local,
                     no_progress=no_progress)
     _console.print(f"Simulated survey written to [bold]{directory}[/]")
