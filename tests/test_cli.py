@@ -59,6 +59,18 @@ def test_every_command_has_help(capsys):
         assert "Usage:" in capsys.readouterr().out
 
 
+def test_star_density_multiplies_the_simulated_stars(tiny_survey, tmp_path, capsys):
+    assert main(["simulate", str(tmp_path / "bad"), "--star-density", "0"]) == 2
+    assert "--star-density" in capsys.readouterr().err
+    dense = tmp_path / "dense"
+    assert main(["simulate", str(dense), *TINY, "--bands", "I", "--star-density", "4",
+                 "--no-progress"]) == 0
+    stars = [int(np.sum(np.asarray(Table.read(d / "truth" / "sources.parquet")["type"])
+                        == "star")) for d in (tiny_survey, dense)]
+    # The forced bright star of each CCD is not multiplied.
+    assert 3.5 < (stars[1] - 4) / (stars[0] - 4) < 4.5, stars
+
+
 def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
     release = copy_of(tiny_survey, tmp_path)
     assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
