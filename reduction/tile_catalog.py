@@ -16,10 +16,11 @@ DR1 section 3.2 in the order the paper gives it. For one tile and detection mode
    of ``[postprocess] bias_reference``;
 5. writes the tile catalog (:mod:`ks4release.tile_catalogs`): a band without a co-add has
    null measurements and NDITH = 0; single-mode catalogs get position errors from the
-   barycentre variances;
+   windowed-centroid variances with the co-add's astrometric floor against Gaia DR3 added in
+   quadrature (:mod:`reduction.astrometric_floor`);
 
-and a JSON summary beside the measurement table with the false detection rate and the
-MAG_AUTO bias curve of every band, for the log and the validation report.
+and a JSON summary beside the measurement table with the false detection rate, the MAG_AUTO
+bias curve of every band and the astrometric floor, for the log and the validation report.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
+from astropy.time import Time
 from astropy.wcs import WCS, FITSFixedWarning
 
 from ks4release.atomic import atomic_write_text
 from ks4release.errors import InputError
 from ks4release.layout import coadd_exposures_path, coadd_path, tile_refcat_path
+from ks4release.reduction.astrometric_floor import AstrometricFloor, astrometric_floor
 from ks4release.reduction.calibration_maps import apply_zp_maps, read_maps
 from ks4release.reduction.photometry import measured_path
 from ks4release.reduction.postprocess import (
@@ -187,6 +190,21 @@ def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode
     return table, summary
 
 
+def _position_floor(cols: dict[str, np.ndarray], b: str, gaia: Table | None,
+                    settings: PostprocessSettings) -> AstrometricFloor:
+    """The astrometric floor of a single-mode tile catalog (:mod:`.astrometric_floor`) from its
+    clean bright sources, at the median of their mean epochs; none without Gaia DR3."""
+    if gaia is None:
+        return AstrometricFloor(0.0, 0, "no gaia_dr3 reference catalog")
+    usable = (cols[f"snr_{b}"] >= settings.astrometric_floor_snr_min) & (cols[f"flags_{b}"] == 0)
+    mjd = cols[f"mean_mjd_{b}"][usable & np.isfinite(cols[f"mean_mjd_{b}"])]
+    if mjd.size == 0:
+        return AstrometricFloor(0.0, 0, "no bright clean source with an epoch")
+    epoch = float(Time(float(np.median(mjd)), format="mjd").jyear)
+    return astrometric_floor(cols["ra"], cols["dec"], cols["raerr"], cols["decerr"], usable,
+                             gaia, epoch=epoch, min_stars=settings.astrometric_floor_min_stars)
+
+
 def _measured_psf_beta(header: fits.Header) -> float | None:
     """The co-add's measured Moffat index (``PSFBETA``), None when absent or not usable."""
     value = header.get("PSFBETA")
@@ -238,6 +256,11 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
             wcs=wcs, pixel_scale_arcsec=scale, references=references, settings=settings)
     band_letter = band.lower() if single else None
     cols = tile_catalog_columns(table, mode=mode, band=band_letter, pixel_scale_arcsec=scale)
+    if single:
+        floor = _position_floor(cols, band_letter, references.get("gaia_dr3"), settings)
+        cols["raerr"] = np.hypot(cols["raerr"], floor.floor_arcsec)
+        cols["decerr"] = np.hypot(cols["decerr"], floor.floor_arcsec)
+        summary["astrometric_floor"] = asdict(floor)
     out = (single_catalog_path(release_dir, tile, band_letter) if single
            else dual_catalog_path(release_dir, tile))
     write_tile_catalog(out, cols, tile=tile, schema=tile_catalog_schema(mode, band_letter))

@@ -17,8 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from scipy.spatial import cKDTree
 
 from ks4release.cli import cli, main
+from ks4release.projection import unit_vectors
+from ks4release.simulate.sky import positions_at
 
 #: A survey small enough for end-to-end tests: one tile, two bands, 1/16-size chips (the
 #: smallest with enough Gaia XP stars per exposure for the zero points).
@@ -105,6 +108,7 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
         summary = json.loads((release / "work" / "catalog" / f"{tile}_single_{band}_summary.json")
                              .read_text())
         assert summary["bands"][band]["kron_loss"]["psf_beta"] == header["PSFBETA"]
+        _check_position_errors(release, tile, band.lower(), summary["astrometric_floor"])
     for catalog in ("idual_master", "single_master"):
         assert (release / "catalogs" / f"{catalog}.parquet").is_file()
         assert (release / "export" / catalog / "READY").is_file()
@@ -112,6 +116,29 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
     assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
     assert "build OK" in capsys.readouterr().err
     assert len(list((release / "logs").glob("build-*.log"))) == 2
+
+
+def _check_position_errors(release: Path, tile: str, b: str, floor: dict) -> None:
+    """RAERR/DECERR (pixel noise plus the astrometric floor) describe how far bright stars lie
+    from their true positions at the catalog's epoch; without the floor, S/N > 50 stars
+    scattered by 2-3 times their errors."""
+    assert floor["n_stars"] >= 10 and 0.0 <= floor["floor_arcsec"] < 0.02, floor
+    catalog = pq.read_table(release / "catalogs" / "tiles" / f"{tile}_single_{b}.parquet")
+    cols = {n: catalog.column(n).to_numpy() for n in
+            ("ra", "dec", "raerr", "decerr", f"snr_{b}", f"flags_{b}", f"mean_mjd_{b}")}
+    keep = (cols[f"snr_{b}"] > 50) & (cols[f"flags_{b}"] == 0)
+    bright = {n: v[keep] for n, v in cols.items()}
+    truth = Table.read(release / "truth" / "sources.parquet")
+    ra, dec = positions_at(truth, float(np.median(bright[f"mean_mjd_{b}"])))
+    tree = cKDTree(unit_vectors(ra, dec))
+    dist, i = tree.query(unit_vectors(bright["ra"], bright["dec"]))
+    star = (dist < np.radians(0.5 / 3600.0)) & (np.asarray(truth["type"])[i] == "star")
+    z = np.concatenate([
+        ((np.asarray(bright["ra"]) - ra[i]) * np.cos(np.radians(dec[i])))[star] * 3600.0
+        / np.asarray(bright["raerr"])[star],
+        (np.asarray(bright["dec"]) - dec[i])[star] * 3600.0 / np.asarray(bright["decerr"])[star]])
+    assert star.sum() >= 15
+    assert 0.6 < 1.4826 * np.median(np.abs(z - np.median(z))) < 1.6
 
 
 def break_exposures(release: Path) -> dict[str, str]:
