@@ -298,8 +298,13 @@ class AstrometrySettings:
         "Good sub-sections a chip needs to pass (DR1: 62 of 64).",
         default=62)
     min_match_rate: float = documented(
-        "Least fraction of expected Gaia stars matched in a good sub-section (DR1: not stated).",
+        "Least fraction of expected Gaia stars matched in a good sub-section (DR1: not stated); "
+        "a sub-section fails when its rate is significantly below it (qa_significance).",
         default=0.5)
+    qa_significance: float = documented(
+        "Binomial probability below which a sub-section's or a chip's matched count is "
+        "significantly below min_match_rate (one unmatched star of one or two expected is not).",
+        default=0.01)
     max_subsection_rms_arcsec: float = documented(
         "Largest RMS per axis of the matched residuals in a good sub-section, arcsec (DR1: not "
         "stated).",
@@ -333,7 +338,7 @@ class AstrometrySettings:
         _at_least(self, 0.0, "min_snr", "qa_min_snr", "position_floor_arcsec",
                   "isolation_arcsec", "edge_margin_px")
         _at_least(self, 1.0, "sip_degree", "n_iterations", "min_matches", "subsection_side")
-        _fraction(self, "min_match_rate")
+        _fraction(self, "min_match_rate", "qa_significance")
         _bits(self, "bad_flags", "mask_bits")
         if not 0 <= self.min_good_subsections <= self.subsection_side**2:
             raise ValueError(f"min_good_subsections must be in [0, {self.subsection_side**2}], "

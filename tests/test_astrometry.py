@@ -23,10 +23,10 @@ from ks4release.reduction.astrometry import (
     AstrometrySettings,
     ChipInput,
     prior_coefficient,
+    rate_too_low,
     read_fitted_wcs,
     run_astrometry,
     solve_exposure,
-    subsection_index,
     subsection_stats,
     write_fitted_wcs,
 )
@@ -162,22 +162,39 @@ def test_prior_coefficient_is_the_simulated_ahead_distortion():
 
 
 def test_subsection_rule():
-    s = AstrometrySettings(max_subsection_rms_arcsec=0.1, min_match_rate=0.5)
+    s = AstrometrySettings(max_subsection_rms_arcsec=0.1, min_match_rate=0.5,
+                           qa_significance=0.01)
     shape = (576, 576)
     # Sub-section 0: 2 expected, 1 matched (rate 0.5, good); sub-section 9: 1 expected, none
-    # matched (bad); sub-section 63: matched with 0.2 arcsec residual (bad); the rest empty.
-    x = np.array([10.0, 20.0, 80.0, 570.0])
-    y = np.array([10.0, 20.0, 80.0, 570.0])
-    matched = np.array([True, False, False, True])
-    dra = np.array([0.05, 0.0, 0.0, 0.2])
+    # matched (good: one miss is no evidence); sub-section 18: 8 expected, none matched (bad:
+    # 0.5^8 < 0.01); sub-section 63: matched with 0.2 arcsec residual (bad); the rest empty.
+    x = np.array([10.0, 20.0, 80.0, *([150.0] * 8), 570.0])
+    y = np.array([10.0, 20.0, 80.0, *([150.0] * 8), 570.0])
+    matched = np.array([True, False, False, *([False] * 8), True])
+    dra = np.where(np.arange(x.size) == x.size - 1, 0.2, 0.0)
+    dra[0] = 0.05
     stats = subsection_stats(x, y, matched, matched, dra, dra, shape, s)
-    assert stats.good[0] and not stats.good[9] and not stats.good[63]
+    assert stats.good[0] and stats.good[9] and not stats.good[18] and not stats.good[63]
     assert stats.n_good == 62
-    assert stats.n_expected.sum() == 4 and stats.n_matched.sum() == 2
+    assert stats.n_expected.sum() == 12 and stats.n_matched.sum() == 2
     assert stats.rms_arcsec[63] == pytest.approx(0.2)
     # A match by a flagged detection counts for the rate and has no RMS to test.
-    flagged = subsection_stats(x, y, np.ones(4, bool), np.zeros(4, bool), dra, dra, shape, s)
+    flagged = subsection_stats(x, y, np.ones(x.size, bool), np.zeros(x.size, bool), dra, dra,
+                               shape, s)
     assert flagged.n_good == 64
+
+
+@given(n=st.integers(1, 400), rate=st.floats(0.05, 0.95))
+@settings(max_examples=60, deadline=None)
+def test_a_low_rate_must_be_significant(n, rate):
+    """The binomial rule: never stricter than the plain threshold, and the same within a few
+    per cent once a sub-section holds many stars."""
+    s = AstrometrySettings(min_match_rate=rate, qa_significance=0.01)
+    matched = np.arange(n + 1)
+    low = rate_too_low(matched, np.full(n + 1, n), s)
+    assert not np.any(low & (matched >= rate * n))
+    if n >= 200:
+        assert np.all(low[matched < (rate - 0.1) * n])
 
 
 def test_settings_validation_names_the_field():
@@ -326,7 +343,7 @@ def _warp(sources: Table, ccd: str, amplitude_px: float) -> Table:
 
 def test_a_badly_distorted_chip_is_rejected_by_the_subsection_check(demo, caplog):
     stem = next(iter(demo["runs"]))
-    warped = _warp(Table.read(demo["runs"][stem]["sources"]), "MM", 3.0)
+    warped = _warp(Table.read(demo["runs"][stem]["sources"]), "MM", 2.0)
     with caplog.at_level(logging.WARNING, logger="ks4release.reduction.astrometry"):
         solved = solve_exposure(_chip_inputs(demo, stem, warped), _gaia(demo),
                                 AstrometrySettings(), camera_scale=1 / 16)
@@ -395,10 +412,25 @@ def test_a_deblended_outlier_does_not_decide_its_subsection(demo):
     assert blended.subsections.good[cell]
 
 
+def test_a_chip_whose_stars_all_go_unmatched_fails_as_a_whole(demo):
+    """Displaced by 3 arcsec, CCD TT's detections match none of its Gaia stars; each sparse
+    sub-section alone is no evidence, the chip's rate over all of them is."""
+    stem = next(iter(demo["runs"]))
+    sources = Table.read(demo["runs"][stem]["sources"])
+    on = np.asarray(sources["ccd"]) == "TT"
+    sources["x"][on] += 7.5
+    # A demo chip expects only 5-10 stars: at the default 0.01, 0 of 5 (p = 0.03) is no proof
+    solved = solve_exposure(_chip_inputs(demo, stem, sources), _gaia(demo),
+                            AstrometrySettings(qa_significance=0.05), camera_scale=1 / 16)
+    assert not solved["TT"].ok
+    assert "significantly below the rate 0.5" in solved["TT"].reason
+    assert all(solved[c].ok for c in ("KK", "MM", "NN"))
+
+
 def test_warped_chip_through_the_task_function(demo, tmp_path):
     stem = next(iter(demo["runs"]))
     run = demo["runs"][stem]
-    warped = _warp(Table.read(run["sources"]), "TT", 3.0)
+    warped = _warp(Table.read(run["sources"]), "TT", 2.0)
     path = tmp_path / "warped_sources.parquet"
     warped.write(path)
     out = tmp_path / "warped_wcs.fits"
