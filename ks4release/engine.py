@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -379,6 +380,32 @@ class _Prepared:
     fingerprint: dict[str, Any]
 
 
+@contextlib.contextmanager
+def _sigint_latch() -> Iterator[threading.Event]:
+    """An event that Ctrl-C sets, besides raising KeyboardInterrupt as usual.
+
+    Python drops an exception raised while a finaliser runs (a ``__del__`` method, a weakref
+    callback; Dask's client runs many), so a Ctrl-C can vanish and the build go on to the end.
+    The engine checks the event after every task and stops there. Installed only in the main
+    thread and over Python's default handler, which it restores.
+    """
+    event = threading.Event()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield event
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        event.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class Engine:
     """Runs stages of tasks on Dask distributed, with stamps, atomic outputs and a log file.
 
@@ -450,7 +477,8 @@ class Engine:
             raise ValueError(f"stage names must be unique: {names}")
         start = time.monotonic()
         self.release_dir.mkdir(parents=True, exist_ok=True)
-        with self._log_file() as log_file, self._executor() as submit, self._progress() as bars:
+        with self._log_file() as log_file, _sigint_latch() as interrupted, \
+                self._executor() as submit, self._progress() as bars:
             log.info("build of %s: stages %s (ks4release %s)", self.release_dir,
                      ", ".join(names), __version__)
             summaries: list[StageSummary] = []
@@ -471,7 +499,7 @@ class Engine:
                     break
                 try:
                     summaries.append(self._run_stage(stage, tasks, submit, bars, failures,
-                                                     bad_paths))
+                                                     bad_paths, interrupted))
                 except KeyboardInterrupt:
                     log.error("build interrupted during stage %s; finished tasks keep their "
                               "stamps, a rerun continues from there", stage.name)
@@ -517,7 +545,8 @@ class Engine:
         return prepared
 
     def _run_stage(self, stage: Stage, tasks: list[Task], submit, bars,
-                   failures: list[TaskFailure], bad_paths: set[Path]) -> StageSummary:
+                   failures: list[TaskFailure], bad_paths: set[Path],
+                   interrupted: threading.Event) -> StageSummary:
         start = time.monotonic()
         prepared = self._prepare(stage, tasks)
         bar = bars.add_task(stage.name, total=len(prepared)) if bars is not None else None
@@ -570,6 +599,8 @@ class Engine:
                 bad_paths.update(item.outputs)
                 log.error("%s\n%s", outcome.failure.describe(), outcome.failure.traceback.rstrip())
             advance()
+            if interrupted.is_set():
+                raise KeyboardInterrupt("Ctrl-C during the build")
         return StageSummary(name=stage.name, elapsed_s=time.monotonic() - start, **counts)
 
     def _relative(self, value: Any) -> Any:

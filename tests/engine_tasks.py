@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -53,6 +55,22 @@ def slow_write(index: int, dst: str, delay: float = 0.2) -> None:
             handle.write(f"task {index} part {part}\n" * 50)
             handle.flush()
             time.sleep(delay / 4)
+
+
+def done(dst: str) -> None:
+    """Write 'done'."""
+    atomic_write_text(dst, "done\n")
+
+
+def swallowed_interrupt(dst: str) -> None:
+    """Ctrl-C arrives while the task runs and something swallows the KeyboardInterrupt, as
+    Python does when it is raised inside a finaliser; then the output is written."""
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2.0)  # the handler raises here
+    except KeyboardInterrupt:
+        pass
+    done(dst)
 
 
 def two_stages(raw: Path, names: list[str], *, salt: str = "", fail: frozenset[str] = frozenset(),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dask
 import pytest
-from engine_tasks import forget, two_stages, upper
+from engine_tasks import done, forget, swallowed_interrupt, two_stages, upper
 from rich.console import Console
 
 from ks4release.atomic import ReleasePathError, temporary_sibling
@@ -220,6 +220,22 @@ def test_stale_temporaries_are_removed_before_rerunning(release, raw):
     assert build(release, raw).ok
     assert not stale.exists() and not stale_stamp.exists()
     assert not list(release.rglob(".*.tmp-*"))
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_build(release):
+    """A KeyboardInterrupt lost in a finaliser must not let the build run on: the engine stops
+    after the task during which Ctrl-C came, and that task keeps its stamp."""
+    def plan(context) -> list[Task]:
+        return [Task(key=f"t{i}", func=swallowed_interrupt if i == 0 else done,
+                     kwargs={"dst": str(context / "out" / f"{i}.txt")},
+                     outputs=(Path("out") / f"{i}.txt",)) for i in range(3)]
+
+    engine = Engine(release, local=True, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([Stage(name="ctrl-c", description="swallowed Ctrl-C", plan=plan)], release)
+    assert (release / "out" / "0.txt").is_file() and not (release / "out" / "1.txt").exists()
+    assert len(list((release / "work" / "stamps" / "ctrl-c").glob("*.json"))) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_paths_escaping_the_release_directory_are_refused(release, raw, tmp_path):
