@@ -374,8 +374,8 @@ def test_class_star_agrees_with_sextractor_on_a_coadd(tiny_coadds, default_netwo
 
     The two can differ only through the footprints and the peak: deblending, masked and
     interpolated pixels, the threshold (ours from the RMS map at the peak, SExtractor's global).
-    Both measure the background once here (SExtractor cannot mask the sources out of it; our
-    default second pass moves the faint objects' isophotes and so their CLASS_STAR).
+    Both measure the background once (SExtractor cannot mask the sources out of it; our
+    optional second pass moves the faint objects' isophotes and so their CLASS_STAR).
     """
     from ks4release.reduction.photometry import PhotometrySettings
 
