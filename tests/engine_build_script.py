@@ -4,6 +4,7 @@ Usage: ``python engine_build_script.py RELEASE_DIR COUNT DELAY WORKERS`` (WORKER
 Exit status 0 when the build is ok, 1 otherwise.
 """
 
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from ks4release.engine import Engine
 
 
 def main(argv: list[str]) -> int:
+    # A shell without job control starts background commands with SIGINT ignored, and the
+    # test's Ctrl-C would then do nothing; a user's terminal gives Python its default handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     release, count, delay, workers = Path(argv[0]), int(argv[1]), float(argv[2]), int(argv[3])
     engine = Engine(release, workers=workers or None, local=workers == 0, progress=False)
     summary = engine.run([slow_stage(count, delay)], release.resolve())
