@@ -705,6 +705,9 @@ def write_fitted_wcs(solutions: dict[str, ChipSolution], out_path: Path, *, expo
     primary.header["ASTMAXRM"] = (settings.max_subsection_rms_arcsec,
                                   "[arcsec] sub-section RMS threshold")
     primary.header["ASTMINMR"] = (settings.min_match_rate, "sub-section match-rate threshold")
+    primary.header["ASTSIGMR"] = (settings.qa_significance,
+                                  "binomial p below which a match rate is too low")
+    primary.header["ASTMINSN"] = (settings.qa_min_snr, "least S/N of the matches in the RMS")
     primary.header["KS4VERS"] = (__version__, "ks4release version")
     hdus = [primary] + [fits.ImageHDU(header=_qa_header(s, settings))
                         for s in solutions.values()]

@@ -288,7 +288,9 @@ def test_proper_motion_propagation_removes_the_epoch_bias(demo):
     plain, moved = [], []
     for stem, run in demo["runs"].items():
         fitted = read_fitted_wcs(run["wcs"])
-        assert fits.getheader(run["wcs"])["ASTPM"] is True
+        header = fits.getheader(run["wcs"])
+        assert header["ASTPM"] is True and header["ASTMINSN"] == 20.0
+        assert header["ASTSIGMR"] == 0.01 and header["ASTMINMR"] == 0.5
         moved.append(_truth_residuals(demo, stem, {c: fitted[c].wcs for c in CCDS}))
         dr1 = demo["work"] / f"{stem}_dr1_wcs.fits"
         run_astrometry(run["exposure"], run["sources"], demo["gaia"], dr1,
