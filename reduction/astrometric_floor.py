@@ -13,15 +13,14 @@ catalog adds the floor of each tile and band to RAERR/DECERR and records it in i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from ks4release.projection import unit_vectors
-from ks4release.refcat.propagate import propagate_positions
+from ks4release.projection import chord, unit_vectors
+from ks4release.refcat.propagate import column_values, propagate_positions
 
 __all__ = ["AstrometricFloor", "astrometric_floor"]
 
@@ -61,9 +60,9 @@ def astrometric_floor(ra: np.ndarray, dec: np.ndarray, raerr: np.ndarray, decerr
                         & np.isfinite(raerr) & np.isfinite(decerr))
     if ok.size == 0 or g_ra.size == 0:
         return AstrometricFloor(0.0, 0, "no bright clean source or no Gaia star")
-    chord = 2.0 * math.sin(math.radians(MATCH_RADIUS_ARCSEC / 3600.0) / 2.0)
     dist, idx = cKDTree(unit_vectors(g_ra, g_dec)).query(
-        unit_vectors(np.asarray(ra)[ok], np.asarray(dec)[ok]), distance_upper_bound=chord)
+        unit_vectors(np.asarray(ra)[ok], np.asarray(dec)[ok]),
+        distance_upper_bound=chord(MATCH_RADIUS_ARCSEC))
     hit = np.isfinite(dist)
     src, ref = ok[hit], idx[hit]
     if src.size < min_stars:
@@ -72,19 +71,11 @@ def astrometric_floor(ra: np.ndarray, dec: np.ndarray, raerr: np.ndarray, decerr
     cos_dec = np.cos(np.radians(g_dec[ref]))
     d = np.concatenate([((np.asarray(ra)[src] - g_ra[ref] + 180.0) % 360.0 - 180.0) * cos_dec,
                         np.asarray(dec)[src] - g_dec[ref]]) * 3600.0
-    gaia_err = [_column(moved, name, ref) / 1000.0 for name in ("ra_error", "dec_error")]
+    gaia_err = [np.nan_to_num(column_values(moved, name, 0.0)[ref], nan=0.0) / 1000.0
+                for name in ("ra_error", "dec_error")]
     var = np.concatenate([np.asarray(raerr)[src] ** 2 + gaia_err[0] ** 2,
                           np.asarray(decerr)[src] ** 2 + gaia_err[1] ** 2])
     return AstrometricFloor(_solve_floor(d, var), int(src.size))
-
-
-def _column(table: Table, name: str, rows: np.ndarray) -> np.ndarray:
-    """A Gaia error column (mas) at ``rows``, 0 where absent or null."""
-    if name not in table.colnames:
-        return np.zeros(rows.size)
-    col = table[name]
-    values = col.filled(np.nan) if hasattr(col, "filled") else np.asarray(col)
-    return np.nan_to_num(np.asarray(values, float)[rows], nan=0.0)
 
 
 def _solve_floor(d: np.ndarray, var: np.ndarray) -> float:

@@ -95,7 +95,11 @@ from ks4release.reduction.astrometry_match import (
 )
 from ks4release.reduction.detect import read_mask
 from ks4release.refcat.formats import read_refcat
-from ks4release.refcat.propagate import epoch_position_error, propagate_positions
+from ks4release.refcat.propagate import (
+    column_values,
+    epoch_position_error,
+    propagate_positions,
+)
 from ks4release.settings import AstrometrySettings
 
 __all__ = [
@@ -609,11 +613,7 @@ def _gaia_arrays(gaia: Table) -> dict[str, np.ndarray]:
     """Plain arrays of the Gaia columns the solver uses (position error per axis in arcsec,
     including :data:`EPOCH_ERROR_COLUMN` when present)."""
     def values(name: str, fill: float) -> np.ndarray:
-        if name not in gaia.colnames:
-            return np.full(len(gaia), fill)
-        col = gaia[name]
-        data = col.filled(fill) if hasattr(col, "filled") else col
-        return np.nan_to_num(np.asarray(data, float), nan=fill)
+        return np.nan_to_num(column_values(gaia, name, fill), nan=fill)
 
     err_mas = np.hypot(np.hypot(values("ra_error", 0.0), values("dec_error", 0.0)) / math.sqrt(2.0),
                        values(EPOCH_ERROR_COLUMN, 0.0))

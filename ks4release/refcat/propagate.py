@@ -1,12 +1,15 @@
 """Proper-motion propagation of Gaia positions from their reference epoch to another epoch.
 
-DR1 matched against Gaia DR3 positions at epoch 2016.0 without correcting for proper motion, and
-so does this suite by default (``[refcat] propagate_to_epoch = 0.0``). Setting an epoch (Julian
-year, e.g. 2021.5 for the middle of the DR1 observations) moves every source with a proper
-motion along its space motion with astropy
-(:meth:`~astropy.coordinates.SkyCoord.apply_space_motion`); the parallax sets the distance where it is positive, a far distance is assumed otherwise.
-Sources without a proper motion keep their positions. The original positions are kept as
-``ra_gaia``/``dec_gaia`` and ``meta["epoch"]`` records the epoch of ``ra``/``dec``.
+DR1 matched against Gaia DR3 positions at epoch 2016.0 without correcting for proper motion.
+The reference catalogs stay at that epoch by default (``[refcat] propagate_to_epoch = 0.0``);
+the astrometry stage moves them to each exposure's epoch (``[astrometry]
+propagate_proper_motion``). Setting an epoch (Julian year, e.g. 2021.5 for the middle of the DR1
+observations) moves every source with a proper motion along its space motion with astropy
+(:meth:`~astropy.coordinates.SkyCoord.apply_space_motion`); the parallax sets the distance where
+it is positive, a far distance is assumed otherwise. Sources without a proper motion keep their
+positions. The original positions are kept as ``ra_gaia``/``dec_gaia`` and ``meta["epoch"]``
+records the epoch of ``ra``/``dec``. :func:`epoch_position_error` gives the error the epoch
+difference adds to each position.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from astropy.table import MaskedColumn, Table
 from astropy.time import Time
 from erfa import ErfaWarning
 
-__all__ = ["GAIA_DR3_EPOCH", "epoch_position_error", "propagate_positions"]
+__all__ = ["GAIA_DR3_EPOCH", "column_values", "epoch_position_error", "propagate_positions"]
 
 #: Reference epoch of Gaia DR3 positions (Julian year).
 GAIA_DR3_EPOCH = 2016.0
@@ -29,7 +32,8 @@ GAIA_DR3_EPOCH = 2016.0
 _FAR_PC = 1.0e6
 
 
-def _values(table: Table, name: str, fill: float) -> np.ndarray:
+def column_values(table: Table, name: str, fill: float) -> np.ndarray:
+    """A column as float64: NaN where masked, ``fill`` everywhere when the column is absent."""
     if name not in table.colnames:
         return np.full(len(table), fill)
     col = table[name]
@@ -48,16 +52,16 @@ def propagate_positions(table: Table, epoch: float) -> Table:
     out = table.copy()
     out["ra_gaia"] = out["ra"].copy()
     out["dec_gaia"] = out["dec"].copy()
-    pmra = _values(out, "pmra", np.nan)
-    pmdec = _values(out, "pmdec", np.nan)
+    pmra = column_values(out, "pmra", np.nan)
+    pmdec = column_values(out, "pmdec", np.nan)
     moving = np.isfinite(pmra) & np.isfinite(pmdec)
-    ra = _values(out, "ra", np.nan)
-    dec = _values(out, "dec", np.nan)
+    ra = column_values(out, "ra", np.nan)
+    dec = column_values(out, "dec", np.nan)
     if moving.any():
-        plx = _values(out, "parallax", np.nan)[moving]
+        plx = column_values(out, "parallax", np.nan)[moving]
         distance = np.where(np.isfinite(plx) & (plx > 0), 1000.0 / np.where(plx > 0, plx, 1.0),
                             _FAR_PC)
-        ref = _values(out, "ref_epoch", GAIA_DR3_EPOCH)[moving]
+        ref = column_values(out, "ref_epoch", GAIA_DR3_EPOCH)[moving]
         ref = np.where(np.isfinite(ref), ref, GAIA_DR3_EPOCH)
         coords = SkyCoord(
             ra=ra[moving] * u.deg, dec=dec[moving] * u.deg,
@@ -90,13 +94,13 @@ def epoch_position_error(table: Table, epoch: float, *, propagated: bool) -> np.
     an error (``/ sqrt(2)`` per axis) so that fast stars weigh less in a fit. Sources without a
     proper motion get 0.
     """
-    dt = np.abs(epoch - np.nan_to_num(_values(table, "ref_epoch", GAIA_DR3_EPOCH),
+    dt = np.abs(epoch - np.nan_to_num(column_values(table, "ref_epoch", GAIA_DR3_EPOCH),
                                       nan=GAIA_DR3_EPOCH))
     if propagated:
-        e_ra = _values(table, "pmra_error", 0.0)
-        e_dec = _values(table, "pmdec_error", 0.0)
+        e_ra = column_values(table, "pmra_error", 0.0)
+        e_dec = column_values(table, "pmdec_error", 0.0)
     else:
-        e_ra = _values(table, "pmra", 0.0)
-        e_dec = _values(table, "pmdec", 0.0)
+        e_ra = column_values(table, "pmra", 0.0)
+        e_dec = column_values(table, "pmdec", 0.0)
     rate = np.hypot(np.nan_to_num(e_ra), np.nan_to_num(e_dec)) / math.sqrt(2.0)
     return rate * dt
