@@ -49,8 +49,20 @@ def _sibling(coadd: Path, kind: str) -> Path:
     return coadd.with_name(coadd.name.replace("_coadd.fits", f"_{kind}.fits"))
 
 
+def _link_exposures(coadd: Path, release: Path) -> None:
+    """The co-add's exposure list (``..._exposures.json``, read by the photometry task for its
+    seeing map) linked into ``release``."""
+    from ks4release.layout import coadd_exposures_path
+
+    target = coadd_exposures_path(release, TILE, BAND)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(coadd.with_name(
+            coadd.name.replace("_coadd.fits", "_exposures.json")).resolve())
+
+
 def _link_release(coadd: Path, release: Path) -> None:
-    """A release folder holding the co-add, mask and NDITH (symbolic links)."""
+    """A release folder holding the co-add, mask, NDITH and exposure list (symbolic links)."""
     from ks4release.layout import coadd_path
 
     for kind in ("coadd", "mask", "ndith"):
@@ -58,6 +70,7 @@ def _link_release(coadd: Path, release: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             target.symlink_to((coadd if kind == "coadd" else _sibling(coadd, kind)).resolve())
+    _link_exposures(coadd, release)
 
 
 def _tiled_release(coadd: Path, release: Path, size: int) -> None:
@@ -76,6 +89,7 @@ def _tiled_release(coadd: Path, release: Path, size: int) -> None:
         target = coadd_path(release, TILE, BAND, kind)
         target.parent.mkdir(parents=True, exist_ok=True)
         fits.PrimaryHDU(tiled, header).writeto(target, overwrite=True)
+    _link_exposures(coadd, release)
 
 
 def _sep_case(release: str) -> dict:
