@@ -41,7 +41,10 @@ class SimulationConfig:
         later), ``dither_jitter_arcsec`` (extra random offset of revisits, real arcsec, scaled).
     Photometry
         ``amp_gradient_max_mag`` (DR1: up to 0.1 mag along Y within an amplifier),
-        ``amp_offset_sigma_mag`` (amplifier-to-amplifier offsets).
+        ``amp_offset_sigma_mag`` (amplifier-to-amplifier offsets): the instrumental pattern,
+        one per site and the same in every band (DR1: "their consistency across filters
+        suggests a common instrumental origin"); ``amp_jitter_mag`` (how much an exposure's
+        amplifier offsets and gradients depart from their site's pattern).
     Astrometry
         ``pointing_error_arcsec`` (range of the true pointing error), ``rotation_sigma_deg``
         (camera rotation), ``distortion_scale`` (fraction of the .ahead cubic distortion).
@@ -77,6 +80,7 @@ class SimulationConfig:
     dither_jitter_arcsec: float = 20.0
     amp_gradient_max_mag: float = 0.1
     amp_offset_sigma_mag: float = 0.01
+    amp_jitter_mag: float = 0.003
     pointing_error_arcsec: tuple[float, float] = (1.0, 2.0)
     rotation_sigma_deg: float = 0.02
     distortion_scale: float = 1.0
@@ -144,7 +148,8 @@ class SimulationConfig:
             raise ValueError(f"moffat_beta must be > 1, got {self.moffat_beta}")
         for name in ("seeing_scatter", "sky_scatter_mag", "transparency_max_mag",
                      "dither_jitter_arcsec", "amp_gradient_max_mag", "amp_offset_sigma_mag",
-                     "rotation_sigma_deg", "distortion_scale", "cosmic_rays_per_full_ccd",
+                     "amp_jitter_mag", "rotation_sigma_deg", "distortion_scale",
+                     "cosmic_rays_per_full_ccd",
                      "crosstalk_coefficient", "bright_stars_per_ccd", "bad_columns_per_ccd"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -202,11 +202,21 @@ def _exposure(cfg: SimulationConfig, tile: Tile, band_name: str, number: int,
     )
 
 
-def _tile_exposures(cfg: SimulationConfig, tile: Tile) -> list[ExposurePlan]:
+def _tile_sites(cfg: SimulationConfig, tiles: list[Tile]) -> dict[str, str]:
+    """The site that observes each tile: the first three tiles one site each, in random order,
+    so that a survey of three tiles or more exercises every site's camera; the others drawn in
+    proportion to DR1's exposure counts."""
+    rng = rng_for(cfg.seed, "tile-sites")
+    names = [s.name for s in SITES]
+    first = [str(n) for n in rng.permutation(names)]
+    return {t.name: first[i] if i < len(first) else str(rng.choice(names, p=_site_weights()))
+            for i, t in enumerate(tiles)}
+
+
+def _tile_exposures(cfg: SimulationConfig, tile: Tile, site_name: str) -> list[ExposurePlan]:
     """All exposures of one tile: one night and site, bands in sequence."""
     rng = rng_for(cfg.seed, "night", tile.name)
     night = float(np.floor(rng.uniform(DR1_MJD_RANGE[0], DR1_MJD_RANGE[1] - 365.0)))
-    site_name = str(rng.choice([s.name for s in SITES], p=_site_weights()))
     out = []
     for slot, band_name in enumerate(cfg.bands):
         brng = rng_for(cfg.seed, "exposures", tile.name, band_name)
@@ -233,7 +243,8 @@ def _flag_artifacts(cfg: SimulationConfig, exposures: list[ExposurePlan]) -> lis
 def plan_survey(cfg: SimulationConfig) -> SurveyPlan:
     """Every exposure of the mini-survey with its conditions (no pixels yet)."""
     tiles = demo_tiles(cfg)
-    exposures = [e for t in tiles for e in _tile_exposures(cfg, t)]
+    sites = _tile_sites(cfg, tiles)
+    exposures = [e for t in tiles for e in _tile_exposures(cfg, t, sites[t.name])]
     anchor = tile_by_name(cfg.anchor_tile)
     return SurveyPlan(tiles=tuple(tiles), exposures=tuple(_flag_artifacts(cfg, exposures)),
                       footprint_deg=_footprint(cfg, tiles),

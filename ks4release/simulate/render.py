@@ -9,9 +9,11 @@ Photometric model (written to ``truth/zeropoints.parquet``). For a source of tru
 
 ``zp_y0`` holds the band's 1-s AB zero point (``survey.Band.zp_1s_ab``, e-), the exposure time,
 the gain (``- 2.5 log10 gain``), the site offset (``survey.Site.zp_offset_mag``), the cloud loss
-(``-transparency_mag``) and a small per-amplifier offset; ``zp_slope`` is the gradient along Y
-(|slope| <= ``amp_gradient_max_mag``). The sky is flat (flat-fielded): its level uses the
-exposure zero point without the amplifier terms.
+(``-transparency_mag``) and the amplifier's offset; ``zp_slope`` is the gradient along Y
+(|slope| <= ``amp_gradient_max_mag``). Offsets and gradients are an instrumental pattern of each
+site's camera, common to all bands, plus a small departure per exposure (:func:`amp_zeropoints`).
+The sky is flat (flat-fielded): its level uses the exposure zero point without the amplifier
+terms.
 
 PSF: Moffat, ``beta = cfg.moffat_beta``, FWHM = the exposure's seeing, sampled at pixel centres
 (sums to the integral to better than 1e-4 for FWHM >= 3 px). Star stamps reach where the profile
@@ -75,22 +77,45 @@ def sky_level_e(exposure: ExposurePlan, pixel_scale_arcsec: float) -> float:
 
 
 def amp_zeropoints(exposure: ExposurePlan, cfg: SimulationConfig) -> list[dict]:
-    """The true zero-point model of every amplifier (one row each; see module docstring)."""
+    """The true zero-point model of every amplifier (one row each; see module docstring).
+
+    The offsets and gradients are the site's instrumental pattern (:func:`_site_pattern`, the
+    same in every band) plus this exposure's own departure, ``amp_jitter_mag`` RMS on each.
+    """
     rng = rng_for(cfg.seed, "zp", exposure.stem)
+    pattern = _site_pattern(exposure.site, cfg)
     gmax = cfg.amp_gradient_max_mag
     rows = []
     for ccd in cfg.camera.ccds:
-        grad = rng.uniform(-gmax, gmax)
         zp0 = exposure_zeropoint_e(exposure) - 2.5 * math.log10(ccd.gain_e_per_adu)
         for amp in ccd.amplifiers:
+            offset, slope = pattern[(ccd.name, amp.index)]
             rows.append({
                 "file": exposure.rel_path, "ccd": ccd.name, "amp": amp.index + 1,
                 "x_start": amp.x_start, "x_stop": amp.x_stop, "ny": ccd.ny,
-                "zp_y0": zp0 + rng.normal(0.0, cfg.amp_offset_sigma_mag),
-                "zp_slope": float(np.clip(grad + rng.normal(0.0, 0.02), -gmax, gmax)),
+                "zp_y0": zp0 + offset + rng.normal(0.0, cfg.amp_jitter_mag),
+                "zp_slope": float(np.clip(slope + rng.normal(0.0, cfg.amp_jitter_mag),
+                                          -gmax, gmax)),
                 "colour_term": site(exposure.site).colour_term, "colour": "V-I",
             })
     return rows
+
+
+def _site_pattern(site_name: str, cfg: SimulationConfig) -> dict[tuple[str, int], tuple]:
+    """(offset, gradient along Y) in mag of every (CCD, amplifier index) of one site's camera.
+
+    A gradient per CCD (uniform within +-``amp_gradient_max_mag``) with 0.02 mag scatter
+    between its amplifiers, and offsets of ``amp_offset_sigma_mag`` RMS.
+    """
+    rng = rng_for(cfg.seed, "zp-pattern", site_name)
+    gmax = cfg.amp_gradient_max_mag
+    out = {}
+    for ccd in cfg.camera.ccds:
+        grad = rng.uniform(-gmax, gmax)
+        for amp in ccd.amplifiers:
+            out[(ccd.name, amp.index)] = (rng.normal(0.0, cfg.amp_offset_sigma_mag),
+                                          grad + rng.normal(0.0, 0.02))
+    return out
 
 
 def ccd_true_wcs(exposure: ExposurePlan, ccd: CCD, cfg: SimulationConfig) -> WCS:
