@@ -222,6 +222,45 @@ def robust_sigma(values: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Issue 4
+
+
+def amplifier_zeropoints(ctx: dict) -> list[dict]:
+    """Per site: RMS over Y of (fitted - true) zero point of every live amplifier of every
+    exposure (dead amplifiers excluded), summarised by the median, the quadratic mean, the
+    fraction within 0.01 mag and the 90th percentile."""
+    must = "per-amplifier zero point within 0.01 mag RMS along Y of truth, every site"
+    if not (ctx["work"] / "photometry").is_dir():
+        return [entry(4, must, "skipped", None, "<= 0.01", None,
+                      reason=f"{ctx['work'] / 'photometry'} is missing")]
+    exposures = pd.read_parquet(ctx["release"] / "truth" / "exposures.parquet")
+    truth = ctx["zeropoints"]
+    y = np.linspace(0.0, 1.0, 101)
+    per_site = defaultdict(list)
+    for row in exposures.itertuples():
+        fitted, pivot = _fitted_zeropoints(ctx["work"], row.stem)
+        merged = fitted.merge(truth[truth.stem == row.stem], on=["ccd", "amp"],
+                              suffixes=("", "_true"))
+        merged = merged[(merged.flag & 4) == 0]  # ZpFlag.DEAD
+        diff = ((merged.zp_y0.to_numpy()[:, None] + merged.zp_slope.to_numpy()[:, None] * y)
+                - (merged.zp_y0_true.to_numpy()[:, None]
+                   + merged.zp_slope_true.to_numpy()[:, None] * y)
+                - merged.colour_term_true.to_numpy()[:, None] * pivot)
+        per_site[row.site].append(np.sqrt(np.mean(diff ** 2, axis=1)))
+    out = []
+    for site, values in sorted(per_site.items()):
+        rms = np.concatenate(values)
+        median = float(np.median(rms))
+        out.append(entry(4, must, "median over amplifiers", rounded(median), "<= 0.01",
+                         median <= 0.01, site=site, n_amplifiers=int(rms.size),
+                         n_exposures=len(values),
+                         quadratic_mean=rounded(float(np.sqrt(np.mean(rms ** 2)))),
+                         fraction_within_001=rounded(float(np.mean(rms <= 0.01)), 3),
+                         p90=rounded(float(np.percentile(rms, 90)))))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Issue 5
 
 
@@ -786,8 +825,8 @@ def measure(release: Path, work: Path) -> dict:
            "coadds": {(tile, band): coadd_truth(release, tile, band, sources)
                       for tile in tiles for band in bands_of(release, tile)}}
     entries = []
-    for step in (completeness, spurious_cleaning, photometry, zp_maps, class_star,
-                 coverage_columns, master_checks):
+    for step in (amplifier_zeropoints, completeness, spurious_cleaning, photometry, zp_maps,
+                 class_star, coverage_columns, master_checks):
         entries.extend(step(ctx))
     return {"release": str(release), "work_dir": str(work), "tiles": tiles,
             "n_true_sources": len(sources), "entries": entries,

@@ -12,6 +12,8 @@ tests and the stages after it agree. Every function takes the release directory 
     <release>/work/masks/<stem>_mask.fits                  DR1 bad-pixel bits per CCD
     <release>/work/detect/<stem>_sources.parquet           single-epoch detections (all CCDs)
     <release>/work/astrometry/<stem>_wcs.fits              fitted WCS and quality per CCD
+    <release>/work/photometry/<stem>_zpstars.ecsv          measured zero-point tie stars
+    <release>/work/photometry/site_pattern.ecsv            amplifier pattern of each site
     <release>/work/photometry/<stem>_zp.ecsv               zero-point model per amplifier
     <release>/work/scaled/<stem>.fits                      exposure scaled to ZP = 30, fitted WCS
     <release>/images/<tile>/<tile>_<band>_{coadd,mask,ndith}.fits
@@ -36,6 +38,8 @@ __all__ = [
     "sources_path",
     "wcs_path",
     "zeropoint_path",
+    "zeropoint_stars_path",
+    "site_pattern_path",
     "scaled_path",
     "coadd_path",
     "coadd_exposures_path",
@@ -76,6 +80,16 @@ def sources_path(release_dir: Path, stem: str) -> Path:
 def wcs_path(release_dir: Path, stem: str) -> Path:
     """Fitted WCS and astrometric quality of each CCD of one exposure."""
     return _work(release_dir, "astrometry", f"{stem}_wcs.fits")
+
+
+def zeropoint_stars_path(release_dir: Path, stem: str) -> Path:
+    """Measured zero-point tie stars of one exposure."""
+    return _work(release_dir, "photometry", f"{stem}_zpstars.ecsv")
+
+
+def site_pattern_path(release_dir: Path) -> Path:
+    """The amplifier zero-point pattern of every site's camera."""
+    return _work(release_dir, "photometry", "site_pattern.ecsv")
 
 
 def zeropoint_path(release_dir: Path, stem: str) -> Path:

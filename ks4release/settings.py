@@ -417,8 +417,8 @@ class ZeropointSettings:
         "Amplifiers with fewer stars get the FEW_STARS flag.",
         default=3)
     apcorr_min_snr: float = documented(
-        "Smallest S/N (photometric aperture) of the stars whose median large- to small-aperture "
-        "flux ratio is the aperture correction of a tile and band.",
+        "Smallest S/N (photometric aperture) of the stars whose weighted mean large- to "
+        "small-aperture flux ratio is the aperture correction of a tile and band.",
         default=30.0)
     tie_min_snr: float = documented(
         "Smallest S/N of a single-epoch detection used to tie the exposures of a tile and band "
@@ -437,13 +437,28 @@ class ZeropointSettings:
         "colour of the Gaia XP stars, mag (only differences between sites' colour terms see "
         "it).",
         default=0.5)
+    site_pattern: bool = documented(
+        "Fit the amplifier pattern of each site's camera (offsets and gradients along Y) once "
+        "from every exposure of the release, all bands together, and fit each exposure as a "
+        "departure from it (DR1: the variations are consistent across filters, of instrumental "
+        "origin). Off: each tile and band alone, with the hierarchical priors above.",
+        default=True)
+    pattern_offset_mag: float = documented(
+        "Prior width of an exposure's departure from its site's pattern, per CCD and again per "
+        "amplifier (offset at mid-height), mag. The uncertainty of the pattern itself is added "
+        "in quadrature.",
+        default=0.005)
+    pattern_slope_mag: float = documented(
+        "Prior width of an exposure's departure from its site's pattern in the gradient over "
+        "the CCD height, per CCD and again per amplifier, mag.",
+        default=0.01)
 
     def __post_init__(self) -> None:
         """Check every field; errors name the field."""
         _positive(self, "aperture_r50", "detect_sigma", "max_ref_err_mag", "clip_sigma",
                   "prior_colour_term", "prior_ccd_offset_mag", "prior_ccd_slope_mag",
                   "prior_amp_offset_mag", "prior_amp_slope_mag", "tie_match_arcsec",
-                  "prior_star_colour")
+                  "prior_star_colour", "pattern_offset_mag", "pattern_slope_mag")
         _at_least(self, 0.0, "tie_min_snr", "apcorr_min_snr", "background_grow_px")
         _at_least(self, 1.0, "background_box_px", "min_stars_amp", "tie_max_size_ratio")
         _at_least(self, 0.0, "error_floor_mag")

@@ -27,10 +27,12 @@ from ks4release.layout import (
     mask_path,
     master_catalog_path,
     scaled_path,
+    site_pattern_path,
     sources_path,
     tile_refcat_path,
     wcs_path,
     zeropoint_path,
+    zeropoint_stars_path,
 )
 from ks4release.publish.export import export_catalog
 from ks4release.publish.master import build_idual_master, build_single_master
@@ -43,7 +45,8 @@ from ks4release.reduction.masks import run_masks
 from ks4release.reduction.photometry import measured_path, run_photometry
 from ks4release.reduction.scale import run_scale
 from ks4release.reduction.tile_catalog import run_tile_catalog, summary_path
-from ks4release.reduction.zeropoint_tile import run_tile_zeropoints
+from ks4release.reduction.zeropoint_pattern import run_site_pattern
+from ks4release.reduction.zeropoint_tile import run_exposure_stars, run_tile_zeropoints
 from ks4release.refcat.tile import write_tile_refcat
 from ks4release.simulate import (
     SOURCES_PATH,
@@ -237,25 +240,56 @@ def _plan_astrometry(ctx: ReleaseContext) -> list[Task]:
         ctx.config.astrometry)
 
 
+def _plan_zeropoint_stars(ctx: ReleaseContext) -> list[Task]:
+    """The measured zero-point tie stars of every exposure."""
+    rd = ctx.release_dir
+    return _per_exposure(
+        ctx, "zp-stars", run_exposure_stars, zeropoint_stars_path,
+        lambda e: {"exposure": e.path, "mask": mask_path(rd, e.stem),
+                   "sources": sources_path(rd, e.stem), "wcs": wcs_path(rd, e.stem)},
+        ctx.config.zeropoint)
+
+
+def _plan_site_pattern(ctx: ReleaseContext) -> list[Task]:
+    """One fit of every site's amplifier pattern from all exposures (``site_pattern``).
+
+    An exposure whose tie stars could not be measured (its zp-stars task failed or was
+    blocked, and the engine has reported it) is left out rather than blocking every zero point
+    of the release.
+    """
+    rd = ctx.release_dir
+    if not ctx.config.zeropoint.site_pattern:
+        return []
+    exposures = [e for e in _exposures(ctx) if zeropoint_stars_path(rd, e.stem).is_file()]
+    if not exposures:
+        return []
+    stars = [zeropoint_stars_path(rd, e.stem) for e in exposures]
+    gaia_xp = [tile_refcat_path(rd, tile, "gaia_xp")
+               for tile in sorted({e.tile for e in exposures})]
+    out = site_pattern_path(rd)
+    return [Task(stage="zp-pattern", key="sites", func=run_site_pattern,
+                 kwargs={"stars": stars, "gaia_xp": gaia_xp, "out_path": out,
+                         "settings": ctx.config.zeropoint},
+                 inputs=(*stars, *gaia_xp), outputs=(out,))]
+
+
 def _plan_zeropoint(ctx: ReleaseContext) -> list[Task]:
     """Per-amplifier zero points of all exposures of each tile and band, fitted together."""
     rd = ctx.release_dir
     groups: dict[tuple[str, str], list[_Exposure]] = defaultdict(list)
     for e in _exposures(ctx):
         groups[(e.tile, e.band)].append(e)
+    pattern = site_pattern_path(rd) if ctx.config.zeropoint.site_pattern else None
     tasks = []
     for (tile, band), exposures in sorted(groups.items()):
-        files = {"exposures": [e.path for e in exposures],
-                 "masks": [mask_path(rd, e.stem) for e in exposures],
-                 "sources": [sources_path(rd, e.stem) for e in exposures],
-                 "wcs": [wcs_path(rd, e.stem) for e in exposures]}
+        stars = [zeropoint_stars_path(rd, e.stem) for e in exposures]
         gaia_xp = tile_refcat_path(rd, tile, "gaia_xp")
         outs = [zeropoint_path(rd, e.stem) for e in exposures]
         tasks.append(Task(
             stage="zeropoint", key=f"{tile}/{band}", func=run_tile_zeropoints,
-            kwargs={**files, "gaia_xp": gaia_xp, "out_paths": outs,
-                    "settings": ctx.config.zeropoint},
-            inputs=(*(p for paths in files.values() for p in paths), gaia_xp),
+            kwargs={"stars": stars, "gaia_xp": gaia_xp, "out_paths": outs,
+                    "settings": ctx.config.zeropoint, "pattern": pattern},
+            inputs=(*stars, gaia_xp, *(() if pattern is None else (pattern,))),
             outputs=tuple(outs), tile=tile, band=band,
         ))
     return tasks
@@ -469,6 +503,10 @@ def dr1_stages() -> list[Stage]:
         Stage(name="detect", description="Single-epoch detection", plan=_plan_detect),
         Stage(name="astrometry", description="Astrometry against Gaia DR3",
               plan=_plan_astrometry),
+        Stage(name="zp-stars", description="Zero-point stars per exposure",
+              plan=_plan_zeropoint_stars),
+        Stage(name="zp-pattern", description="Amplifier pattern of each site",
+              plan=_plan_site_pattern),
         Stage(name="zeropoint", description="Zero points against Gaia XP", plan=_plan_zeropoint),
         Stage(name="scale", description="Scale exposures to ZP = 30", plan=_plan_scale),
         Stage(name="coadd", description="Co-adds per tile and band", plan=_plan_coadd),

@@ -117,6 +117,8 @@ MODEL_DESCRIPTION = (
 )
 _MAG_PER_REL_FLUX = 2.5 / math.log(10.0)
 _MIN_APCORR_STARS = 3
+# Clipping threshold (robust sigmas) of the aperture-correction ratios.
+_APCORR_CLIP = 3.0
 # Why a star was not used (``cut`` column of :func:`measure_stars`).
 _CUT_EDGE, _CUT_MASKED, _CUT_SATURATED, _CUT_FAINT, _CUT_BLEND = 1, 2, 4, 8, 16
 
@@ -235,18 +237,38 @@ def measure_stars(image: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: n
 
 
 def aperture_correction(stars: Table, min_snr: float = 100.0) -> tuple[float, int]:
-    """Median ratio of large- to small-aperture flux of bright clean stars, and their number.
+    """Large- to small-aperture flux ratio of bright clean stars, and how many were kept.
 
     Uses usable stars (``cut == 0``) with a clean large aperture and a photometric S/N above
-    ``min_snr``; returns (nan, n) with fewer than three such stars.
+    ``min_snr``; returns (nan, n) with fewer than three such stars. The estimate is the
+    inverse-variance weighted mean of the ratios with iterative clipping beyond
+    ``_APCORR_CLIP`` robust sigmas (a neighbour in the large aperture): the large aperture
+    holds nine times the sky of the small one, so a ratio's error grows fast towards the
+    faint stars, and the plain median of the demo's 20-60 stars scattered by 0.5-1 % between
+    tiles, which went straight into the zero points.
     """
+    f = np.asarray(stars["flux"], float)
+    fe = np.asarray(stars["flux_err"], float)
+    fb = np.asarray(stars["flux_big"], float)
+    fbe = np.asarray(stars["flux_big_err"], float)
     ok = ((np.asarray(stars["cut"]) == 0) & np.asarray(stars["big_ok"], bool)
-          & (np.asarray(stars["flux"]) > min_snr * np.asarray(stars["flux_err"])))
+          & (f > min_snr * fe) & (fb > 0) & np.isfinite(fbe))
     n = int(ok.sum())
     if n < _MIN_APCORR_STARS:
         return float("nan"), n
-    ratio = np.asarray(stars["flux_big"])[ok] / np.asarray(stars["flux"])[ok]
-    return float(np.median(ratio)), n
+    ratio = fb[ok] / f[ok]
+    sigma = np.maximum(ratio * np.hypot(fbe[ok] / fb[ok], fe[ok] / f[ok]), 1e-6)
+    keep = np.ones(n, bool)
+    for _ in range(10):
+        w = sigma[keep] ** -2
+        mean = float(np.sum(w * ratio[keep]) / np.sum(w))
+        z = (ratio - mean) / sigma
+        spread = max(1.0, 1.4826 * float(np.median(np.abs(z[keep]))))
+        new_keep = np.abs(z) <= _APCORR_CLIP * spread
+        if np.array_equal(new_keep, keep) or new_keep.sum() < _MIN_APCORR_STARS:
+            break
+        keep = new_keep
+    return mean, int(keep.sum())
 
 
 def instrumental_mags(stars: Table, apcorr: float) -> tuple[np.ndarray, np.ndarray]:

@@ -47,13 +47,14 @@ exposure is dropped); a star is anchored by the Gaia XP source within the same r
 
 What the demo allows
 --------------------
-At 1/16 scale an exposure holds ~1 usable star per amplifier, so the amplifier offsets and
-gradients stay close to their CCD's, whose gradient ~8 stars measure to ~0.04 mag: the fit
-reaches a median 0.018-0.021 mag RMS along Y per amplifier on the demo (0.014-0.018 even when
-every star's true magnitude is given), not DR1's 0.01; with the star counts of full-size amplifiers
-the same fit is identifiable (tests: synthetic dithered exposures). At 1/4 scale (5 B exposures
-of one tile) it gives a median 0.0070 and a maximum 0.025, against 0.0089 and 0.032 for each
-exposure fitted alone.
+At 1/16 scale an exposure holds ~1 usable star per amplifier, so fitted alone (``[zeropoint]
+site_pattern = false``) the amplifier offsets and gradients stay close to their CCD's, whose
+gradient ~8 stars measure to ~0.04 mag: a median 0.02-0.025 mag RMS along Y per amplifier on the
+demo. With the site pattern (:mod:`.zeropoint_pattern`: every exposure of a site measures the
+same amplifiers) each exposure is fitted as a departure from it (priors ``pattern_offset_mag``,
+``pattern_slope_mag`` plus the pattern's own error; colour terms from the pattern fit) and the
+median falls to ~0.01; what is left is mostly each exposure's overall zero point, which the ~10
+Gaia XP stars of a tile and band set.
 """
 
 from __future__ import annotations
@@ -102,6 +103,17 @@ __all__ = [
     "apply_aperture_correction",
     "select_tie_detections",
     "measure_exposure_stars",
+    "run_exposure_stars",
+    "read_exposure_stars",
+    "reference_stars",
+    "PatternPrior",
+    "pattern_prior",
+    "PATTERN_COLUMNS",
+    "linked_observations",
+    "FitLayout",
+    "Observations",
+    "FitResult",
+    "solve_zeropoints",
     "link_stars",
     "fit_tile_zeropoints",
     "run_tile_zeropoints",
@@ -218,6 +230,50 @@ def measure_exposure_stars(exposure: Path, mask: Path | str, sources: Path, wcs:
                          ccds=tuple(geoms), stars=stars, meta=meta)
 
 
+def run_exposure_stars(*, exposure: Path, mask: Path | str, sources: Path, wcs: Path,
+                       out_path: Path, settings: ZeropointSettings) -> None:
+    """Measure the tie stars of one exposure (:func:`measure_exposure_stars`) and write them.
+
+    The ECSV (``layout.zeropoint_stars_path``) holds one row per measured detection and, in
+    its ``meta``, the exposure's band, site, tile, CCD geometry and per-CCD photometry: what
+    the site pattern (:mod:`.zeropoint_pattern`) and the tile fits read back with
+    :func:`read_exposure_stars`.
+    """
+    stars = measure_exposure_stars(Path(exposure), mask, Path(sources), Path(wcs), settings)
+    table = stars.stars.copy(copy_data=False)
+    table.meta = {"stem": stars.stem, "band": stars.band, "site": stars.site,
+                  "tile": stars.tile, "ccds": [asdict(c) for c in stars.ccds],
+                  "exposure_meta": stars.meta, "software": f"ks4release {__version__}"}
+    with atomic_path(Path(out_path)) as tmp:
+        table.write(tmp, format="ascii.ecsv")
+
+
+def read_exposure_stars(path: Path) -> ExposureStars:
+    """The measured tie stars of one exposure, as :func:`run_exposure_stars` wrote them.
+
+    InputError naming the file when it lacks what the fits need.
+    """
+    table = Table.read(path, format="ascii.ecsv")
+    meta = dict(table.meta)
+    missing = [k for k in ("stem", "band", "site", "tile", "ccds", "exposure_meta")
+               if k not in meta]
+    if missing:
+        raise InputError(path, f"meta key {missing[0]!r} is missing (expected the zp-stars "
+                         "stage's output)")
+    ccds = tuple(CcdGeometry(name=str(c["name"]), ny=int(c["ny"]),
+                             amplifiers=tuple((int(a), int(b)) for a, b in c["amplifiers"]),
+                             gain=float(c["gain"]),
+                             dead_amps=tuple(int(a) for a in c["dead_amps"]),
+                             astrometry_ok=bool(c["astrometry_ok"])) for c in meta["ccds"])
+    table.meta = {}
+    if len(table) == 0:
+        table = _empty_stars()
+    table["ccd"] = np.asarray(table["ccd"]).astype("U2")
+    return ExposureStars(stem=str(meta["stem"]), band=str(meta["band"]), site=str(meta["site"]),
+                         tile=str(meta["tile"]), ccds=ccds, stars=table,
+                         meta=dict(meta["exposure_meta"]))
+
+
 def apply_aperture_correction(exposures: Sequence[ExposureStars],
                               settings: ZeropointSettings) -> tuple[float, int]:
     """Add ``m_inst``, ``m_inst_err`` and ``use`` to the stars of every exposure (in place).
@@ -299,16 +355,84 @@ def _anchor(ra: np.ndarray, dec: np.ndarray, ref_ra: np.ndarray, ref_dec: np.nda
 # Fit (pure)
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Parameter indices: the site colour terms, then one block per exposure.
+#: Columns of a site-pattern table (:mod:`.zeropoint_pattern`), one row per site, CCD and
+#: amplifier: the offset at mid-height and the gradient along Y (mag, relative to the site's
+#: mean) and their errors.
+PATTERN_COLUMNS = ("site", "ccd", "amp", "offset", "offset_err", "slope", "slope_err")
 
-    An exposure's block holds E, eta_k, S_k (per CCD k), delta_ka and epsilon_ka (per CCD and
-    amplifier): 73 parameters for 4 CCDs of 8 amplifiers.
+
+@dataclass(frozen=True)
+class PatternPrior:
+    """A site pattern laid out on the exposures of one fit: arrays [exposure, CCD, amplifier]
+    of the offset at mid-height (``u = 0``), the gradient along Y and their errors (mag), and
+    the colour term of each (site, band) with its error."""
+
+    offset: np.ndarray
+    offset_err: np.ndarray
+    slope: np.ndarray
+    slope_err: np.ndarray
+    colour_term: dict[tuple[str, str], tuple[float, float]]
+
+    def colour_terms(self, keys: Sequence[tuple[str, str]], default_width: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Prior means and widths of the colour terms of ``keys``: the pattern fit's, or
+        (0, ``default_width``) for a (site, band) it did not see."""
+        pairs = [self.colour_term.get(tuple(k), (0.0, default_width)) for k in keys]
+        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+    def at(self, obs: Observations) -> np.ndarray:
+        """The pattern's zero point at every detection (its amplifier and row)."""
+        i = (obs.exposure, obs.ccd, obs.amp)
+        return self.offset[i] + self.slope[i] * obs.u
+
+    def terms(self, e: int, k: int, a: int) -> tuple[float, float, float, float]:
+        """(zero point at y = 0, gradient, and their variances) of one amplifier."""
+        return (float(self.offset[e, k, a] - 0.5 * self.slope[e, k, a]),
+                float(self.slope[e, k, a]),
+                float(self.offset_err[e, k, a] ** 2 + 0.25 * self.slope_err[e, k, a] ** 2),
+                float(self.slope_err[e, k, a] ** 2))
+
+
+def pattern_prior(exposures: Sequence[ExposureStars], pattern: Table) -> PatternPrior:
+    """The pattern of each exposure's site on its CCDs and amplifiers.
+
+    ValueError naming the site, CCD and amplifier when the pattern lacks one.
+    """
+    missing = [c for c in PATTERN_COLUMNS if c not in pattern.colnames]
+    if missing:
+        raise ValueError(f"the site pattern has no column {missing[0]!r}")
+    rows = {(str(r["site"]), str(r["ccd"]), int(r["amp"])): r for r in pattern}
+    n_ccd = len(exposures[0].ccds)
+    n_amp = max(len(c.amplifiers) for e in exposures for c in e.ccds)
+    arrays = {k: np.zeros((len(exposures), n_ccd, n_amp))
+              for k in ("offset", "offset_err", "slope", "slope_err")}
+    for e, exp in enumerate(exposures):
+        for k, c in enumerate(exp.ccds):
+            for a in range(len(c.amplifiers)):
+                row = rows.get((exp.site, c.name, a + 1))
+                if row is None:
+                    raise ValueError(f"the site pattern has no row for site {exp.site}, CCD "
+                                     f"{c.name}, amplifier {a + 1} (exposure {exp.stem})")
+                for key, values in arrays.items():
+                    values[e, k, a] = float(row[key])
+    colour_term = {tuple(key.split("/")): (float(v[0]), float(v[1]))
+                   for key, v in pattern.meta.get("colour_terms", {}).items()}
+    return PatternPrior(**arrays, colour_term=colour_term)
+
+
+@dataclass(frozen=True)
+class FitLayout:
+    """Parameter indices: the colour terms (one per site and band), then the zero points.
+
+    Per exposure (the tile fit, ``pattern_sites`` empty) an exposure's block holds E, eta_k,
+    S_k (per CCD k), delta_ka and epsilon_ka (per CCD and amplifier): 73 parameters for 4 CCDs
+    of 8 amplifiers. Shared (the site pattern fit, :mod:`.zeropoint_pattern`): each exposure
+    has only E, and the 72 amplifier terms are one block per site of ``pattern_sites``.
     """
 
-    sites: tuple[str, ...]
+    colour_keys: tuple[tuple[str, str], ...]
     exposures: tuple[ExposureStars, ...]
+    pattern_sites: tuple[str, ...] = ()
 
     @property
     def n_ccd(self) -> int:
@@ -318,38 +442,60 @@ class _Layout:
     def n_amp(self) -> int:
         return sum(len(c.amplifiers) for c in self.exposures[0].ccds)
 
+    def amp_block(self) -> int:
+        """Number of CCD and amplifier terms (eta, S, delta, epsilon) of one block."""
+        return 2 * self.n_ccd + 2 * self.n_amp
+
     def block(self) -> int:
-        return 1 + 2 * self.n_ccd + 2 * self.n_amp
+        """Number of parameters of one exposure."""
+        return 1 if self.pattern_sites else 1 + self.amp_block()
 
     @property
     def size(self) -> int:
-        return len(self.sites) + len(self.exposures) * self.block()
+        return (len(self.colour_keys) + len(self.exposures) * self.block()
+                + len(self.pattern_sites) * self.amp_block())
 
-    def colour_term(self, site: str) -> int:
-        return self.sites.index(site)
+    def colour_term(self, exposure: ExposureStars) -> int:
+        return self.colour_keys.index((exposure.site, exposure.band))
 
     def indices(self, e: int, k: int, a: int) -> tuple[int, ...]:
         """(E, eta_k, S_k, delta_ka, epsilon_ka) of exposure e, CCD k, amplifier a (0-based)."""
         exp = self.exposures[e]
-        b, nk, na = len(self.sites) + e * self.block(), self.n_ccd, self.n_amp
+        n_ct, nk, na = len(self.colour_keys), self.n_ccd, self.n_amp
+        i_e = n_ct + e * self.block()
+        if self.pattern_sites:
+            b = (n_ct + len(self.exposures) + self.pattern_sites.index(exp.site)
+                 * self.amp_block() - 1)
+        else:
+            b = i_e
         j = sum(len(c.amplifiers) for c in exp.ccds[:k]) + a
-        return b, b + 1 + k, b + 1 + nk + k, b + 1 + 2 * nk + j, b + 1 + 2 * nk + na + j
+        return i_e, b + 1 + k, b + 1 + nk + k, b + 1 + 2 * nk + j, b + 1 + 2 * nk + na + j
 
 
-def _prior(layout: _Layout, s: ZeropointSettings) -> np.ndarray:
+def _prior(layout: FitLayout, s: ZeropointSettings, pattern: PatternPrior | None) -> np.ndarray:
+    """Prior precision of every parameter (module docstring; with a site pattern, the widths
+    of an exposure's departures from it)."""
     prec = np.zeros(layout.size)
-    prec[:len(layout.sites)] = s.prior_colour_term ** -2
+    prec[:len(layout.colour_keys)] = (s.prior_colour_term ** -2 if pattern is None else
+                                      pattern.colour_terms(layout.colour_keys,
+                                                           s.prior_colour_term)[1] ** -2)
     for e, exp in enumerate(layout.exposures):
         for k, c in enumerate(exp.ccds):
             for a in range(len(c.amplifiers)):
-                prec[list(layout.indices(e, k, a))] = (
-                    _TINY_PRECISION, s.prior_ccd_offset_mag ** -2, s.prior_ccd_slope_mag ** -2,
-                    s.prior_amp_offset_mag ** -2, s.prior_amp_slope_mag ** -2)
+                if pattern is None:
+                    widths = (s.prior_ccd_offset_mag, s.prior_ccd_slope_mag,
+                              s.prior_amp_offset_mag, s.prior_amp_slope_mag)
+                else:
+                    widths = (s.pattern_offset_mag, s.pattern_slope_mag,
+                              math.hypot(s.pattern_offset_mag, pattern.offset_err[e, k, a]),
+                              math.hypot(s.pattern_slope_mag, pattern.slope_err[e, k, a]))
+                prec[list(layout.indices(e, k, a))] = (_TINY_PRECISION,
+                                                       *(w ** -2 for w in widths))
     return prec
 
 
 @dataclass
-class _Observations:
+class Observations:
     """Flat arrays of the linked detections (one row each)."""
 
     star: np.ndarray
@@ -362,7 +508,7 @@ class _Observations:
 
 
 def _observations(exposures: Sequence[ExposureStars], floor: float
-                  ) -> tuple[_Observations, np.ndarray, np.ndarray]:
+                  ) -> tuple[Observations, np.ndarray, np.ndarray]:
     """The usable detections of every exposure, plus their (ra, dec)."""
     cols: dict[str, list] = {k: [] for k in ("exposure", "ccd", "amp", "u", "value", "sigma",
                                              "ra", "dec")}
@@ -384,7 +530,7 @@ def _observations(exposures: Sequence[ExposureStars], floor: float
         cols["ra"].append(np.asarray(t["ra"], float))
         cols["dec"].append(np.asarray(t["dec"], float))
     flat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
-    obs = _Observations(star=np.zeros(flat["value"].size, int),
+    obs = Observations(star=np.zeros(flat["value"].size, int),
                         exposure=flat["exposure"].astype(int), ccd=flat["ccd"].astype(int),
                         amp=flat["amp"].astype(int), u=flat["u"], value=flat["value"],
                         sigma=flat["sigma"])
@@ -402,7 +548,8 @@ def _check_amplifiers(stars: Table, exposure: ExposureStars) -> None:
 
 
 def fit_tile_zeropoints(exposures: Sequence[ExposureStars], reference: Table,
-                        settings: ZeropointSettings) -> dict[str, Table]:
+                        settings: ZeropointSettings, pattern: Table | None = None
+                        ) -> dict[str, Table]:
     """Fit the zero points of every exposure of one tile and band together (module docstring).
 
     Parameters
@@ -414,6 +561,10 @@ def fit_tile_zeropoints(exposures: Sequence[ExposureStars], reference: Table,
         ``colour`` ((V - I)_AB).
     settings : ZeropointSettings
         Priors, error floor, clipping, colour pivot, linking radius, colour prior.
+    pattern : Table, optional
+        The amplifier pattern of every site (:mod:`.zeropoint_pattern`): the fit is then of
+        each exposure's departures from its site's pattern, with the priors
+        ``pattern_offset_mag`` and ``pattern_slope_mag``.
 
     Returns
     -------
@@ -424,29 +575,60 @@ def fit_tile_zeropoints(exposures: Sequence[ExposureStars], reference: Table,
     """
     if not exposures:
         raise ValueError("fit_tile_zeropoints needs at least one exposure")
+    layout = FitLayout(colour_keys=tuple(sorted({(e.site, e.band) for e in exposures})),
+                     exposures=tuple(exposures))
+    prior = None if pattern is None else pattern_prior(exposures, pattern)
+    obs, anchors = linked_observations(exposures, {e.band: reference for e in exposures},
+                                       settings)
+    if prior is not None:
+        obs.value = obs.value + prior.at(obs)
+    result = solve_zeropoints(obs, anchors, layout, settings, prior)
+    return _tables(layout, obs, result, anchors, settings, prior)
+
+
+def linked_observations(exposures: Sequence[ExposureStars], references: dict[str, Table],
+                        settings: ZeropointSettings) -> tuple[Observations, dict]:
+    """The usable detections tied into stars, and each star's Gaia XP anchor.
+
+    Detections of one band within ``tie_match_arcsec`` of each other are one star
+    (:func:`link_stars`); a detection alone in its group still counts when a Gaia XP star of
+    ``references[band]`` anchors it. ValueError when no Gaia XP star is detected at all.
+    """
     obs, ra, dec = _observations(exposures, settings.error_floor_mag)
-    ref_mag = np.asarray(reference["mag"], float)
-    ref_err = np.asarray(reference["mag_err"], float)
-    ref_ok = (np.isfinite(ref_mag) & np.isfinite(ref_err) & np.isfinite(
-        np.asarray(reference["colour"], float)) & (ref_err <= settings.max_ref_err_mag))
-    ref = reference[ref_ok]
-    ref_of_obs = _anchor(ra, dec, np.asarray(ref["ra"], float), np.asarray(ref["dec"], float),
-                         settings.tie_match_arcsec)
-    star = link_stars(ra, dec, obs.exposure, settings.tie_match_arcsec)
-    # A detection alone in its group still counts when a Gaia XP star anchors it.
-    lone = (star < 0) & (ref_of_obs >= 0)
-    star[lone] = star.max(initial=-1) + 1 + np.arange(lone.sum())
+    band_of_obs = np.array([e.band for e in exposures])[obs.exposure]
+    star = np.full(obs.value.size, -1)
+    parts: list[dict[str, np.ndarray]] = []
+    n_star = 0
+    for band in sorted(set(band_of_obs.tolist())):
+        on = np.flatnonzero(band_of_obs == band)
+        ref = _usable_reference(references[band], settings)
+        ref_of_obs = _anchor(ra[on], dec[on], np.asarray(ref["ra"], float),
+                             np.asarray(ref["dec"], float), settings.tie_match_arcsec)
+        local = link_stars(ra[on], dec[on], obs.exposure[on], settings.tie_match_arcsec)
+        lone = (local < 0) & (ref_of_obs >= 0)
+        local[lone] = local.max(initial=-1) + 1 + np.arange(lone.sum())
+        linked = local >= 0
+        parts.append(_star_anchors(local[linked], ref_of_obs[linked], ref))
+        star[on[linked]] = local[linked] + n_star
+        n_star += int(local.max(initial=-1)) + 1
     keep = star >= 0
-    obs = _Observations(**{k: getattr(obs, k)[keep] for k in obs.__dataclass_fields__})
+    obs = Observations(**{k: getattr(obs, k)[keep] for k in obs.__dataclass_fields__})
     obs.star = star[keep]
-    anchors = _star_anchors(obs.star, ref_of_obs[keep], ref)
+    anchors = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
+               for k in ("mag", "err", "colour")}
     if not np.isfinite(anchors["mag"]).any():
         raise ValueError("no Gaia XP star is detected in these exposures: the zero points "
                          "are undetermined")
-    sites = tuple(sorted({e.site for e in exposures}))
-    layout = _Layout(sites=sites, exposures=tuple(exposures))
-    result = _solve_iteratively(obs, anchors, layout, settings)
-    return _tables(layout, obs, result, anchors, settings)
+    return obs, anchors
+
+
+def _usable_reference(reference: Table, settings: ZeropointSettings) -> Table:
+    """The Gaia XP stars with a finite magnitude, error and colour, and an error small enough."""
+    mag = np.asarray(reference["mag"], float)
+    err = np.asarray(reference["mag_err"], float)
+    ok = (np.isfinite(mag) & np.isfinite(err) & np.isfinite(np.asarray(reference["colour"], float))
+          & (err <= settings.max_ref_err_mag))
+    return reference[ok]
 
 
 def _star_anchors(star: np.ndarray, ref_of_obs: np.ndarray, ref: Table) -> dict[str, np.ndarray]:
@@ -470,7 +652,10 @@ def _star_anchors(star: np.ndarray, ref_of_obs: np.ndarray, ref: Table) -> dict[
 
 
 @dataclass
-class _Result:
+class FitResult:
+    """Fitted parameters, their covariance, which detections were kept and their residuals,
+    the error scale (robust reduced chi, at least 1) and the number of anchors kept."""
+
     theta: np.ndarray
     cov: np.ndarray
     kept: np.ndarray
@@ -479,11 +664,11 @@ class _Result:
     n_anchor: int
 
 
-def _design(obs: _Observations, anchors: dict, layout: _Layout, ct_site: np.ndarray,
+def _design(obs: Observations, anchors: dict, layout: FitLayout, ct_site: np.ndarray,
             pivot: float) -> tuple[sparse.csr_matrix, np.ndarray]:
     """Design matrix over (theta, M_s, c_s) and target, detections first, then anchors."""
     n_obs, n_star, n_theta = obs.value.size, anchors["mag"].size, layout.size
-    site_of = np.array([layout.colour_term(e.site) for e in layout.exposures])
+    site_of = np.array([layout.colour_term(e) for e in layout.exposures])
     idx = np.array([layout.indices(e, k, a) for e, k, a in
                     zip(obs.exposure, obs.ccd, obs.amp, strict=True)], int).reshape(-1, 5)
     # A star without Gaia XP has the anchored stars' median colour plus an unknown c_s.
@@ -514,14 +699,14 @@ def _design(obs: _Observations, anchors: dict, layout: _Layout, ct_site: np.ndar
 
 
 def _solve(a: sparse.csr_matrix, target: np.ndarray, weight: np.ndarray, prior: np.ndarray,
-           n_theta: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           prior_mean: np.ndarray, n_theta: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MAP solution: theta, its marginal covariance, and the star parameters (Schur complement).
 
     The star block of the normal matrix couples each star's magnitude only with its own colour,
     so it is inverted star by star in closed form.
     """
     normal = (a.T @ sparse.diags(weight) @ a).tocsr() + sparse.diags(prior)
-    rhs = a.T @ (weight * target)
+    rhs = a.T @ (weight * target) + prior * prior_mean
     n_star = (a.shape[1] - n_theta) // 2
     n_aa = normal[:n_theta, :n_theta].toarray()
     n_ab = normal[:n_theta, n_theta:]
@@ -540,41 +725,50 @@ def _solve(a: sparse.csr_matrix, target: np.ndarray, weight: np.ndarray, prior: 
     return theta, cov, stars
 
 
-def _solve_iteratively(obs: _Observations, anchors: dict, layout: _Layout,
-                       s: ZeropointSettings) -> _Result:
-    """Fit with robust clipping; the colour terms of stars without XP follow the site terms."""
+def solve_zeropoints(obs: Observations, anchors: dict, layout: FitLayout,
+                     s: ZeropointSettings, pattern: PatternPrior | None = None) -> FitResult:
+    """Fit with robust clipping; the colour terms of stars without XP follow the site terms.
+
+    With ``pattern``, ``obs`` holds the detections with the pattern already added
+    (:meth:`PatternPrior.at`) and the priors are those of the departures from it.
+    """
     n_star = anchors["mag"].size
     anchored = np.isfinite(anchors["mag"])
     sigma = np.maximum(np.concatenate([obs.sigma, np.hypot(anchors["err"][anchored],
                                                            s.error_floor_mag)]), _MIN_SIGMA_MAG)
-    prior = np.concatenate([_prior(layout, s), np.full(n_star, _TINY_PRECISION),
+    prior_mean = np.zeros(layout.size + 2 * n_star)
+    if pattern is not None:
+        prior_mean[:len(layout.colour_keys)] = pattern.colour_terms(layout.colour_keys,
+                                                                      s.prior_colour_term)[0]
+    prior = np.concatenate([_prior(layout, s, pattern), np.full(n_star, _TINY_PRECISION),
                             np.where(anchored, 1.0, s.prior_star_colour ** -2)])
-    ct_site = np.zeros(len(layout.sites))
+    ct_site = np.zeros(len(layout.colour_keys))
     keep = np.ones(sigma.size, bool)
     scale = 1.0
     for _ in range(12):
         a, target = _design(obs, anchors, layout, ct_site, s.colour_pivot)
-        theta, cov, stars = _solve(a, target, np.where(keep, sigma ** -2, 0.0), prior,
+        theta, cov, stars = _solve(a, target, np.where(keep, sigma ** -2, 0.0), prior, prior_mean,
                                    layout.size)
         resid = target - a @ np.concatenate([theta, stars])
         z = resid / sigma
         scale = max(1.0, 1.4826 * float(np.median(np.abs(z[keep])))) if keep.sum() > 4 else 1.0
         new_keep = np.abs(z) <= s.clip_sigma * scale
-        new_ct = theta[:len(layout.sites)]
+        new_ct = theta[:len(layout.colour_keys)]
         if np.array_equal(new_keep, keep) and np.allclose(new_ct, ct_site, atol=1e-4):
             break
         keep, ct_site = new_keep, new_ct
-    return _Result(theta=theta, cov=cov * scale ** 2,
+    return FitResult(theta=theta, cov=cov * scale ** 2,
                    kept=keep[:obs.value.size], resid=resid[:obs.value.size], scale=scale,
                    n_anchor=int((keep[obs.value.size:]).sum()))
 
 
-def _tables(layout: _Layout, obs: _Observations, res: _Result, anchors: dict,
-            s: ZeropointSettings) -> dict[str, Table]:
-    """One zero-point table per exposure from the fitted parameters."""
+def _tables(layout: FitLayout, obs: Observations, res: FitResult, anchors: dict,
+            s: ZeropointSettings, pattern: PatternPrior | None) -> dict[str, Table]:
+    """One zero-point table per exposure from the fitted parameters (plus the site pattern,
+    whose errors add in quadrature)."""
     out = {}
     for e, exp in enumerate(layout.exposures):
-        i_ct = layout.colour_term(exp.site)
+        i_ct = layout.colour_term(exp)
         rows = []
         for k, c in enumerate(exp.ccds):
             for a in range(len(c.amplifiers)):
@@ -596,13 +790,16 @@ def _tables(layout: _Layout, obs: _Observations, res: _Result, anchors: dict,
                     flag |= ZpFlag.DEAD
                 if not c.astrometry_ok:
                     flag |= ZpFlag.NO_ASTROMETRY
+                p_y0, p_slope, p_y0_var, p_slope_var = (
+                    (0.0, 0.0, 0.0, 0.0) if pattern is None else pattern.terms(e, k, a))
                 rows.append({
                     "ccd": c.name, "amp": a + 1, "ny": c.ny,
                     "x_start": c.amplifiers[a][0], "x_stop": c.amplifiers[a][1],
-                    "zp_y0": float(g_y0 @ res.theta - 2.5 * math.log10(c.gain)),
-                    "zp_y0_err": float(math.sqrt(g_y0 @ res.cov @ g_y0)),
-                    "zp_slope": float(g_slope @ res.theta),
-                    "zp_slope_err": float(math.sqrt(g_slope @ res.cov @ g_slope)),
+                    "zp_y0": float(g_y0 @ res.theta + p_y0 - 2.5 * math.log10(c.gain)),
+                    "zp_y0_err": float(math.sqrt(g_y0 @ res.cov @ g_y0 + p_y0_var)),
+                    "zp_slope": float(g_slope @ res.theta + p_slope),
+                    "zp_slope_err": float(math.sqrt(g_slope @ res.cov @ g_slope
+                                                    + p_slope_var)),
                     "colour_term": float(res.theta[i_ct]),
                     "colour_term_err": float(math.sqrt(res.cov[i_ct, i_ct])),
                     "n_stars": n,
@@ -621,6 +818,7 @@ def _tables(layout: _Layout, obs: _Observations, res: _Result, anchors: dict,
             "error_scale": res.scale, "model": MODEL_DESCRIPTION,
             "tile_exposures": [x.stem for x in layout.exposures],
             "tile_stars": int(anchors["mag"].size), "tile_anchors_used": res.n_anchor,
+            "site_pattern": pattern is not None,
         })
         table.meta.update(exp.meta)
         out[exp.stem] = table
@@ -631,43 +829,46 @@ def _tables(layout: _Layout, obs: _Observations, res: _Result, anchors: dict,
 # The task
 
 
-def _reference(gaia_xp: Path, band: str) -> Table:
-    """Gaia XP stars of the tile: position, AB magnitude in the band, error, (V - I)_AB."""
+def reference_stars(gaia_xp: Path, band: str) -> Table:
+    """Gaia XP stars of a tile: ``source_id``, position, AB magnitude in the band, its error
+    and (V - I)_AB. InputError naming the file when a needed column is missing."""
     refcat = read_refcat(gaia_xp, "gaia_xp")
-    for col in ("ra", "dec", "v_jkc_mag", "i_jkc_mag"):
+    for col in ("source_id", "ra", "dec", "v_jkc_mag", "i_jkc_mag"):
         if col not in refcat.colnames:
             raise InputError(gaia_xp, f"column {col!r} is missing (needed for positions and "
                              "the V-I colour term)", column=col)
     mags = reference_mags(refcat, band)
-    return Table({"ra": np.asarray(refcat["ra"], float), "dec": np.asarray(refcat["dec"], float),
+    return Table({"source_id": np.asarray(refcat["source_id"]),
+                  "ra": np.asarray(refcat["ra"], float), "dec": np.asarray(refcat["dec"], float),
                   "mag": mags["mag"], "mag_err": mags["err"], "colour": mags["colour"]})
 
 
-def run_tile_zeropoints(*, exposures: Sequence[Path], masks: Sequence[Path | str],
-                        sources: Sequence[Path], wcs: Sequence[Path], gaia_xp: Path,
-                        out_paths: Sequence[Path], settings: ZeropointSettings) -> None:
+def run_tile_zeropoints(*, stars: Sequence[Path], gaia_xp: Path, out_paths: Sequence[Path],
+                        settings: ZeropointSettings, pattern: Path | None = None) -> None:
     """Fit the zero points of all exposures of one tile and band; one ECSV per exposure.
 
-    Reads, per exposure (the four sequences are parallel): the raw exposure, its mask (``""``
-    for none; ``layout.mask_path``), its detections (``layout.sources_path``) and fitted WCS
-    (``layout.wcs_path``); and the tile's Gaia XP catalog (``layout.tile_refcat_path``). Writes
-    ``out_paths[i]`` (``layout.zeropoint_path``) atomically for each exposure: one row per CCD
-    and amplifier (columns of :func:`fit_tile_zeropoints`), ``meta`` with band, site, tile,
-    model, colour pivot, aperture correction, per-CCD photometry and the tile fit's numbers.
+    Reads the measured tie stars of each exposure (``layout.zeropoint_stars_path``, written by
+    :func:`run_exposure_stars`), the tile's Gaia XP catalog (``layout.tile_refcat_path``) and,
+    when given, the site pattern (``layout.site_pattern_path``). Writes ``out_paths[i]``
+    (``layout.zeropoint_path``) atomically for each exposure: one row per CCD and amplifier
+    (columns of :func:`fit_tile_zeropoints`), ``meta`` with band, site, tile, model, colour
+    pivot, aperture correction, per-CCD photometry and the tile fit's numbers.
     """
-    lengths = {len(exposures), len(masks), len(sources), len(wcs), len(out_paths)}
-    if len(lengths) != 1:
-        raise ValueError("exposures, masks, sources, wcs and out_paths must have one entry per "
-                         f"exposure (lengths {sorted(lengths)})")
-    measured = [measure_exposure_stars(Path(e), m, Path(s), Path(w), settings)
-                for e, m, s, w in zip(exposures, masks, sources, wcs, strict=True)]
+    if len(stars) != len(out_paths):
+        raise ValueError("stars and out_paths must have one entry per exposure (lengths "
+                         f"{len(stars)} and {len(out_paths)})")
+    measured = [read_exposure_stars(Path(p)) for p in stars]
     apply_aperture_correction(measured, settings)
     bands = {m.band for m in measured}
     if len(bands) != 1:
-        raise InputError(exposures[0], f"exposures of one fit have bands {sorted(bands)}; "
+        raise InputError(stars[0], f"exposures of one fit have bands {sorted(bands)}; "
                          "a tile/band fit needs one band")
+    site_pattern = None
+    if pattern is not None:
+        site_pattern = Table.read(pattern, format="ascii.ecsv")
     try:
-        tables = fit_tile_zeropoints(measured, _reference(Path(gaia_xp), bands.pop()), settings)
+        tables = fit_tile_zeropoints(measured, reference_stars(Path(gaia_xp), bands.pop()),
+                                     settings, site_pattern)
     except ValueError as exc:
         raise InputError(gaia_xp, f"zero-point fit of {measured[0].tile} failed: {exc}") from None
     for m, out in zip(measured, out_paths, strict=True):
