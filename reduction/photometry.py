@@ -560,6 +560,8 @@ _SEEING_F_SCALE_PX = 0.3
 #: Radii (units of the widest exposure's FWHM) on which :func:`median_psf_fwhm` samples the
 #: median profile.
 _PROFILE_RADII = np.linspace(0.0, 1.5, 301)
+#: Fewest profile samples above a fifth of the peak that :func:`median_psf_fwhm` fits.
+_MIN_PROFILE_SAMPLES = 20
 
 
 def median_psf_fwhm(widths: np.ndarray) -> float:
@@ -573,10 +575,17 @@ def median_psf_fwhm(widths: np.ndarray) -> float:
     sits on widen it as they widen the measured stars.
     """
     widths = np.asarray(widths, dtype=np.float64)
-    r = _PROFILE_RADII * widths.max()
     sigma2 = (widths[:, None] / 2.3548) ** 2
-    profile = np.median(np.exp(-0.5 * r**2 / sigma2) / sigma2, axis=0)
-    use = profile > profile[0] / 5.0
+
+    def sampled(radii: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        profile = np.median(np.exp(-0.5 * radii**2 / sigma2) / sigma2, axis=0)
+        return radii, profile, profile > profile[0] / 5.0
+
+    r, profile, use = sampled(_PROFILE_RADII * widths.max())
+    if use.sum() < _MIN_PROFILE_SAMPLES:
+        # a core far narrower than the widest exposure (a trial of local_seeing's fit): sample
+        # the part above a fifth of the peak finely (the median profile falls monotonically)
+        r, profile, use = sampled(np.linspace(0.0, r[np.argmin(use)], _PROFILE_RADII.size))
     weight = profile[use] ** 2 * r[use]
     slope = np.polyfit(r[use] ** 2, np.log(profile[use]), 1, w=np.sqrt(weight))[0]
     return float(1.6651 / math.sqrt(-slope))
@@ -617,7 +626,9 @@ def local_seeing(fwhm: np.ndarray, snr: np.ndarray, flags: np.ndarray, covered: 
     PSF sample (``snr >= seeing_min_snr``, positive FWHM_IMAGE, no :data:`_NOT_PSF_FLAGS` bit,
     NDITH equal to the number of covering exposures: where masks removed exposures, which ones
     is unknown), in rounds that drop the detections wider than ``seeing_clip`` times their
-    prediction (galaxies, blends); an exposure that no detection constrains keeps the sample's
+    prediction (galaxies, blends); each round starts from the previous round's widths and from
+    the linear model's of the retained sample and keeps the fit of lower cost (the median model
+    has local minima where two exposures always overlap); an exposure that no detection constrains keeps the sample's
     median. Each object gets ``SEEING`` times its predicted FWHM over the median prediction of
     the retained sample, so that FWHM_IMAGE's own bias against the seeing cancels and where the
     coverage is typical the result is ``SEEING``. Every object keeps ``SEEING`` when
@@ -650,10 +661,13 @@ def local_seeing(fwhm: np.ndarray, snr: np.ndarray, flags: np.ndarray, covered: 
     keep = sample.copy()
     for _ in range(_SEEING_FIT_ROUNDS):
         used = np.flatnonzero(covered[keep].any(axis=0))
-        widths[used] = least_squares(
-            _seeing_residuals, widths[used], bounds=(0.5, np.inf), loss="soft_l1",
+        fits_ = [least_squares(
+            _seeing_residuals, start, bounds=(0.5, np.inf), loss="soft_l1",
             f_scale=_SEEING_F_SCALE_PX, args=(widths, used, patterns, which[keep], fwhm[keep],
-                                              prior)).x
+                                              prior))
+            for start in (widths[used], _mean_model_widths(covered[keep][:, used], fwhm[keep],
+                                                           prior))]
+        widths[used] = min(fits_, key=lambda f: f.cost).x
         predicted = _pattern_fwhm(widths, patterns)[which]
         narrow = sample & (fwhm <= settings.seeing_clip * predicted)
         if np.array_equal(narrow, keep) or narrow.sum() < settings.seeing_min_sources:

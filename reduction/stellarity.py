@@ -249,7 +249,9 @@ def _fwhm(values: np.ndarray, xs: np.ndarray, ys: np.ndarray, index: np.ndarray,
     fwhm = np.where(fit, 1.6651 / np.sqrt(slope), 0.0)
     positive = fwhm > 0.0
     fwhm[positive] -= 1.0 / (4.0 * fwhm[positive])
-    return fwhm
+    # A fit narrower than 0.5 px (a noise spike in a forced-photometry footprint) would turn
+    # negative through the pixel correction: 0, like an object with no fit.
+    return np.maximum(fwhm, 0.0)
 
 
 def isophotal_profile(image: np.ndarray, segmap: np.ndarray, objects: np.ndarray,

@@ -489,8 +489,10 @@ def test_written_table_keeps_units(measured):
 # The seeing map of CLASS_STAR
 
 
-@given(st.lists(st.floats(2.0, 8.0), min_size=1, max_size=6))
+@given(st.lists(st.floats(0.05, 30.0), min_size=1, max_size=6))
 def test_median_psf_fwhm_lies_between_the_exposures_seeings(widths):
+    """Any seeings, also a core 600 times narrower than the widest (local_seeing's fit tries
+    such widths; sampled on the widest's scale, two points were left and polyfit warned)."""
     fwhm = median_psf_fwhm(np.array(widths))
     assert min(widths) * 0.999 <= fwhm <= max(widths) * 1.001
     assert median_psf_fwhm(np.array(widths[:1])) == pytest.approx(widths[0], rel=1e-3)
