@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.table import Table
-from test_zeropoint import exposure_row, measure_truth_inputs, write_truth_inputs
+from test_zeropoint import (
+    exposure_row,
+    measure_truth_inputs,
+    truth_rms_along_y,
+    write_truth_inputs,
+)
 
 from ks4release.errors import InputError
 from ks4release.reduction.detect import DetectSettings, run_detect
@@ -18,6 +23,7 @@ from ks4release.reduction.zeropoint_tile import (
     pattern_prior,
     read_exposure_stars,
     run_exposure_stars,
+    run_tile_zeropoints,
 )
 
 AMPS = tuple((i * 72, (i + 1) * 72) for i in range(8))
@@ -195,3 +201,37 @@ def test_pattern_task_without_reference_stars_names_its_output(tiny_survey, tmp_
         run_site_pattern(stars=[stars], gaia_xp=[tmp_path / "empty_xp.parquet"], out_path=out,
                          settings=ZeropointSettings())
     assert not out.exists()
+
+
+def test_site_pattern_on_a_simulated_tile_against_truth(tiny_survey, tmp_path):
+    """The stars of every exposure of the tiny survey (true WCS and masks), the pattern task,
+    then the tile fits with and without it: the pattern lowers the median per-amplifier RMS
+    along Y against truth (measured: 0.0183 alone, 0.0119 with the pattern of 9 exposures)."""
+    exposures = Table.read(tiny_survey / "truth" / "exposures.parquet")
+    stars = {str(s): measure_truth_inputs(tiny_survey, str(s), tmp_path)
+             for s in exposures["stem"]}
+    pattern = tmp_path / "site_pattern.ecsv"
+    s = ZeropointSettings()
+    run_site_pattern(stars=list(stars.values()),
+                     gaia_xp=[tiny_survey / "refcat" / "gaia_xp.parquet"], out_path=pattern,
+                     settings=s)
+    truth = Table.read(tiny_survey / "truth" / "zeropoints.parquet")
+    medians = {}
+    for use in (False, True):
+        rms = []
+        for band in ("V", "I"):
+            stems = [str(x) for x in exposures["stem"][exposures["band"] == band]]
+            outs = [tmp_path / f"{x}_{use}_zp.ecsv" for x in stems]
+            run_tile_zeropoints(stars=[stars[x] for x in stems],
+                                gaia_xp=tiny_survey / "refcat" / "gaia_xp.parquet",
+                                out_paths=outs, settings=s, pattern=pattern if use else None)
+            for stem, out in zip(stems, outs, strict=True):
+                fit = Table.read(out, format="ascii.ecsv")
+                live = (np.asarray(fit["flag"]) & ZpFlag.DEAD) == 0
+                mine = truth[truth["file"] == exposure_row(tiny_survey, stem)["file"]]
+                rms.append(truth_rms_along_y(fit, mine, fit.meta["colour_pivot"])[live])
+                assert fit.meta["site_pattern"] is use
+        medians[use] = float(np.median(np.concatenate(rms)))
+    print(f"median per-amplifier RMS along Y: {medians[False]:.4f} alone, "
+          f"{medians[True]:.4f} with the site pattern")
+    assert medians[True] < 0.8 * medians[False]
