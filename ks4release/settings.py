@@ -428,6 +428,10 @@ class ZeropointSettings:
         "Largest half-light radius of a tie star, in units of its CCD's stellar half-light "
         "radius (keeps galaxies, whose aperture flux depends on the seeing, out).",
         default=1.1)
+    r50_min_stars: int = documented(
+        "A CCD with at least this many clean S/N >= 50 detections gets its own stellar "
+        "half-light radius (the photometric aperture's unit); one with fewer, the exposure's.",
+        default=10)
     tie_match_arcsec: float = documented(
         "Radius linking detections of different exposures into one star, and a star to its "
         "Gaia XP source, arcsec.",
@@ -460,7 +464,8 @@ class ZeropointSettings:
                   "prior_amp_offset_mag", "prior_amp_slope_mag", "tie_match_arcsec",
                   "prior_star_colour", "pattern_offset_mag", "pattern_slope_mag")
         _at_least(self, 0.0, "tie_min_snr", "apcorr_min_snr", "background_grow_px")
-        _at_least(self, 1.0, "background_box_px", "min_stars_amp", "tie_max_size_ratio")
+        _at_least(self, 1.0, "background_box_px", "min_stars_amp", "tie_max_size_ratio",
+                  "r50_min_stars")
         _at_least(self, 0.0, "error_floor_mag")
         _fraction(self, "blend_fraction", "saturation_fraction")
         _at_least(self, 1.0, "fallback_aperture_correction")

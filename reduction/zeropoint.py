@@ -181,8 +181,8 @@ def _blend_flux(objects: np.ndarray, x: np.ndarray, y: np.ndarray, self_radius: 
 
 
 def measure_stars(image: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: np.ndarray,
-                  *, gain: float, saturation: float, settings: ZeropointSettings
-                  ) -> tuple[Table, dict[str, float]]:
+                  *, gain: float, saturation: float, settings: ZeropointSettings,
+                  r50_px: float | None = None) -> tuple[Table, dict[str, float]]:
     """Forced aperture photometry of reference stars at pixel positions (0-based) on one CCD.
 
     Returns a table with one row per position: ``x``, ``y``; ``flux``, ``flux_err`` in the
@@ -192,7 +192,9 @@ def measure_stars(image: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: n
     large aperture is inside the CCD and free of bad pixels and of neighbours (the blend rule
     at the large radius: in a crowded field, neighbours in the curve-of-growth aperture
     inflated the aperture correction by 0.15 mag at 24 times the demo's star density). Also a
-    dict with the CCD's ``r50_px``, ``aperture_px`` and ``sky_adu``.
+    dict with the CCD's ``r50_px``, ``aperture_px`` and ``sky_adu``. ``r50_px``: the stars'
+    half-light radius (the aperture is ``aperture_r50`` times it); by default the median over
+    the given positions.
     """
     data = np.ascontiguousarray(image, dtype=np.float32)
     ny, nx = data.shape
@@ -211,7 +213,8 @@ def measure_stars(image: np.ndarray, bad: np.ndarray | None, x: np.ndarray, y: n
     unsaturated = peak < settings.saturation_fraction * saturation
     good_r50 = (inside & ((r50_flag & sep.APER_TRUNC) == 0) & unsaturated & np.isfinite(r50)
                 & (r50 > 0.3))
-    r50_px = float(np.median(r50[good_r50])) if good_r50.any() else 2.0
+    if r50_px is None:
+        r50_px = float(np.median(r50[good_r50])) if good_r50.any() else 2.0
     radius = settings.aperture_r50 * r50_px
     big = settings.correction_factor * radius
     flux, ferr, flag = sep.sum_circle(sub, xs, ys, radius, err=rms, gain=gain, mask=bad,

@@ -27,6 +27,8 @@ from ks4release.reduction.zeropoint_tile import (
     read_exposure_stars,
     run_exposure_stars,
     run_tile_zeropoints,
+    select_tie_detections,
+    stellar_half_light_radii,
 )
 from ks4release.simulate import SimulationConfig, plan_survey, write_exposure, write_sky
 
@@ -533,3 +535,21 @@ def test_stars_file_without_its_meta_is_an_input_error(tmp_path):
     Table({"x": [1.0]}).write(path, format="ascii.ecsv")
     with pytest.raises(InputError, match="e1_zpstars.ecsv.*meta key 'stem' is missing"):
         read_exposure_stars(path)
+
+
+def test_stellar_half_light_radius_resists_galaxies_and_sparse_ccds():
+    """The stellar locus, not a median: on a CCD with 12 bright stars and 8 galaxies it is the
+    stars' radius; a CCD with two bright detections (one a galaxy) gets the exposure's."""
+    rng = np.random.default_rng(3)
+    star_kk = rng.normal(3.0, 0.03, 12)
+    galaxy_kk = rng.uniform(3.6, 8.0, 8)
+    sizes = np.concatenate([star_kk, galaxy_kk, [3.02, 7.5]])
+    ccds = ["KK"] * 20 + ["MM"] * 2
+    detections = Table({"ccd": ccds, "snr": np.full(22, 80.0), "flux_radius": sizes,
+                        "flags": np.zeros(22, int), "imaflags": np.zeros(22, int)})
+    radii = stellar_half_light_radii(detections, ZeropointSettings())
+    assert radii["KK"] == pytest.approx(3.0, abs=0.03)
+    assert radii["MM"] == pytest.approx(3.0, abs=0.04)  # the exposure's, not 5.26
+    assert np.median(sizes[20:]) > 5.0
+    keep = select_tie_detections(detections, ZeropointSettings())
+    assert keep[:12].all() and not keep[12:20].any() and list(keep[20:]) == [True, False]
