@@ -447,6 +447,12 @@ class ZeropointSettings:
         "departure from it (DR1: the variations are consistent across filters, of instrumental "
         "origin). Off: each tile and band alone, with the hierarchical priors above.",
         default=True)
+    pooled_aperture_correction: bool = documented(
+        "With the site pattern: one aperture correction per band over the whole release "
+        "(measured by the zp-pattern stage) instead of one per tile and band (it depends on "
+        "the shape of the PSF's wings, not on the seeing; a tile's 20-60 bright stars measured "
+        "it to 0.5-1 %).",
+        default=True)
     pattern_offset_mag: float = documented(
         "Prior width of an exposure's departure from its site's pattern, per CCD and again per "
         "amplifier (offset at mid-height), mag. The uncertainty of the pattern itself is added "

@@ -627,11 +627,12 @@ def local_seeing(fwhm: np.ndarray, snr: np.ndarray, flags: np.ndarray, covered: 
     NDITH equal to the number of covering exposures: where masks removed exposures, which ones
     is unknown), in rounds that drop the detections wider than ``seeing_clip`` times their
     prediction (galaxies, blends); each round starts from the previous round's widths and from
-    the linear model's of the retained sample and keeps the fit of lower cost (the median model
-    has local minima where two exposures always overlap); an exposure that no detection constrains keeps the sample's
-    median. Each object gets ``SEEING`` times its predicted FWHM over the median prediction of
-    the retained sample, so that FWHM_IMAGE's own bias against the seeing cancels and where the
-    coverage is typical the result is ``SEEING``. Every object keeps ``SEEING`` when
+    the linear model's of the retained sample and keeps the fit of lower cost (the median
+    model has local minima where two exposures always overlap); an exposure that no
+    detection constrains keeps the sample's median. Each object gets ``SEEING`` times its
+    predicted FWHM over the median prediction of the retained sample, so that FWHM_IMAGE's own
+    bias against the seeing cancels and where the coverage is typical the result is
+    ``SEEING``. Every object keeps ``SEEING`` when
     ``local_seeing`` is off, there is no exposure list, or the sample has fewer than
     ``seeing_min_sources`` detections; an object covered by no exposure keeps it too.
 

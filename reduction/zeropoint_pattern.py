@@ -50,6 +50,7 @@ from ks4release.reduction.zeropoint_tile import (
     FitResult,
     Observations,
     apply_aperture_correction,
+    band_aperture_corrections,
     linked_observations,
     read_exposure_stars,
     reference_stars,
@@ -166,20 +167,26 @@ def run_site_pattern(*, stars: Sequence[Path], gaia_xp: Sequence[Path], out_path
 
     Reads the measured tie stars of every exposure (``layout.zeropoint_stars_path``) and the
     Gaia XP catalog of every tile (``layout.tile_refcat_path``); the aperture correction is
-    one per tile and band, as in the tile fits. Writes ``out_path``
+    one per band over all the exposures (``pooled_aperture_correction``, written to the
+    table's meta for the tile fits; otherwise one per tile and band). Writes ``out_path``
     (``layout.site_pattern_path``) atomically.
     """
     measured = [read_exposure_stars(Path(p)) for p in stars]
+    pooled = (band_aperture_corrections(measured, settings)
+              if settings.pooled_aperture_correction else None)
     groups: dict[tuple[str, str], list[ExposureStars]] = defaultdict(list)
     for m in measured:
         groups[(m.tile, m.band)].append(m)
     for group in groups.values():
-        apply_aperture_correction(group, settings)
+        apply_aperture_correction(group, settings, pooled)
     references = _references(gaia_xp, {m.band for m in measured})
     try:
         table = fit_site_patterns(measured, references, settings)
     except ValueError as exc:
         raise InputError(out_path, f"the site pattern fit failed: {exc}") from None
+    if pooled is not None:
+        table.meta["aperture_corrections"] = {band: [value, n]
+                                              for band, (value, n) in sorted(pooled.items())}
     table.meta.update({"settings": asdict(settings), "software": f"ks4release {__version__}"})
     for site, n in table.meta["exposures"].items():
         rows = table[table["site"] == site]

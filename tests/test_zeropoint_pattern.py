@@ -189,6 +189,11 @@ def test_stars_file_round_trips(tiny_survey, tmp_path):
     table = Table.read(pattern, format="ascii.ecsv")
     assert set(table["site"]) == {back.site} and len(table) == 32
     assert table.meta["exposures"] == {back.site: 1}
+    # one aperture correction per band for the tile fits: a Moffat beta = 3 PSF loses 4.4 %
+    # beyond 3 half-light radii
+    (value, n), = table.meta["aperture_corrections"].values()
+    assert list(table.meta["aperture_corrections"]) == [back.band]
+    assert 1.03 < value < 1.06 and n >= 3
 
 
 def test_pattern_task_without_reference_stars_names_its_output(tiny_survey, tmp_path):
