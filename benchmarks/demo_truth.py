@@ -1,4 +1,5 @@
-"""A built demo release measured against its truth: the "Must show" lists of issues 5 and 6.
+"""A built demo release measured against its truth: issue 4's per-amplifier zero points and
+the "Must show" lists of issues 5 and 6.
 
     python benchmarks/demo_truth.py RELEASE_DIR --out benchmarks/results/demo_truth.json
                                     [--work-dir DIR]
@@ -26,6 +27,9 @@ Definitions (shared with the tests; the helpers named are where the same rule li
   ``zp_true(y) + c_true * pivot - zp_fit(y)`` per amplifier (truth/zeropoints.parquet against the
   pipeline's ``work/photometry/<stem>_zp.ecsv``; the fitted zero points are for a star of the
   pivot colour, the true ones for colour 0).
+* Per-amplifier zero point (issue 4): per live amplifier of every exposure, the RMS over Y of
+  ``zp_fit(y) - zp_true(y) - c_true * pivot``; per site, the quadratic mean over its
+  amplifiers.
 """
 
 from __future__ import annotations
@@ -227,8 +231,9 @@ def robust_sigma(values: np.ndarray) -> float:
 
 def amplifier_zeropoints(ctx: dict) -> list[dict]:
     """Per site: RMS over Y of (fitted - true) zero point of every live amplifier of every
-    exposure (dead amplifiers excluded), summarised by the median, the quadratic mean, the
-    fraction within 0.01 mag and the 90th percentile."""
+    exposure (dead amplifiers excluded), judged by their quadratic mean (the RMS over the
+    site's amplifiers and Y), with the median, the fraction within 0.01 mag and the 90th
+    percentile."""
     must = "per-amplifier zero point within 0.01 mag RMS along Y of truth, every site"
     if not (ctx["work"] / "photometry").is_dir():
         return [entry(4, must, "skipped", None, "<= 0.01", None,
@@ -250,11 +255,11 @@ def amplifier_zeropoints(ctx: dict) -> list[dict]:
     out = []
     for site, values in sorted(per_site.items()):
         rms = np.concatenate(values)
-        median = float(np.median(rms))
-        out.append(entry(4, must, "median over amplifiers", rounded(median), "<= 0.01",
-                         median <= 0.01, site=site, n_amplifiers=int(rms.size),
-                         n_exposures=len(values),
-                         quadratic_mean=rounded(float(np.sqrt(np.mean(rms ** 2)))),
+        quadratic_mean = float(np.sqrt(np.mean(rms ** 2)))
+        out.append(entry(4, must, "quadratic mean over amplifiers", rounded(quadratic_mean),
+                         "<= 0.01", quadratic_mean <= 0.01, site=site,
+                         n_amplifiers=int(rms.size), n_exposures=len(values),
+                         median=rounded(float(np.median(rms))),
                          fraction_within_001=rounded(float(np.mean(rms <= 0.01)), 3),
                          p90=rounded(float(np.percentile(rms, 90)))))
     return out
