@@ -447,6 +447,12 @@ class ZeropointSettings:
         "departure from it (DR1: the variations are consistent across filters, of instrumental "
         "origin). Off: each tile and band alone, with the hierarchical priors above.",
         default=True)
+    pattern_max_exposures: int = documented(
+        "Most exposures per site the site pattern is fitted from, spread evenly over the dates "
+        "(the fit's dense system has one parameter per exposure: DR1's 17,600 exposures would "
+        "not fit in memory, and a few hundred full-size exposures measure every amplifier "
+        "with thousands of stars).",
+        default=400)
     pooled_aperture_correction: bool = documented(
         "With the site pattern: one aperture correction per band over the whole release "
         "(measured by the zp-pattern stage) instead of one per tile and band (it depends on "
@@ -471,7 +477,7 @@ class ZeropointSettings:
                   "prior_star_colour", "pattern_offset_mag", "pattern_slope_mag")
         _at_least(self, 0.0, "tie_min_snr", "apcorr_min_snr", "background_grow_px")
         _at_least(self, 1.0, "background_box_px", "min_stars_amp", "tie_max_size_ratio",
-                  "r50_min_stars")
+                  "r50_min_stars", "pattern_max_exposures")
         _at_least(self, 0.0, "error_floor_mag")
         _fraction(self, "blend_fraction", "saturation_fraction")
         _at_least(self, 1.0, "fallback_aperture_correction")

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ks4release.config import CONFIG_FILENAME, ReleaseConfig
 from ks4release.engine import Stage, Task
 from ks4release.errors import ConfigError
@@ -176,13 +178,15 @@ class _Exposure:
     stem: str
     tile: str
     band: str
+    site: str
+    mjd: float
 
 
 def _exposures(ctx: ReleaseContext) -> list[_Exposure]:
     """Every exposure that passed ingest, in the configured bands."""
     return [
         _Exposure(path=Path(info["file"]), stem=summary.stem, tile=info["tile"],
-                  band=info["band"])
+                  band=info["band"], site=info["site"], mjd=float(info["mjd"]))
         for summary, info in _ingested(ctx)
         if info["band"] in ctx.config.survey.bands
     ]
@@ -255,12 +259,19 @@ def _plan_site_pattern(ctx: ReleaseContext) -> list[Task]:
 
     An exposure whose tie stars could not be measured (its zp-stars task failed or was
     blocked, and the engine has reported it) is left out rather than blocking every zero point
-    of the release.
+    of the release. A site with more than ``pattern_max_exposures`` exposures contributes that
+    many, spread evenly over its dates (:func:`_spread_in_time`).
     """
     rd = ctx.release_dir
-    if not ctx.config.zeropoint.site_pattern:
+    settings = ctx.config.zeropoint
+    if not settings.site_pattern:
         return []
-    exposures = [e for e in _exposures(ctx) if zeropoint_stars_path(rd, e.stem).is_file()]
+    measured = [e for e in _exposures(ctx) if zeropoint_stars_path(rd, e.stem).is_file()]
+    by_site: dict[str, list[_Exposure]] = defaultdict(list)
+    for e in measured:
+        by_site[e.site].append(e)
+    exposures = [e for site in sorted(by_site)
+                 for e in _spread_in_time(by_site[site], settings.pattern_max_exposures)]
     if not exposures:
         return []
     stars = [zeropoint_stars_path(rd, e.stem) for e in exposures]
@@ -271,6 +282,16 @@ def _plan_site_pattern(ctx: ReleaseContext) -> list[Task]:
                  kwargs={"stars": stars, "gaia_xp": gaia_xp, "out_path": out,
                          "settings": ctx.config.zeropoint},
                  inputs=(*stars, *gaia_xp), outputs=(out,))]
+
+
+def _spread_in_time(exposures: list[_Exposure], limit: int) -> list[_Exposure]:
+    """At most ``limit`` of ``exposures``, evenly spaced in their MJD order (all of them when
+    there are not more)."""
+    ordered = sorted(exposures, key=lambda e: (e.mjd, e.stem))
+    if len(ordered) <= limit:
+        return ordered
+    keep = np.unique(np.round(np.linspace(0, len(ordered) - 1, limit)).astype(int))
+    return [ordered[i] for i in keep]
 
 
 def _plan_zeropoint(ctx: ReleaseContext) -> list[Task]:

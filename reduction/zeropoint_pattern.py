@@ -24,8 +24,10 @@ mean over the site's amplifiers that hold stars (a constant is the exposures' bu
 ``slope = S_k + epsilon_ka``, with their marginal errors.
 
 Scale: the dense system has one parameter per exposure plus 72 per site, about 1 s for the
-demo's 71 exposures; a DR1-size release (17,600 exposures) would need the system solved
-sparsely or the pattern fitted per site and season.
+demo's 71 exposures; the stage fits each site from at most ``pattern_max_exposures`` (400)
+exposures spread over its dates, so a DR1-size release (17,600 exposures) stays at ~1,200
+parameters. A pattern that drifts with time (a new flat, a camera intervention) would need
+one per site and period, which DR1 does not describe and this stage does not do.
 """
 
 from __future__ import annotations

@@ -112,6 +112,14 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
     for catalog in ("idual_master", "single_master"):
         assert (release / "catalogs" / f"{catalog}.parquet").is_file()
         assert (release / "export" / catalog / "READY").is_file()
+    # The zero points are departures from the site pattern fitted from every exposure.
+    pattern = Table.read(release / "work" / "photometry" / "site_pattern.ecsv")
+    exposures = Table.read(release / "truth" / "exposures.parquet")
+    assert pattern.meta["exposures"] == {s: int(np.sum(exposures["site"] == s))
+                                         for s in set(exposures["site"])}
+    zp = Table.read(release / "work" / "photometry" / f"{exposures['stem'][0]}_zp.ecsv")
+    assert zp.meta["site_pattern"] is True and zp.meta["apcorr"] == pytest.approx(
+        pattern.meta["aperture_corrections"][str(exposures["band"][0])][0])
     # A second build has nothing to do.
     assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
     assert "build OK" in capsys.readouterr().err

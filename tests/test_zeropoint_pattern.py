@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from astropy.table import Table
@@ -240,3 +242,16 @@ def test_site_pattern_on_a_simulated_tile_against_truth(tiny_survey, tmp_path):
     print(f"median per-amplifier RMS along Y: {medians[False]:.4f} alone, "
           f"{medians[True]:.4f} with the site pattern")
     assert medians[True] < 0.8 * medians[False]
+
+
+def test_a_site_with_many_exposures_gives_an_even_spread_in_time():
+    """The zp-pattern stage caps each site's exposures; the kept ones span its dates."""
+    from ks4release.stages import _Exposure, _spread_in_time
+
+    exposures = [_Exposure(path=Path(f"e{i}.fits"), stem=f"e{i:03d}", tile="T", band="V",
+                           site="SSO", mjd=60000.0 + (7 * i) % 100) for i in range(100)]
+    kept = _spread_in_time(exposures, 10)
+    mjds = [e.mjd for e in kept]
+    assert len(kept) == 10 and mjds == sorted(mjds)
+    assert mjds[0] == 60000.0 and mjds[-1] == 60099.0
+    assert _spread_in_time(exposures[:7], 10) == sorted(exposures[:7], key=lambda e: e.mjd)
