@@ -447,6 +447,11 @@ class ZeropointSettings:
         "departure from it (DR1: the variations are consistent across filters, of instrumental "
         "origin). Off: each tile and band alone, with the hierarchical priors above.",
         default=True)
+    estimate_amp_widths: bool = documented(
+        "In the site-pattern fit, estimate the widths of the amplifiers' offsets and gradients "
+        "about their CCD's from the fit itself (empirical Bayes) instead of "
+        "prior_amp_offset_mag and prior_amp_slope_mag, which then only start it.",
+        default=True)
     pattern_max_exposures: int = documented(
         "Most exposures per site the site pattern is fitted from, spread evenly over the dates "
         "(the fit's dense system has one parameter per exposure: DR1's 17,600 exposures would "
