@@ -63,7 +63,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -169,12 +169,8 @@ def stellar_half_light_radii(detections: Table, settings: ZeropointSettings
     missed by up to 2.4x (one galaxy or blend among them) and moved that CCD's zero point by up
     to 0.4 mag through the aperture.
     """
-    ccd = np.asarray(detections["ccd"]).astype(str)
-    snr = np.asarray(detections["snr"], float)
-    size = np.asarray(detections["flux_radius"], float)
-    clean = ((np.asarray(detections["flags"]) == 0)
-             & ((np.asarray(detections["imaflags"]).astype(np.int64) & DR1_BAD_BITS) == 0)
-             & np.isfinite(snr) & np.isfinite(size) & (size > 0))
+    ccd, snr, size, clean = _clean_detections(detections)
+    clean &= size > 0
     bright = clean & (snr >= 50.0)
     if bright.sum() < 3:
         bright = clean & (snr >= settings.tie_min_snr)
@@ -200,19 +196,30 @@ def _stellar_locus(sizes: np.ndarray) -> float:
     return value
 
 
-def select_tie_detections(detections: Table, settings: ZeropointSettings) -> np.ndarray:
-    """Boolean mask of the detections that may tie exposures together (module docstring).
-
-    Clean detections of S/N at least ``tie_min_snr`` and a half-light radius at most
-    ``tie_max_size_ratio`` times their CCD's stellar one (:func:`stellar_half_light_radii`).
-    """
+def _clean_detections(detections: Table) -> tuple[np.ndarray, ...]:
+    """(ccd, snr, flux_radius, clean) of the detections: clean = no sep flag, no DR1 mask bit
+    in the footprint, finite S/N and size."""
     ccd = np.asarray(detections["ccd"]).astype(str)
     snr = np.asarray(detections["snr"], float)
     size = np.asarray(detections["flux_radius"], float)
     clean = ((np.asarray(detections["flags"]) == 0)
              & ((np.asarray(detections["imaflags"]).astype(np.int64) & DR1_BAD_BITS) == 0)
-             & np.isfinite(snr) & (snr >= settings.tie_min_snr) & np.isfinite(size))
-    stellar = stellar_half_light_radii(detections, settings)
+             & np.isfinite(snr) & np.isfinite(size))
+    return ccd, snr, size, clean
+
+
+def select_tie_detections(detections: Table, settings: ZeropointSettings,
+                          stellar: dict[str, float] | None = None) -> np.ndarray:
+    """Boolean mask of the detections that may tie exposures together (module docstring).
+
+    Clean detections of S/N at least ``tie_min_snr`` and a half-light radius at most
+    ``tie_max_size_ratio`` times their CCD's stellar one (``stellar``, by default
+    :func:`stellar_half_light_radii`).
+    """
+    ccd, snr, size, clean = _clean_detections(detections)
+    clean &= snr >= settings.tie_min_snr
+    if stellar is None:
+        stellar = stellar_half_light_radii(detections, settings)
     limit = np.array([stellar.get(c, np.nan) for c in ccd]) * settings.tie_max_size_ratio
     with np.errstate(invalid="ignore"):
         return clean & (size <= limit)
@@ -251,8 +258,8 @@ def measure_exposure_stars(exposure: Path, mask: Path | str, sources: Path, wcs:
     if missing:
         raise InputError(sources, f"column {missing[0]!r} is missing (expected the detect "
                          "stage's output)", column=missing[0])
-    chosen = detections[select_tie_detections(detections, settings)]
     stellar = stellar_half_light_radii(detections, settings)
+    chosen = detections[select_tie_detections(detections, settings, stellar)]
     on_ccd = np.asarray(chosen["ccd"]).astype(str)
     geoms, tables, phot = [], [], {}
     for name in CCD_NAMES:
@@ -544,13 +551,18 @@ class FitLayout:
         return i_e, b + 1 + k, b + 1 + nk + k, b + 1 + 2 * nk + j, b + 1 + 2 * nk + na + j
 
 
-def _prior(layout: FitLayout, s: ZeropointSettings, pattern: PatternPrior | None) -> np.ndarray:
-    """Prior precision of every parameter (module docstring; with a site pattern, the widths
-    of an exposure's departures from it)."""
+def _prior(layout: FitLayout, s: ZeropointSettings, pattern: PatternPrior | None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Prior precision and mean of every parameter (module docstring; with a site pattern,
+    the widths of an exposure's departures from it and the pattern fit's colour terms)."""
     prec = np.zeros(layout.size)
-    prec[:len(layout.colour_keys)] = (s.prior_colour_term ** -2 if pattern is None else
-                                      pattern.colour_terms(layout.colour_keys,
-                                                           s.prior_colour_term)[1] ** -2)
+    mean = np.zeros(layout.size)
+    n_ct = len(layout.colour_keys)
+    if pattern is None:
+        prec[:n_ct] = s.prior_colour_term ** -2
+    else:
+        mean[:n_ct], width = pattern.colour_terms(layout.colour_keys, s.prior_colour_term)
+        prec[:n_ct] = width ** -2
     for e, exp in enumerate(layout.exposures):
         for k, c in enumerate(exp.ccds):
             for a in range(len(c.amplifiers)):
@@ -563,7 +575,7 @@ def _prior(layout: FitLayout, s: ZeropointSettings, pattern: PatternPrior | None
                               math.hypot(s.pattern_slope_mag, pattern.slope_err[e, k, a]))
                 prec[list(layout.indices(e, k, a))] = (_TINY_PRECISION,
                                                        *(w ** -2 for w in widths))
-    return prec
+    return prec, mean
 
 
 @dataclass
@@ -652,8 +664,6 @@ def fit_tile_zeropoints(exposures: Sequence[ExposureStars], reference: Table,
     prior = None if pattern is None else pattern_prior(exposures, pattern)
     obs, anchors = linked_observations(exposures, {e.band: reference for e in exposures},
                                        settings)
-    if prior is not None:
-        obs.value = obs.value + prior.at(obs)
     result = solve_zeropoints(obs, anchors, layout, settings, prior)
     return _tables(layout, obs, result, anchors, settings, prior)
 
@@ -801,18 +811,18 @@ def solve_zeropoints(obs: Observations, anchors: dict, layout: FitLayout,
                      s: ZeropointSettings, pattern: PatternPrior | None = None) -> FitResult:
     """Fit with robust clipping; the colour terms of stars without XP follow the site terms.
 
-    With ``pattern``, ``obs`` holds the detections with the pattern already added
-    (:meth:`PatternPrior.at`) and the priors are those of the departures from it.
+    With ``pattern`` the parameters are an exposure's departures from it: the pattern is
+    added to the detections (:meth:`PatternPrior.at`) and the priors are the departures'.
     """
+    if pattern is not None:
+        obs = replace(obs, value=obs.value + pattern.at(obs))
     n_star = anchors["mag"].size
     anchored = np.isfinite(anchors["mag"])
     sigma = np.maximum(np.concatenate([obs.sigma, np.hypot(anchors["err"][anchored],
                                                            s.error_floor_mag)]), _MIN_SIGMA_MAG)
-    prior_mean = np.zeros(layout.size + 2 * n_star)
-    if pattern is not None:
-        prior_mean[:len(layout.colour_keys)] = pattern.colour_terms(layout.colour_keys,
-                                                                      s.prior_colour_term)[0]
-    prior = np.concatenate([_prior(layout, s, pattern), np.full(n_star, _TINY_PRECISION),
+    theta_precision, theta_mean = _prior(layout, s, pattern)
+    prior_mean = np.concatenate([theta_mean, np.zeros(2 * n_star)])
+    prior = np.concatenate([theta_precision, np.full(n_star, _TINY_PRECISION),
                             np.where(anchored, 1.0, s.prior_star_colour ** -2)])
     ct_site = np.zeros(len(layout.colour_keys))
     keep = np.ones(sigma.size, bool)
