@@ -1012,6 +1012,11 @@ class MapSettings:
         "bin's value: 1 = DR1's rule (the bin's own stars); wider smooths the map for sparse "
         "reference stars (see the module docstring).",
         default=1.0)
+    zp_shrinkage: bool = documented(
+        "Pull each ZP-map bin's median toward the tile-wide zero point by the share of the "
+        "bins' spread that their star counts explain as noise (empirical Bayes; the spatial "
+        "variance is estimated from the tile's bins). False = DR1's plain per-bin median.",
+        default=True)
     align_window_bins: float = documented(
         "Side of the square window, in bins, centred on an alignment-map bin, whose stars give "
         "the bin's value (the toolkit: 1000 px around 200 px bins = 5).",

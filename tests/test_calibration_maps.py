@@ -168,11 +168,11 @@ def test_settings_name_the_bad_field():
 
 
 def _zp_map_of(zp, zperr, pstar, *, bin_px=10, tile_zp=30.0, tile_zperr=0.0,
-               tile_nstar=0) -> ZpMap:
+               tile_nstar=0, spatial_rms=np.nan) -> ZpMap:
     """A :class:`ZpMap` from arrays (float64) and tile-wide values."""
     return ZpMap(zp=np.asarray(zp, float), zperr=np.asarray(zperr, float),
                  pstar=np.asarray(pstar, float), bin_px=bin_px, tile_zp=tile_zp,
-                 tile_zperr=tile_zperr, tile_nstar=tile_nstar)
+                 tile_zperr=tile_zperr, tile_nstar=tile_nstar, spatial_rms=spatial_rms)
 
 
 def test_bins_scale_with_the_coadd_size():
@@ -264,7 +264,7 @@ def test_tile_zero_point_leaves_the_maps_in_dr1_format():
     empty = zmap.pstar == 0
     assert np.all(zmap.zp[empty] == 30.0) and np.all(zmap.zperr[empty] == 0.0)
     wide = zp_maps(t, xp, "V", bin_px=10, shape=(50, 50),
-                   settings=MapSettings(zp_window_bins=3))["APER3"]
+                   settings=MapSettings(zp_window_bins=3, zp_shrinkage=False))["APER3"]
     assert wide.pstar[1, 1] == 1 and wide.pstar[3, 3] == 2 and wide.zp[3, 3] == pytest.approx(29.8)
     assert wide.pstar[2, 0] == 0 and wide.zp[2, 0] == 30.0
     assert wide.tile_zp == zmap.tile_zp and wide.tile_nstar == 3
@@ -272,6 +272,74 @@ def test_tile_zero_point_leaves_the_maps_in_dr1_format():
     none = zp_maps(t, xp, "V", bin_px=10, shape=(50, 50), settings=MapSettings())["AUTO"]
     assert (none.tile_zp, none.tile_zperr, none.tile_nstar) == (30.0, 0.0, 0)
     assert np.all(none.zp == 30.0) and not none.pstar.any()
+
+
+def _one_star_bins(n_bins_side: int, bin_px: int, values: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Centres of the first ``len(values)`` bins of an ``n_bins_side`` square grid, 1-based px."""
+    k = np.arange(len(values))
+    return (k % n_bins_side + 0.5) * bin_px, (k // n_bins_side + 0.5) * bin_px
+
+
+def test_shrinkage_keeps_sparse_noise_and_a_blend_out_of_a_flat_map():
+    """60 one-star bins, stars scattering 0.03 mag about a flat 29.5, one blended star +0.3.
+
+    DR1's medians copy each star's error into its bin (~0.05 mag RMS); shrunk, the bins stay
+    within 0.005 mag of the tile's zero point (itself within 3 sigma of the truth), the blended
+    star's bin takes the tile's value and no spatial variation is claimed.
+    """
+    rng = np.random.default_rng(11)
+    zp_star = 29.5 + rng.normal(0.0, 0.03, 60)
+    zp_star[7] += 0.3
+    x, y = _one_star_bins(10, 10, zp_star)
+    t, xp = _synthetic(x, y, zp_star)
+    raw = zp_maps(t, xp, "V", bin_px=10, shape=(100, 100),
+                  settings=MapSettings(zp_shrinkage=False))["AUTO"]
+    shrunk = zp_maps(t, xp, "V", bin_px=10, shape=(100, 100), settings=MapSettings())["AUTO"]
+    used = raw.pstar > 0
+    assert used.sum() == 60 and np.array_equal(shrunk.pstar, raw.pstar)
+    assert np.array_equal(shrunk.zperr, raw.zperr)
+    assert np.sqrt(np.mean((raw.zp[used] - raw.tile_zp) ** 2)) > 0.04
+    assert np.sqrt(np.mean((shrunk.zp[used] - shrunk.tile_zp) ** 2)) < 0.005
+    assert shrunk.tile_zp == pytest.approx(29.5, abs=3 * 1.25 * 0.03 / np.sqrt(60))
+    assert shrunk.zp[7, 0] == pytest.approx(shrunk.tile_zp)
+    assert shrunk.spatial_rms < 0.01 and np.isnan(raw.spatial_rms)
+    assert np.all(shrunk.zp[~used] == 30.0)
+
+
+def test_shrinkage_keeps_structure_that_the_stars_resolve():
+    """25 bins of 9 stars (0.03 mag each) on a pattern of 0.05 mag RMS: the map follows it."""
+    rng = np.random.default_rng(5)
+    pattern = 0.05 * np.sqrt(2) * np.sin(np.arange(25) * 0.7)
+    bx, by = _one_star_bins(5, 10, pattern)
+    x = np.repeat(bx, 9) + rng.uniform(-4, 4, 225)
+    y = np.repeat(by, 9) + rng.uniform(-4, 4, 225)
+    zp_star = 29.5 + np.repeat(pattern, 9) + rng.normal(0.0, 0.03, 225)
+    t, xp = _synthetic(x, y, zp_star)
+    zmap = zp_maps(t, xp, "V", bin_px=10, shape=(50, 50), settings=MapSettings())["APER5"]
+    truth = 29.5 + pattern
+    found = zmap.zp[(np.arange(25) % 5), (np.arange(25) // 5)]
+    assert np.sqrt(np.mean((found - truth) ** 2)) < 0.015
+    assert 0.035 < zmap.spatial_rms < 0.065
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(3, 40), noise=st.floats(0.001, 0.1),
+       structure=st.floats(0.0, 0.1))
+def test_a_shrunk_bin_lies_between_the_tile_and_its_median(seed, n, noise, structure):
+    rng = np.random.default_rng(seed)
+    zp_star = 29.0 + rng.normal(0, structure, n) + rng.normal(0, noise, n)
+    x, y = _one_star_bins(7, 10, zp_star)
+    t, xp = _synthetic(x, y, zp_star)
+    raw = zp_maps(t, xp, "V", bin_px=10, shape=(70, 70),
+                  settings=MapSettings(zp_shrinkage=False))["AUTO"]
+    shrunk = zp_maps(t, xp, "V", bin_px=10, shape=(70, 70), settings=MapSettings())["AUTO"]
+    used = raw.pstar > 0
+    away, pulled = raw.zp[used] - raw.tile_zp, shrunk.zp[used] - shrunk.tile_zp
+    assert shrunk.tile_zp == raw.tile_zp
+    assert np.all(away * pulled >= 0)
+    assert np.all(np.abs(pulled) <= np.abs(away) + 1e-12)
+    assert shrunk.spatial_rms >= 0
 
 
 def test_align_map_measures_a_known_offset():
@@ -369,7 +437,8 @@ def _maps_for(shape: tuple[int, int], seed: int) -> tuple[dict[str, ZpMap], Alig
     na = (-(-shape[1] // ab), -(-shape[0] // ab))
     zp = {a: _zp_map_of(rng.normal(30, 0.1, nz), rng.uniform(0, 0.1, nz),
                         rng.integers(0, 5, nz), bin_px=zb, tile_zp=float(rng.normal(29.5, 0.2)),
-                        tile_zperr=float(rng.uniform(0, 0.1)), tile_nstar=int(rng.integers(0, 50)))
+                        tile_zperr=float(rng.uniform(0, 0.1)), tile_nstar=int(rng.integers(0, 50)),
+                        spatial_rms=float(rng.choice([np.nan, rng.uniform(0, 0.05)])))
           for a in APERTURES}
     align = AlignMap(rng.uniform(0, 1, na), rng.uniform(0, 1, na),
                      rng.integers(0, 9, na).astype(float), ab)
@@ -393,8 +462,11 @@ def test_write_read_round_trip(ny, nx, seed, band, mode):
     for a in APERTURES:
         for kind in ("zp", "zperr", "pstar", "bin_px", "tile_zp", "tile_zperr", "tile_nstar"):
             assert np.array_equal(getattr(zp[a], kind), getattr(zp2[a], kind))
+        spatial = zp[a].spatial_rms
         assert sidecar["apertures"][a] == {"zp": zp[a].tile_zp, "zperr": zp[a].tile_zperr,
-                                           "nstar": zp[a].tile_nstar}
+                                           "nstar": zp[a].tile_nstar,
+                                           "spatial_rms": None if np.isnan(spatial) else spatial}
+        assert np.array_equal(zp2[a].spatial_rms, spatial, equal_nan=True)
     for kind in ("align", "alerr", "astar", "bin_px"):
         assert np.array_equal(getattr(align, kind), getattr(align2, kind))
 
@@ -486,10 +558,13 @@ def test_maps_recover_an_injected_zero_point_pattern(v_band, pattern):
     bin_px = _bins(shape)
     injected = _measure(image * 10 ** (-0.4 * p(xx, yy)), v_band["mask"], v_band["header"], "V",
                         v_band["truth"])
+    dr1 = MapSettings(zp_shrinkage=False)
     before = zp_maps(v_band["table"], v_band["xp"], "V", bin_px=bin_px, shape=shape,
-                     settings=MapSettings())["APER5"]
+                     settings=dr1)["APER5"]
     after = zp_maps(injected, v_band["xp"], "V", bin_px=bin_px, shape=shape,
-                    settings=MapSettings())["APER5"]
+                    settings=dr1)["APER5"]
+    shrunk = zp_maps(injected, v_band["xp"], "V", bin_px=bin_px, shape=shape,
+                     settings=MapSettings())["APER5"]
     used = (before.pstar > 0) & (after.pstar > 0)
     ix, iy = np.nonzero(used)
     truth = np.array([p(xx[j * bin_px:(j + 1) * bin_px, i * bin_px:(i + 1) * bin_px],
@@ -498,10 +573,16 @@ def test_maps_recover_an_injected_zero_point_pattern(v_band, pattern):
     rms = float(np.sqrt(np.mean((after.zp[used] - before.zp[used] + truth) ** 2)))
     absolute = float(np.sqrt(np.mean(
         (after.zp[used] - np.median(before.zp[before.pstar > 0]) + truth) ** 2)))
+    offset = np.median(before.zp[before.pstar > 0])
+    shrunk_rms = float(np.sqrt(np.mean((shrunk.zp[used] - offset + truth) ** 2)))
     print(f"{pattern}: {used.sum()} bins, RMS(map change + p) {rms:.4f} mag, "
-          f"absolute RMS {absolute:.4f} mag")
+          f"absolute RMS {absolute:.4f} mag, shrunk {shrunk_rms:.4f} "
+          f"(tau {shrunk.spatial_rms:.4f})")
     assert used.sum() >= 8
     assert rms < 0.01
+    # 12 one-star bins whose stars scatter 0.03 mag cannot resolve a 0.03-0.05 mag pattern;
+    # shrinking them toward the tile still brings the map closer to the truth than DR1's medians
+    assert shrunk_rms < absolute
 
 
 def test_alignment_map_sees_a_wcs_offset(v_band):
