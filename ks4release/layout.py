@@ -43,6 +43,7 @@ __all__ = [
     "scaled_path",
     "coadd_path",
     "coadd_exposures_path",
+    "coadd_excluded_path",
     "master_catalog_path",
     "export_dir",
 ]
@@ -112,6 +113,11 @@ def coadd_path(release_dir: Path, tile: str, band: str, kind: str) -> Path:
 def coadd_exposures_path(release_dir: Path, tile: str, band: str) -> Path:
     """Footprint polygon and MJD of every exposure that went into a co-add."""
     return Path(release_dir) / "images" / tile / f"{tile}_{band}_exposures.json"
+
+
+def coadd_excluded_path(release_dir: Path, tile: str, band: str) -> Path:
+    """Per exposure of a co-add, the grid pixels where its masked data stayed out of the median."""
+    return _work(release_dir, "coadd", f"{tile}_{band}_excluded.npz")
 
 
 def master_catalog_path(release_dir: Path, catalog: str) -> Path:

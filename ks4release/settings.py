@@ -944,23 +944,19 @@ class PhotometrySettings:
         "installs SExtractor's default.nnw, the network DR1 used (kmtnet.nnw).",
         default="/usr/share/source-extractor/default.nnw")
     local_seeing: bool = documented(
-        "CLASS_STAR's SEEING_FWHM per object from the exposures covering it (a seeing map: "
-        "the co-add's SEEING scaled by the FWHM_IMAGE that bright point sources give each "
-        "exposure, as SExtractor users run each region with its own SEEING_FWHM) instead of "
-        "the co-add's SEEING everywhere.", default=True)
+        "CLASS_STAR's SEEING_FWHM per object from the exposures whose data made it (a seeing "
+        "map: the co-add's SEEING scaled by the PSF of those exposures' median, each "
+        "exposure's PSF as measured on it, as SExtractor users run each region with its own "
+        "SEEING_FWHM) instead of the co-add's SEEING everywhere.", default=True)
     seeing_min_snr: float = documented(
-        "Smallest S/N (snr) of the detections whose FWHM_IMAGE measures the seeing map.",
+        "Smallest S/N (snr) of the detections whose coverage sets the typical PSF of the "
+        "seeing map.",
         default=50.0)
-    seeing_clip: float = documented(
-        "The seeing map's fit drops detections wider than this times their predicted "
-        "FWHM_IMAGE (galaxies, blends) and refits.", default=1.15)
     seeing_min_sources: int = documented(
-        "Fewest PSF detections for a seeing map; fewer: the co-add's SEEING everywhere.",
+        "Fewest such detections for a seeing map; fewer: the co-add's SEEING everywhere.",
         default=10)
 
     def __post_init__(self) -> None:
-        if not self.seeing_clip > 1:
-            raise ValueError(f"seeing_clip must be > 1, got {self.seeing_clip}")
         for name in ("detect_thresh_sigma", "deblend_cont", "clean_param", "kron_factor",
                      "kron_min_radius", "crowding_fraction", "seeing_min_snr"):
             if not getattr(self, name) > 0:

@@ -21,6 +21,7 @@ from ks4release.engine import Stage, Task
 from ks4release.errors import ConfigError
 from ks4release.grid import Tile, tile_by_name
 from ks4release.layout import (
+    coadd_excluded_path,
     coadd_exposures_path,
     coadd_path,
     export_dir,
@@ -351,7 +352,7 @@ def _plan_coadd(ctx: ReleaseContext) -> list[Task]:
                     "release_dir": rd, "settings": ctx.config.coadd},
             inputs=(*scaled, *masks),
             outputs=(*(coadd_path(rd, tile, band, kind) for kind in ("coadd", "mask", "ndith")),
-                     coadd_exposures_path(rd, tile, band)),
+                     coadd_exposures_path(rd, tile, band), coadd_excluded_path(rd, tile, band)),
             tile=tile, band=band,
         ))
     return tasks
@@ -427,7 +428,8 @@ def _plan_photometry(ctx: ReleaseContext) -> list[Task]:
              kwargs={"release_dir": rd, "tile": tile, "mode": mode, "bands": bands,
                      "settings": settings, "nnw_path": nnw, "detection_band": detection},
              inputs=(*_coadd_files(rd, tile, bands),
-                     *(coadd_exposures_path(rd, tile, band) for band in bands), nnw),
+                     *(coadd_exposures_path(rd, tile, band) for band in bands),
+                     *(coadd_excluded_path(rd, tile, band) for band in bands), nnw),
              outputs=(_measured(rd, tile, mode, bands),),
              tile=tile, band=bands[0] if mode == "single" else None)
         for tile, mode, bands in _modes(ctx)

@@ -15,10 +15,14 @@ median and adds what SWarp does not give:
   input pixel), see :mod:`ks4release.reduction.coadd_maps`;
 * ``<tile>_<band>_ndith.fits``: number of exposures that entered the median at each pixel
   (masked pixels of an exposure do not), read from the resampled weight frames;
+* ``work/coadd/<tile>_<band>_excluded.npz`` (``layout.coadd_excluded_path``): per exposure, the
+  grid pixels where its masked data stayed out of the median (:func:`_exclude_masked_pixels`),
+  so that the photometry knows which exposures made each object's PSF;
 * ``<tile>_<band>_exposures.json``: stem, MJD, site, CCD footprints (sky outlines,
   ``coadd_maps.FOOTPRINT_VERTICES_PER_SIDE`` vertices per side, so that they follow the
   distortion's bow of the CCD edges) and ok flag of every exposure (for the catalog's NDITH,
-  EDGE and MJD columns);
+  EDGE and MJD columns), and its PSF half-light radius (``psf_r50_arcsec``, for CLASS_STAR's
+  seeing map);
 * co-add header: ``SEEING`` (median FWHM of stars on the co-add, arcsec) and ``PSFBETA``
   (their median Moffat index, for the catalog's Kron loss correction), ``MAGLIM`` (5-sigma
   limiting AB magnitude in an aperture of ``DEPTHAPD`` arcsec diameter = 2 x SEEING by default,
@@ -52,6 +56,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +65,7 @@ import numpy as np
 import sep
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy.ndimage import binary_dilation, maximum_filter
 from scipy.optimize import least_squares
 
@@ -67,7 +73,7 @@ from ks4release import __version__
 from ks4release.atomic import atomic_path, atomic_write_text
 from ks4release.camera import CCD_NAMES, COADD_PIXEL_SCALE_ARCSEC, Camera
 from ks4release.errors import InputError, StageError
-from ks4release.layout import coadd_exposures_path, coadd_path
+from ks4release.layout import coadd_excluded_path, coadd_exposures_path, coadd_path
 from ks4release.projection import tan_wcs_header
 from ks4release.reduction.coadd_maps import (
     CcdProjection,
@@ -621,7 +627,7 @@ def run_coadd(*, tile: str, band: str, ra: float, dec: float, scaled: list[Path]
         timings["swarp_s"] = time.perf_counter() - t1
         try:
             t1 = time.perf_counter()
-            _exclude_masked_pixels(frames, masked, grid_wcs, shape)
+            excluded = _exclude_masked_pixels(frames, masked, grid_wcs, shape)
             timings["exclude_s"] = time.perf_counter() - t1
             if settings.background_match:
                 t1 = time.perf_counter()
@@ -654,6 +660,7 @@ def run_coadd(*, tile: str, band: str, ra: float, dec: float, scaled: list[Path]
     header = _coadd_header(tile, band, grid_wcs, used, quality, settings)
     _write_products(release_dir, tile, band, coadd, mask_map, ndith_map, header,
                     [_footprint(e) for e in exposures], grid_wcs)
+    write_excluded(coadd_excluded_path(release_dir, tile, band), excluded, shape)
     timings["write_s"] = time.perf_counter() - t1
     return {"timings_s": timings, "background_offset_max": largest_offset, **quality}
 
@@ -705,9 +712,11 @@ def _masked_on_grid(projections: list[CcdProjection], bits: int, shape: tuple[in
 
 
 def _exclude_masked_pixels(frames: dict[str, list[Path]], masked: dict[str, np.ndarray],
-                           grid_wcs: WCS, shape: tuple[int, int]) -> None:
+                           grid_wcs: WCS, shape: tuple[int, int]) -> dict[str, np.ndarray]:
     """Zero the resampled weight of every exposure where its own input pixels were masked,
-    wherever another exposure has unmasked data.
+    wherever another exposure has unmasked data; return, per exposure stem, the sorted flat
+    grid indices so excluded (the photometry's seeing map needs which exposures entered the
+    median at each object, not only how many).
 
     Short masked runs are filled before resampling, so that LANCZOS3 does not zero the weight
     of every output pixel it carries them into (~10% of an exposure, one cosmic ray at a time).
@@ -729,9 +738,12 @@ def _exclude_masked_pixels(frames: dict[str, list[Path]], masked: dict[str, np.n
         good += covered
     has_good = good > 0
     del good
+    dtype = np.int32 if shape[0] * shape[1] < 2**31 else np.int64
+    out = {}
     for stem, paths in frames.items():
         excluded = _grow_into(masked[stem], scratch=scratch, out=grown)
         excluded &= has_good
+        out[stem] = np.flatnonzero(excluded).astype(dtype)
         for path in paths:
             header, weight, slices = _read_weight_frame(path, grid_wcs, shape)
             if slices is None or not excluded[slices[0]].any():
@@ -740,6 +752,7 @@ def _exclude_masked_pixels(frames: dict[str, list[Path]], masked: dict[str, np.n
             weight[on_frame][excluded[on_grid]] = 0.0
             fits.PrimaryHDU(data=weight, header=header).writeto(_weight_frame(path),
                                                                 overwrite=True)
+    return out
 
 
 def _grow_into(indices: np.ndarray, *, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -886,15 +899,22 @@ def _matched_frame(frame: Path) -> Path:
 
 def _footprint(exp: _Exposure) -> dict:
     """The exposures-JSON entry of one exposure: the sky outline (``ccd_footprint_deg``, a list
-    of [ra, dec] vertices) of every CCD used, through its fitted WCS."""
-    outlines = {}
+    of [ra, dec] vertices) of every CCD used, through its fitted WCS, and ``psf_r50_arcsec``,
+    the median over those CCDs of the stars' half-light radius (``PSFR50``, from the
+    zero-point photometry) in arcsec; None when no CCD has it."""
+    outlines, r50 = {}, []
     with fits.open(exp.path, memmap=True) as hdul:
         for name in exp.ok_ccds:
             header = hdul[name].header
             shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
-            outlines[name] = ccd_footprint_deg(_ccd_wcs(header), shape)
+            wcs = _ccd_wcs(header)
+            outlines[name] = ccd_footprint_deg(wcs, shape)
+            if isinstance(header.get("PSFR50"), (int, float)):
+                r50.append(float(header["PSFR50"])
+                           * float(np.mean(proj_plane_pixel_scales(wcs))) * 3600.0)
     return {"stem": exp.stem, "mjd": exp.mjd, "site": exp.site, "ok": bool(exp.ok_ccds),
-            "ccds": outlines, "excluded_ccds": exp.excluded}
+            "ccds": outlines, "excluded_ccds": exp.excluded,
+            "psf_r50_arcsec": float(np.median(r50)) if r50 else None}
 
 
 def _check_swarp_grid(header: fits.Header, grid_wcs: WCS, shape: tuple[int, int], tile: str,
@@ -975,6 +995,32 @@ def _coadd_header(tile: str, band: str, grid_wcs: WCS, used: list[_Exposure], qu
     for exp in used:
         header.add_history(f"input {exp.stem} CCDs {','.join(exp.ok_ccds)}")
     return header
+
+
+def write_excluded(path: Path, excluded: dict[str, np.ndarray], shape: tuple[int, int]) -> None:
+    """Write :func:`_exclude_masked_pixels`' flat indices per exposure stem atomically, as a
+    compressed ``.npz`` without pickles (one int array per stem, plus the grid ``__shape__``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, __shape__=np.asarray(shape, dtype=np.int64), **excluded)
+
+
+def read_excluded(path: Path, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The excluded grid pixels per exposure stem written by :func:`write_excluded`.
+
+    Raises
+    ------
+    InputError
+        Naming the file, when it is unreadable or was written for another grid shape.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: np.asarray(data[name]) for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(path, f"cannot read the excluded pixels ({exc})") from None
+    written = tuple(int(v) for v in arrays.pop("__shape__", ()))
+    if written != tuple(shape):
+        raise InputError(path, f"written for a grid of shape {written}, the co-add is {shape}")
+    return arrays
 
 
 def _write_products(release_dir: Path, tile: str, band: str, coadd: np.ndarray,

@@ -62,15 +62,13 @@ SExtractor:
 * **CLASS_STAR's seeing map** (``local_seeing``): SEEING_FWHM is not the header's SEEING
   everywhere but each object's: the PSF of a median co-add is that of the exposures covering
   the pixel, 1.5 times SEEING where one or two bad-seeing dithers cover it alone (chip gaps,
-  borders). Each exposure's seeing is fitted to the FWHM_IMAGE of the band's bright, clean,
-  point-like detections given which exposures cover them (their CCD polygons in the co-add's
-  exposure list), and each object gets SEEING scaled by the PSF predicted for its coverage
-  (:func:`local_seeing`). Without an exposure list (``measure_*`` called without
-  ``exposures``), SEEING everywhere. On the demo release (4 tiles, S/N > 30, CLASS_STAR >= 0.5
-  = star) the accuracy against truth goes from 0.916-0.974 (single) and 0.922-0.958 (dual) to
-  0.950-0.981 and 0.946-0.963; what it leaves are stars whose profile the co-add damaged
-  (exposures masked over the core, misaligned overlaps) and, in dual mode, compact galaxies
-  measured inside I's smaller footprint.
+  borders) or where the other exposures' data were masked. Each exposure's PSF size is the
+  stars' half-light radius that the zero-point stage measured on it (``psf_r50_arcsec`` in the
+  co-add's exposure list, from the scaled CCDs' ``PSFR50``); which exposures made an object's
+  PSF are those whose CCD polygon holds it and whose data entered the median there (the
+  co-add's excluded pixels); each object gets SEEING scaled by the PSF predicted for that set
+  over the typical one (:func:`local_seeing`). Without an exposure list or PSF sizes
+  (``measure_*`` called without ``exposures``), SEEING everywhere.
 
 ``flags_{b}`` (:data:`FLAG_BITS`, SExtractor meanings):
 1 more than ``crowding_fraction`` of the Kron ellipse's pixels belong to other objects or are
@@ -106,13 +104,12 @@ from astropy.table import Table
 from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy.ndimage import binary_dilation, grey_dilation, maximum_filter
-from scipy.optimize import least_squares
 
 from ks4release import __version__
 from ks4release.atomic import atomic_path
 from ks4release.errors import InputError, StageError
-from ks4release.layout import coadd_exposures_path, coadd_path
-from ks4release.reduction.coadd import fill_masked_pixels
+from ks4release.layout import coadd_excluded_path, coadd_exposures_path, coadd_path
+from ks4release.reduction.coadd import fill_masked_pixels, read_excluded
 from ks4release.reduction.coadd_maps import exposure_footprints
 from ks4release.reduction.sep_objects import (
     CONV_KERNEL,
@@ -131,6 +128,7 @@ __all__ = [
     "FLAG_BITS",
     "PhotometrySettings",
     "coverage",
+    "exposure_psf_widths",
     "local_seeing",
     "measure_dual",
     "measure_single",
@@ -241,6 +239,7 @@ class _Band:
     no_data: np.ndarray      # pixels without data (bool)
     bits: np.ndarray         # co-add mask bits (uint8)
     exposures: dict          # the co-add's exposure list (empty without one)
+    excluded: dict           # stem -> flat pixels where its masked data left the median
     depth: np.ndarray        # exposures per pixel (NDITH; 0 without data), -1 where not given
     saturate: float          # header SATURATE above the background, inf when absent
     gain: float              # effective gain used, 0 = no Poisson term
@@ -260,7 +259,8 @@ def _quiet_wcs(header: fits.Header) -> WCS:
 
 def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str,
              settings: PhotometrySettings, ndith: np.ndarray | None,
-             exposures: dict | None = None) -> _Band:
+             exposures: dict | None = None,
+             excluded: dict[str, np.ndarray] | None = None) -> _Band:
     """Background, RMS and MASK_TYPE CORRECT-like interpolation of one co-add."""
     data = np.asarray(image, dtype=np.float32)
     bits = np.asarray(mask).astype(np.uint8)
@@ -288,7 +288,7 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
     return _Band(name=band, image=np.ascontiguousarray(filled, dtype=np.float32),
                  rms=np.ascontiguousarray(background.rms(), dtype=np.float32), masked=masked,
                  touched=missing, no_data=no_data, bits=bits,
-                 exposures=exposures or {},
+                 exposures=exposures or {}, excluded=excluded or {},
                  depth=np.where(no_data, 0, -1 if ndith is None else np.asarray(ndith)),
                  saturate=saturate, gain=gain,
                  seeing_arcsec=float(header["SEEING"]), pixel_scale_arcsec=scale, wcs=wcs,
@@ -544,18 +544,6 @@ def _flags(band: _Band, det: _Detection, grown: np.ndarray, aper_flags: np.ndarr
 #: saturated, truncated at the border or a gap, footprint holding interpolated or masked pixels.
 _NOT_PSF_FLAGS = 2 | 4 | 8 | 32
 
-#: Rounds of :func:`local_seeing`'s fit, each refitting without the detections wider than
-#: ``seeing_clip`` times their prediction (galaxies, blends).
-_SEEING_FIT_ROUNDS = 5
-
-#: Weight (per pixel of FWHM) of the rows of :func:`local_seeing`'s fit tying each exposure's
-#: seeing to the sample's median FWHM_IMAGE: a median co-add hides the widest exposures of a
-#: pixel, so only the few detections that few exposures cover constrain them.
-_SEEING_PRIOR_WEIGHT = 0.3
-
-#: Residual (pixels of FWHM) beyond which :func:`local_seeing`'s fit counts a detection
-#: linearly rather than quadratically (``soft_l1``: robust to misaligned or blended stars).
-_SEEING_F_SCALE_PX = 0.3
 
 #: Radii (units of the widest exposure's FWHM) on which :func:`median_psf_fwhm` samples the
 #: median profile.
@@ -583,58 +571,81 @@ def median_psf_fwhm(widths: np.ndarray) -> float:
 
     r, profile, use = sampled(_PROFILE_RADII * widths.max())
     if use.sum() < _MIN_PROFILE_SAMPLES:
-        # a core far narrower than the widest exposure (a trial of local_seeing's fit): sample
-        # the part above a fifth of the peak finely (the median profile falls monotonically)
+        # a core far narrower than the widest exposure: sample the part above a fifth of the
+        # peak finely (the median profile falls monotonically)
         r, profile, use = sampled(np.linspace(0.0, r[np.argmin(use)], _PROFILE_RADII.size))
     weight = profile[use] ** 2 * r[use]
     slope = np.polyfit(r[use] ** 2, np.log(profile[use]), 1, w=np.sqrt(weight))[0]
     return float(1.6651 / math.sqrt(-slope))
 
 
-def coverage(exposures: dict, wcs: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Which usable exposure of a co-add covers each position: (n, n_exposures) bool.
+def coverage(exposures: dict, wcs: WCS, x: np.ndarray, y: np.ndarray, *,
+             excluded: dict[str, np.ndarray] | None = None,
+             shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Which usable exposure of a co-add entered its median at each position: (n, n_exposures)
+    bool.
 
     ``exposures`` is the co-add's exposure list (``coadd_exposures_path`` JSON); an exposure
     covers a position inside the polygon of one of its kept CCDs (``ccds``; ``ok`` false
     exposures are left out), the polygon's [ra, dec] vertices projected with the co-add ``wcs``
-    and joined by straight lines. ``x``, ``y``: 0-based pixels.
+    and joined by straight lines. ``excluded`` (stem -> sorted flat pixel indices of the grid
+    of numpy ``shape``, ``coadd.read_excluded``) removes an exposure where its masked data
+    stayed out of the median at the position's nearest pixel: there the co-add's PSF is the
+    median of the other exposures. ``x``, ``y``: 0-based pixels.
     """
     points = np.column_stack([x, y])
+    flat = None
+    if excluded and shape is not None:
+        iy = np.clip(np.rint(y).astype(np.int64), 0, shape[0] - 1)
+        ix = np.clip(np.rint(x).astype(np.int64), 0, shape[1] - 1)
+        flat = iy * shape[1] + ix
     columns = []
-    for _, paths in exposure_footprints(exposures, wcs, origin=0):
+    for exposure, paths in exposure_footprints(exposures, wcs, origin=0):
         inside = np.zeros(len(points), dtype=bool)
         for path in paths:
             inside |= path.contains_points(points)
+        left_out = None if flat is None else excluded.get(exposure["stem"])
+        if left_out is not None and left_out.size:
+            at = np.minimum(np.searchsorted(left_out, flat), left_out.size - 1)
+            inside &= left_out[at] != flat
         columns.append(inside)
     return np.column_stack(columns) if columns else np.zeros((len(points), 0), dtype=bool)
 
 
-def local_seeing(fwhm: np.ndarray, snr: np.ndarray, flags: np.ndarray, covered: np.ndarray,
-                 depth: np.ndarray, seeing_arcsec: float, settings: PhotometrySettings
-                 ) -> np.ndarray:
-    """SEEING_FWHM of each object for CLASS_STAR, arcsec: the co-add's SEEING scaled by the PSF
-    of the exposures that cover the object (a seeing map of the co-add).
+def exposure_psf_widths(exposures: dict) -> np.ndarray | None:
+    """Each usable exposure's PSF as the FWHM of a Gaussian of the same half-light radius
+    (``2 * psf_r50_arcsec``), in the order of :func:`coverage`'s columns; None when the list
+    has no usable exposure or one lacks a positive ``psf_r50_arcsec``."""
+    values = [e.get("psf_r50_arcsec") for e in exposures.get("exposures", []) if e.get("ok")]
+    if not values or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+        return None
+    return 2.0 * np.asarray(values, dtype=np.float64)
 
-    A median co-add's PSF at a pixel is the median of the PSFs of the exposures covering it:
-    where one or two dithers cover it (chip gaps, borders) it is their seeing, up to 1.5 times
-    the co-add's ``SEEING`` (a median over the whole co-add), and the network, fed ``SEEING``,
-    calls the broader stars there galaxies. SExtractor takes one SEEING_FWHM per run, or with
-    SEEING_FWHM = 0 the FWHM of a PSF model; users of a co-add with a varying PSF run each
-    region with its own. We give every object the seeing of its coverage. Model: each exposure ``e``
-    has a seeing ``w_e`` (pixels); a point source covered by the exposures ``S`` has the
-    FWHM_IMAGE :func:`median_psf_fwhm` ``(w_S)``. The ``w_e`` are fitted by least squares to the
-    PSF sample (``snr >= seeing_min_snr``, positive FWHM_IMAGE, no :data:`_NOT_PSF_FLAGS` bit,
-    NDITH equal to the number of covering exposures: where masks removed exposures, which ones
-    is unknown), in rounds that drop the detections wider than ``seeing_clip`` times their
-    prediction (galaxies, blends); each round starts from the previous round's widths and from
-    the linear model's of the retained sample and keeps the fit of lower cost (the median
-    model has local minima where two exposures always overlap); an exposure that no
-    detection constrains keeps the sample's median. Each object gets ``SEEING`` times its
-    predicted FWHM over the median prediction of the retained sample, so that FWHM_IMAGE's own
-    bias against the seeing cancels and where the coverage is typical the result is
-    ``SEEING``. Every object keeps ``SEEING`` when
-    ``local_seeing`` is off, there is no exposure list, or the sample has fewer than
-    ``seeing_min_sources`` detections; an object covered by no exposure keeps it too.
+
+def local_seeing(fwhm: np.ndarray, snr: np.ndarray, flags: np.ndarray, covered: np.ndarray,
+                 depth: np.ndarray, widths: np.ndarray | None, seeing_arcsec: float,
+                 settings: PhotometrySettings) -> np.ndarray:
+    """SEEING_FWHM of each object for CLASS_STAR, arcsec: the co-add's SEEING scaled by the PSF
+    of the exposures that made the object's pixels (a seeing map of the co-add).
+
+    A median co-add's PSF at a pixel is the median of the PSFs of the exposures that entered
+    it: where one or two dithers do (chip gaps, borders, the others masked) it is their
+    seeing, up to 1.5 times the co-add's ``SEEING`` (a median over the whole co-add), and the
+    network, fed ``SEEING``, calls the broader stars there galaxies. SExtractor takes one
+    SEEING_FWHM per run, or with SEEING_FWHM = 0 the FWHM of a PSF model; users of a co-add
+    with a varying PSF run each region with its own. We give every object the seeing of its
+    exposures: with each exposure's measured PSF ``widths`` (:func:`exposure_psf_widths`), an
+    object made by the exposures ``S`` (``covered``, :func:`coverage`) has the PSF
+    :func:`median_psf_fwhm` ``(widths[S])``, and gets ``SEEING`` times that over the median
+    prediction of the bright, clean, point-like detections (``snr >= seeing_min_snr``,
+    positive FWHM_IMAGE, no :data:`_NOT_PSF_FLAGS` bit, NDITH equal to its exposure count):
+    where the coverage is typical the result is ``SEEING``. The widths come from the
+    exposures themselves, not from the co-add: fitted through the median they came out 0.8x
+    too narrow for the broadest exposures, which only few detections see alone.
+
+    Every object keeps ``SEEING`` when ``local_seeing`` is off, ``widths`` is None or the
+    sample has fewer than ``seeing_min_sources`` detections; an object that no exposure made
+    keeps it too.
 
     Parameters
     ----------
@@ -643,71 +654,32 @@ def local_seeing(fwhm: np.ndarray, snr: np.ndarray, flags: np.ndarray, covered: 
         object.
     covered : numpy.ndarray
         (n, n_exposures) bool from :func:`coverage`.
+    widths : numpy.ndarray or None
+        (n_exposures,) PSF FWHM of each exposure (any unit: only ratios count).
     seeing_arcsec : float
         The co-add's SEEING.
     settings : PhotometrySettings
     """
-    n = fwhm.size
-    seeing = np.full(n, float(seeing_arcsec))
+    seeing = np.full(fwhm.size, float(seeing_arcsec))
     counts = covered.sum(axis=1)
     sample = (snr >= settings.seeing_min_snr) & (fwhm > 0) & ((flags & _NOT_PSF_FLAGS) == 0) \
         & (counts > 0) & ((depth == counts) | (depth < 0))
-    if not settings.local_seeing or covered.shape[1] == 0 \
+    if not settings.local_seeing or widths is None or covered.shape[1] == 0 \
             or sample.sum() < settings.seeing_min_sources:
         return seeing
+    if len(widths) != covered.shape[1]:
+        raise ValueError(f"{len(widths)} exposure widths for {covered.shape[1]} exposures")
     patterns, which = np.unique(covered, axis=0, return_inverse=True)
-    which = which.ravel()
-    prior = float(np.median(fwhm[sample]))
-    widths = _mean_model_widths(covered[sample], fwhm[sample], prior)
-    keep = sample.copy()
-    for _ in range(_SEEING_FIT_ROUNDS):
-        used = np.flatnonzero(covered[keep].any(axis=0))
-        fits_ = [least_squares(
-            _seeing_residuals, start, bounds=(0.5, np.inf), loss="soft_l1",
-            f_scale=_SEEING_F_SCALE_PX, args=(widths, used, patterns, which[keep], fwhm[keep],
-                                              prior))
-            for start in (widths[used], _mean_model_widths(covered[keep][:, used], fwhm[keep],
-                                                           prior))]
-        widths[used] = min(fits_, key=lambda f: f.cost).x
-        predicted = _pattern_fwhm(widths, patterns)[which]
-        narrow = sample & (fwhm <= settings.seeing_clip * predicted)
-        if np.array_equal(narrow, keep) or narrow.sum() < settings.seeing_min_sources:
-            break
-        keep = narrow
-    reference = float(np.median(predicted[keep]))
+    predicted = _pattern_fwhm(np.asarray(widths, dtype=np.float64), patterns)[which.ravel()]
     inside = counts > 0
-    seeing[inside] = seeing_arcsec * predicted[inside] / reference
+    seeing[inside] = seeing_arcsec * predicted[inside] / float(np.median(predicted[sample]))
     return seeing
-
-
-def _mean_model_widths(covered: np.ndarray, fwhm: np.ndarray, prior: float) -> np.ndarray:
-    """Start of :func:`local_seeing`'s fit: each exposure's seeing from the linear model
-    FWHM_IMAGE = mean of the covering exposures' seeings, with the same weak ties to ``prior``
-    (the median model is flat where the exposures' widths are equal, so it cannot start from
-    ``prior`` everywhere)."""
-    n_exposures = covered.shape[1]
-    rows = np.vstack([covered / covered.sum(axis=1, keepdims=True),
-                      _SEEING_PRIOR_WEIGHT * np.eye(n_exposures)])
-    target = np.concatenate([fwhm, np.full(n_exposures, _SEEING_PRIOR_WEIGHT * prior)])
-    return np.maximum(np.linalg.lstsq(rows, target, rcond=None)[0], 0.5)
 
 
 def _pattern_fwhm(widths: np.ndarray, patterns: np.ndarray) -> np.ndarray:
     """Predicted FWHM_IMAGE of each coverage pattern (rows of bool over the exposures; 0 for
     an empty one) given the exposures' seeing ``widths``."""
     return np.array([median_psf_fwhm(widths[row]) if row.any() else 0.0 for row in patterns])
-
-
-def _seeing_residuals(values: np.ndarray, widths: np.ndarray, used: np.ndarray,
-                      patterns: np.ndarray, which: np.ndarray, fwhm: np.ndarray,
-                      prior: float) -> np.ndarray:
-    """Residuals of :func:`local_seeing`'s fit: predicted minus measured FWHM_IMAGE of each
-    detection (pattern ``which``), then the weak ties of the fitted widths ``values`` (of the
-    exposures ``used``; the others keep ``widths``) to ``prior``."""
-    trial = widths.copy()
-    trial[used] = values
-    return np.concatenate([_pattern_fwhm(trial, patterns)[which] - fwhm,
-                           _SEEING_PRIOR_WEIGHT * (values - prior)])
 
 
 def _class_star(iso: np.ndarray, flux_max: np.ndarray, threshold: np.ndarray,
@@ -742,9 +714,10 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
     flux_max = footprint_max(det.segmap, band.image, n, bitwise=False).astype(np.float64)
     grown = _grown(band, det)
     flags = _flags(band, det, grown, aper_flags, _crowded(band, det, settings), settings)
-    covered = coverage(band.exposures, band.wcs, det.x, det.y)
+    covered = coverage(band.exposures, band.wcs, det.x, det.y, excluded=band.excluded,
+                       shape=band.shape)
     seeing = local_seeing(fwhm, cols[f"snr_{b}"], flags, covered, _at(band.depth, det),
-                          band.seeing_arcsec, settings)
+                          exposure_psf_widths(band.exposures), band.seeing_arcsec, settings)
     cols[f"fwhm_image_{b}"] = fwhm
     cols[f"class_star_{b}"] = _class_star(iso, flux_max, threshold, seeing, band, network)
     r_half, _ = sep.flux_radius(band.image, det.x, det.y, 6.0 * det.a, 0.5,
@@ -820,7 +793,8 @@ def _empty_table(bands: list[str], meta: dict) -> Table:
 
 def measure_single(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str,
                    settings: PhotometrySettings, network: Network, *,
-                   ndith: np.ndarray | None = None, exposures: dict | None = None) -> Table:
+                   ndith: np.ndarray | None = None, exposures: dict | None = None,
+                   excluded: dict[str, np.ndarray] | None = None) -> Table:
     """Detect and measure one co-add alone (DR1's single mode).
 
     Parameters
@@ -843,13 +817,16 @@ def measure_single(image: np.ndarray, mask: np.ndarray, header: fits.Header, ban
         The co-add's exposure list (``coadd_exposures_path`` JSON): CLASS_STAR then takes each
         object's seeing from the exposures covering it (:func:`local_seeing`); without it, the
         header's SEEING everywhere.
+    excluded : dict, optional
+        Exposure stem -> flat pixels where its masked data stayed out of the median
+        (``coadd.read_excluded``), so that the seeing map takes the exposures that entered it.
 
     Returns
     -------
     astropy.table.Table
         The measurement table (module docstring), one row per detection.
     """
-    prepared = _prepare(image, mask, header, band.upper(), settings, ndith, exposures)
+    prepared = _prepare(image, mask, header, band.upper(), settings, ndith, exposures, excluded)
     return _measure(prepared, [prepared.name], _no_other_band, settings, network, "single")
 
 
@@ -875,7 +852,8 @@ def _check_grid(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
 def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
                  settings: PhotometrySettings, network: Network, detection_band: str = "I", *,
                  ndith: dict[str, np.ndarray] | None = None,
-                 exposures: dict[str, dict] | None = None) -> Table:
+                 exposures: dict[str, dict] | None = None,
+                 excluded: dict[str, dict[str, np.ndarray]] | None = None) -> Table:
     """Detect on ``detection_band`` and measure every band at the same objects (dual mode).
 
     Parameters
@@ -891,6 +869,8 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
         Band letter -> exposures per pixel (see :func:`measure_single`).
     exposures : dict, optional
         Band letter -> the co-add's exposure list (see :func:`measure_single`).
+    excluded : dict, optional
+        Band letter -> the co-add's excluded pixels per exposure (see :func:`measure_single`).
 
     Raises
     ------
@@ -900,6 +880,7 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
     """
     ndith = ndith or {}
     exposures = {band.upper(): value for band, value in (exposures or {}).items()}
+    excluded = {band.upper(): value for band, value in (excluded or {}).items()}
     upper = {band.upper(): value for band, value in images.items()}
     if detection_band.upper() not in upper:
         raise ValueError(f"detection band {detection_band} not among the co-adds "
@@ -909,7 +890,7 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
 
     def prepare(band: str) -> _Band:
         return _prepare(*upper[band], band, settings, ndith.get(band, ndith.get(band.lower())),
-                        exposures.get(band))
+                        exposures.get(band), excluded.get(band))
 
     return _measure(prepare(detection_band.upper()), order, prepare, settings, network, "dual")
 
@@ -919,9 +900,9 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
 
 
 def _read_coadd(release_dir: Path, tile: str, band: str
-                ) -> tuple[np.ndarray, np.ndarray, fits.Header, np.ndarray, dict]:
-    """Co-add, mask, header, NDITH (native byte order) and exposure list of one tile and
-    band."""
+                ) -> tuple[np.ndarray, np.ndarray, fits.Header, np.ndarray, dict, dict]:
+    """Co-add, mask, header, NDITH (native byte order), exposure list and excluded pixels
+    (``coadd.read_excluded``) of one tile and band."""
     arrays = []
     header = None
     for kind in ("coadd", "mask", "ndith"):
@@ -943,7 +924,8 @@ def _read_coadd(release_dir: Path, tile: str, band: str
     except (OSError, ValueError) as exc:
         raise InputError(path, f"cannot read the exposure list of tile {tile} band {band}: "
                                f"{exc}") from None
-    return arrays[0].astype(np.float32), arrays[1], header, arrays[2], exposures
+    excluded = read_excluded(coadd_excluded_path(release_dir, tile, band), arrays[0].shape)
+    return arrays[0].astype(np.float32), arrays[1], header, arrays[2], exposures, excluded
 
 
 def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str, ...],
@@ -957,9 +939,9 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
     writes ``measured_path(release_dir, tile, "single", band)`` per band.
 
     Reads ``coadd_path(release_dir, tile, band, kind)`` for kind coadd, mask and ndith,
-    ``coadd_exposures_path(release_dir, tile, band)`` and the network ``nnw_path``. Every
-    table is written atomically as Parquet, units and descriptions on the columns, settings
-    and provenance in the metadata.
+    ``coadd_exposures_path(release_dir, tile, band)``, ``coadd_excluded_path(release_dir, tile,
+    band)`` and the network ``nnw_path``. Every table is written atomically as Parquet, units
+    and descriptions on the columns, settings and provenance in the metadata.
 
     Raises
     ------
@@ -976,10 +958,11 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
     bands = tuple(b.upper() for b in bands)
     if mode == "single":
         for band in bands:
-            image, mask, header, ndith, exposures = _read_coadd(release_dir, tile, band)
+            image, mask, header, ndith, exposures, excluded = _read_coadd(release_dir, tile,
+                                                                          band)
             try:
                 table = measure_single(image, mask, header, band, settings, network,
-                                       ndith=ndith, exposures=exposures)
+                                       ndith=ndith, exposures=exposures, excluded=excluded)
             except ValueError as exc:  # a co-add that breaks what the measurement needs
                 raise StageError(str(exc), stage="photometry", tile=tile, band=band,
                                  path=coadd_path(release_dir, tile, band, "coadd")) from exc
@@ -996,7 +979,8 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
     try:
         table = measure_dual({b: r[:3] for b, r in read.items()}, settings, network,
                              detection_band, ndith={b: r[3] for b, r in read.items()},
-                             exposures={b: r[4] for b, r in read.items()})
+                             exposures={b: r[4] for b, r in read.items()},
+                             excluded={b: r[5] for b, r in read.items()})
     except ValueError as exc:  # co-adds on different grids, or a header without SEEING
         raise StageError(str(exc), stage="photometry", tile=tile) from exc
     _write(table, tile, measured_path(release_dir, tile, "dual"))

@@ -10,8 +10,10 @@ per CCD an image extension (``EXTNAME`` = CCD, float32) with the fitted WCS head
 its quality cards, ``ASTOK`` among them: the co-add skips ``ASTOK = F``), ``GAIN`` and
 ``SATURATE`` in scaled units (``SATURATE`` the lowest over amplifiers and rows, so that no
 saturated pixel is above it), ``SKYLEVEL`` (the subtracted sky, scaled), ``ZPA{i}``/``ZPB{i}``
-(zp_y0 and zp_slope of amplifier i) with ``ZPAERR{i}``/``ZPBERR{i}`` and ``ZPFLAG{i}``, and the
-colour term (``ZPCOLT``, ``ZPCOLTE``, ``ZPCOLPIV``).
+(zp_y0 and zp_slope of amplifier i) with ``ZPAERR{i}``/``ZPBERR{i}`` and ``ZPFLAG{i}``, the
+colour term (``ZPCOLT``, ``ZPCOLTE``, ``ZPCOLPIV``) and ``PSFR50``, the stars' half-light radius
+that the zero-point photometry measured on the CCD (its ``photometry`` meta; the co-add passes it
+on as each exposure's PSF size for CLASS_STAR's seeing map).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def _ccd_zeropoints(table: Table, path: Path, ccd: str, n_amps: int) -> Table:
 
 
 def _ccd_header(wcs_header: fits.Header, raw_header: fits.Header, zps: Table, cards: dict,
-                gain: float) -> fits.Header:
+                gain: float, r50_px: float | None) -> fits.Header:
     h = fits.Header()
     for card in wcs_header.cards:
         if card.keyword not in _STRUCTURAL and card.keyword not in ("", "COMMENT", "HISTORY"):
@@ -143,7 +145,17 @@ def _ccd_header(wcs_header: fits.Header, raw_header: fits.Header, zps: Table, ca
         h[f"ZPFLAG{i}"] = (int(row["flag"]), f"amp {i} flags: 1 no star 2 few 4 dead 8 no WCS")
     h["ZPCOLT"] = (float(zps["colour_term"][0]), "[mag/mag] colour term in (V-I)_AB")
     h["ZPCOLTE"] = (float(zps["colour_term_err"][0]), "[mag/mag] error of ZPCOLT")
+    if r50_px is not None and np.isfinite(r50_px) and r50_px > 0:
+        h["PSFR50"] = (float(r50_px), "[pix] stars' half-light radius (zp photometry)")
     return h
+
+
+def _psf_r50(zp_table: Table, ccd: str) -> float | None:
+    """The stars' half-light radius (px) that the zero-point photometry used on ``ccd``, from
+    the table's ``photometry`` meta; None when it has none."""
+    photometry = zp_table.meta.get("photometry")
+    value = photometry.get(ccd, {}).get("r50_px") if isinstance(photometry, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def run_scale(exposure: Path, mask: Path | str, wcs: Path, zeropoints: Path, out_path: Path,
@@ -180,6 +192,7 @@ def run_scale(exposure: Path, mask: Path | str, wcs: Path, zeropoints: Path, out
             scaled, cards = scale_ccd(data, bad, ccd.amplifiers, rows,
                                       saturation=ccd.saturation, settings=settings)
             del data
-            header = _ccd_header(wcs_header, raw_header, zps, cards, ccd.gain)
+            header = _ccd_header(wcs_header, raw_header, zps, cards, ccd.gain,
+                                 _psf_r50(zp_table, name))
             header["EXTNAME"] = (name, "CCD name")
             fits.append(tmp, scaled, header)

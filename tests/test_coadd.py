@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 from truth_release import dr1_bits, quiet_wcs, write_scaled_from_truth
 
 from ks4release.camera import CCD_NAMES, Camera
-from ks4release.errors import StageError
+from ks4release.errors import InputError, StageError
 from ks4release.layout import coadd_exposures_path, coadd_path, mask_path, scaled_path
 from ks4release.reduction.coadd import (
     CoaddSettings,
@@ -728,7 +728,12 @@ def test_masked_pixels_leave_the_median_unless_every_exposure_is_masked(tmp_path
     has unmasked data; where every covering exposure is masked, all keep their weight."""
     from astropy.wcs import WCS
 
-    from ks4release.reduction.coadd import _exclude_masked_pixels, _masked_on_grid
+    from ks4release.reduction.coadd import (
+        _exclude_masked_pixels,
+        _masked_on_grid,
+        read_excluded,
+        write_excluded,
+    )
     from ks4release.reduction.coadd_maps import CcdProjection
 
     shape = (40, 40)
@@ -750,11 +755,25 @@ def test_masked_pixels_leave_the_median_unless_every_exposure_is_masked(tmp_path
         bits[stem][30, 20] = 4      # all three masked -> all keep it
     masked = {stem: _masked_on_grid([CcdProjection(y0=0, y1=40, x0=0, x1=40, bits=b)], 15,
                                     shape) for stem, b in bits.items()}
-    _exclude_masked_pixels(frames, masked, grid, shape)
+    excluded = _exclude_masked_pixels(frames, masked, grid, shape)
     weights = {stem: fits.getdata(tmp_path / f"{stem}.1.resamp.weight.fits") for stem in frames}
     assert np.array_equal(np.argwhere(weights["a"] == 0), [[y, x] for y in (9, 10, 11)
                                                            for x in (9, 10, 11)])
     assert np.all(weights["b"] == 1) and np.all(weights["c"] == 1)
+    # what is returned (and written for the photometry) is exactly where the weight went to 0
+    assert np.array_equal(excluded["a"], np.ravel_multi_index(np.nonzero(weights["a"] == 0),
+                                                              shape))
+    assert excluded["b"].size == 0 and excluded["c"].size == 0
+    path = tmp_path / "excluded.npz"
+    write_excluded(path, excluded, shape)
+    back = read_excluded(path, shape)
+    assert back.keys() == excluded.keys()
+    assert all(np.array_equal(back[k], excluded[k]) for k in excluded)
+    with pytest.raises(InputError, match="shape"):
+        read_excluded(path, (41, 40))
+    path.write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="excluded.npz"):
+        read_excluded(path, shape)
 
 
 def test_star_positions_match_truth(built):
@@ -901,6 +920,9 @@ def test_products_headers_and_exposures_json(built):
         entry = by_stem[exp.stem]
         assert entry["ok"] and entry["mjd"] == pytest.approx(exp.mjd) and entry["site"] == exp.site
         assert sorted(entry["ccds"]) == sorted(CCD_NAMES) and entry["excluded_ccds"] == {}
+        # PSFR50 of the scaled CCDs (here the true Moffat's, beta 3: r50 = 0.6312 FWHM)
+        assert entry["psf_r50_arcsec"] == pytest.approx(0.6312 * exp.seeing_fwhm_arcsec,
+                                                        rel=0.01)
     # the dead amplifier (bit 8) shows in the mask map wherever only it covers a pixel
     assert np.any(built["mask"] & 8)
 

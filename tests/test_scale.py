@@ -18,6 +18,7 @@ from test_zeropoint import (
     three_sites,  # noqa: F401, F811  (the shared survey fixture)
     write_truth_inputs,
 )
+from truth_release import moffat_r50_px
 
 from ks4release.exposure import read_ccd
 from ks4release.reduction.scale import ScaleSettings, run_scale, scale_factors
@@ -73,6 +74,7 @@ def test_scaled_file_format(tiny_survey, tmp_path):
     stem = str(Table.read(tiny_survey / "truth" / "exposures.parquet")["stem"][0])
     out, zp = _scale(tiny_survey, stem, tmp_path, failed_ccd="TT")
     raw_file = tiny_survey / exposure_row(tiny_survey, stem)["file"]
+    seeing = float(exposure_row(tiny_survey, stem)["seeing_fwhm_arcsec"])
     with fits.open(out) as hdul, fits.open(raw_file) as raw:
         assert hdul[0].header["ZPTARGET"] == 30.0
         assert hdul[0].header["TILE"] == raw[0].header["TILE"]
@@ -96,6 +98,11 @@ def test_scaled_file_format(tiny_survey, tmp_path):
             assert h["SATURATE"] < raw_h["SATURATE"] * factor.max()
             assert h["SKYLEVEL"] > 0
             WCS(h)  # a usable celestial WCS for SWarp
+            phot = zp.meta["photometry"].get(hdu.name)
+            if phot is not None:  # the PSF size the co-add passes on to CLASS_STAR's seeing map
+                assert h["PSFR50"] == pytest.approx(phot["r50_px"])
+                assert "[pix]" in h.comments["PSFR50"]
+                assert h["PSFR50"] == pytest.approx(moffat_r50_px(seeing, h), rel=0.15)
 
 
 def test_scaled_pixels_are_background_subtracted_raw_times_factor(tiny_survey, tmp_path):

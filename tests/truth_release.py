@@ -3,7 +3,8 @@
 :func:`write_scaled_from_truth` writes the scaled exposures and DR1 masks that the zero-point,
 scale and mask stages would write, straight from the truth: raw data minus the true sky, times
 ``10**(0.4 * (30 - zp(y)))`` per amplifier, with the true TAN-SIP WCS and the DR1 bits (1, 2, 4,
-8) of the truth masks, saturated cores (truth bit 64) as bit 2 as the mask stage marks them.
+8) of the truth masks, saturated cores (truth bit 64) as bit 2 as the mask stage marks them, and
+each CCD's ``PSFR50`` from the exposure's true seeing (the simulator's Moffat, beta 3).
 Tests of the co-add and of what follows it then start from exact inputs and measure their own
 stage alone.
 """
@@ -17,11 +18,12 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
 
 from ks4release.camera import CCD_NAMES
 from ks4release.layout import mask_path, scaled_path
 
-__all__ = ["dr1_bits", "quiet_wcs", "write_scaled_from_truth"]
+__all__ = ["dr1_bits", "moffat_r50_px", "quiet_wcs", "write_scaled_from_truth"]
 
 
 def quiet_wcs(header: fits.Header) -> WCS:
@@ -35,6 +37,14 @@ def dr1_bits(truth_bits: np.ndarray) -> np.ndarray:
     """The DR1 mask (uint8) of a truth mask: bits 1, 2, 4, 8, and saturated cores (truth bit
     64) as bit 2, as the mask stage marks pixels at the saturation level."""
     return ((truth_bits & 15) | np.where(truth_bits & 64, 2, 0)).astype(np.uint8)
+
+
+def moffat_r50_px(fwhm_arcsec: float, header: fits.Header, beta: float = 3.0) -> float:
+    """Half-light radius (px of the CCD ``header``'s WCS) of the simulator's Moffat PSF, as the
+    zero-point stage's ``PSFR50`` gives it."""
+    scale = float(np.mean(proj_plane_pixel_scales(quiet_wcs(header).celestial))) * 3600.0
+    alpha = fwhm_arcsec / scale / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    return float(alpha * np.sqrt(2.0 ** (1.0 / (beta - 1.0)) - 1.0))
 
 
 def write_scaled_from_truth(survey: Path, release: Path, band: str) -> list[str]:
@@ -59,6 +69,7 @@ def write_scaled_from_truth(survey: Path, release: Path, band: str) -> list[str]
                 header["ASTOK"] = True
                 header["GAIN"] = raw[name].header["GAIN"]
                 header["SATURATE"] = raw[name].header["SATURATE"]
+                header["PSFR50"] = moffat_r50_px(exp.seeing_fwhm_arcsec, header)
                 scaled.append(fits.ImageHDU(data.astype(np.float32), header))
                 masks.append(fits.ImageHDU(dr1_bits(truth[name].data),
                                            fits.Header([("EXTNAME", name)])))
