@@ -128,7 +128,7 @@ def _sextractor_case(release: str, folder: str) -> dict:
     from astropy.io import fits
 
     from ks4release.layout import coadd_path
-    from ks4release.reduction.photometry import PhotometrySettings
+    from ks4release.reduction.photometry import PhotometrySettings, psf_beta
     from ks4release.reduction.sextractor import (
         SExtractorSettings,
         prepare_sextractor,
@@ -140,7 +140,8 @@ def _sextractor_case(release: str, folder: str) -> dict:
     image = coadd_path(release_dir, TILE, BAND, "coadd")
     t0 = time.perf_counter()
     command, catalog = prepare_sextractor(
-        work, image, SExtractorSettings.from_photometry(PhotometrySettings(), 0.4),
+        work, image, SExtractorSettings.from_photometry(PhotometrySettings(), 0.4,
+                                                        psf_beta(fits.getheader(image))),
         bad=fits.getdata(coadd_path(release_dir, TILE, BAND, "ndith")) <= 0,
         mask=fits.getdata(coadd_path(release_dir, TILE, BAND, "mask")))
     inputs_s = time.perf_counter() - t0

@@ -896,7 +896,13 @@ class PhotometrySettings:
     deblend_cont: float = documented("DEBLEND_MINCONT (DR1: 0.00005).", default=0.00005)
     clean: bool = documented("CLEAN: remove spurious detections in the wings of bright ones.",
                              default=True)
-    clean_param: float = documented("CLEAN_PARAM.", default=1.0)
+    clean_param: float = documented(
+        "CLEAN_PARAM: Moffat index of the wings CLEAN credits a detection with (kmtnet.sex: "
+        "1.0); used when clean_beta_from_psf is off or the co-add has no PSFBETA.", default=1.0)
+    clean_beta_from_psf: bool = documented(
+        "CLEAN_PARAM from the co-add's measured PSFBETA (its stars' Moffat index): with 1.0 "
+        "a bright star's 1/r^2 wings explain away faint real neighbours far beyond its true "
+        "wings.", default=True)
     back_size_px: int = documented("BACK_SIZE: background mesh, pixels (kmtnet.sex: 256).",
                                    default=256)
     back_filter_size: int = documented("BACK_FILTERSIZE: median filter of the mesh, meshes.",
@@ -948,6 +954,11 @@ class PhotometrySettings:
         "map: the co-add's SEEING scaled by the PSF of those exposures' median, each "
         "exposure's PSF as measured on it, as SExtractor users run each region with its own "
         "SEEING_FWHM) instead of the co-add's SEEING everywhere.", default=True)
+    dual_own_isophotes: bool = documented(
+        "Dual mode: CLASS_STAR of a forced band from the band's own isophotes (its own "
+        "detection's segment, when that segment holds the object alone) instead of "
+        "SExtractor's counting inside the detection band's footprint, which cuts the outer "
+        "isophotes of galaxies larger in the band than in I.", default=True)
     seeing_min_snr: float = documented(
         "Smallest S/N (snr) of the detections whose coverage sets the typical PSF of the "
         "seeing map.",

@@ -48,7 +48,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from ks4release.errors import InputError
-from ks4release.reduction.photometry import APERTURE_DIAMETERS_ARCSEC
+from ks4release.reduction.photometry import APERTURE_DIAMETERS_ARCSEC, clean_beta
 from ks4release.settings import PhotometrySettings, documented
 
 __all__ = [
@@ -167,17 +167,19 @@ class SExtractorSettings:
 
 
     @classmethod
-    def from_photometry(cls, photometry: PhotometrySettings,
-                        pixel_scale_arcsec: float) -> SExtractorSettings:
+    def from_photometry(cls, photometry: PhotometrySettings, pixel_scale_arcsec: float,
+                        psf_beta: float = math.nan) -> SExtractorSettings:
         """The settings that configure SExtractor like a ``PhotometrySettings`` configures sep
-        (:mod:`ks4release.reduction.photometry`): thresholds, deblending, cleaning, background
-        mesh and apertures (arcsec diameters turned into pixels at ``pixel_scale_arcsec``)."""
+        (:mod:`ks4release.reduction.photometry`): thresholds, deblending, cleaning (CLEAN_PARAM
+        from the co-add's ``psf_beta``, its PSFBETA, as :func:`.photometry.clean_beta`),
+        background mesh and apertures (arcsec diameters turned into pixels at
+        ``pixel_scale_arcsec``)."""
         return cls(detect_thresh_sigma=photometry.detect_thresh_sigma,
                    analysis_thresh_sigma=photometry.detect_thresh_sigma,
                    min_area_px=photometry.min_area_px,
                    deblend_nthresh=photometry.deblend_nthresh,
                    deblend_cont=photometry.deblend_cont, clean=photometry.clean,
-                   clean_param=photometry.clean_param,
+                   clean_param=clean_beta(photometry, psf_beta),
                    aperture_diameters_px=tuple(d / pixel_scale_arcsec
                                                for d in APERTURE_DIAMETERS_ARCSEC),
                    kron_factor=photometry.kron_factor,

@@ -103,7 +103,11 @@ def parity(request, tiny_coadds):
     """Our table and SExtractor's catalog of one tiny co-add, matched by windowed position."""
     if not has_sextractor():
         pytest.skip("SExtractor (source-extractor) not installed")
-    from ks4release.reduction.photometry import APERTURE_DIAMETERS_ARCSEC, measure_single
+    from ks4release.reduction.photometry import (
+        APERTURE_DIAMETERS_ARCSEC,
+        measure_single,
+        psf_beta,
+    )
     from ks4release.settings import PhotometrySettings
 
     band = request.param
@@ -116,7 +120,8 @@ def parity(request, tiny_coadds):
     settings = PhotometrySettings()
     ours = measure_single(image, mask, header, band, settings, read_nnw(DEFAULT_NNW),
                           ndith=ndith)
-    theirs = run_sextractor(path, SExtractorSettings.from_photometry(settings, 0.4),
+    theirs = run_sextractor(path, SExtractorSettings.from_photometry(settings, 0.4,
+                                                                     psf_beta(header)),
                             bad=ndith <= 0, mask=mask)
     tree = cKDTree(np.column_stack([theirs["XWIN_IMAGE"], theirs["YWIN_IMAGE"]]))
     distance, index = tree.query(np.column_stack([ours["x_image"], ours["y_image"]]))
