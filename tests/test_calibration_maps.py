@@ -281,6 +281,17 @@ def _one_star_bins(n_bins_side: int, bin_px: int, values: np.ndarray
     return (k % n_bins_side + 0.5) * bin_px, (k // n_bins_side + 0.5) * bin_px
 
 
+def _raw_and_shrunk(zp_star: np.ndarray, side: int) -> tuple[ZpMap, ZpMap]:
+    """The AUTO map of one star per 10 px bin on a ``side`` x ``side`` grid of bins, by DR1's
+    rule and shrunk."""
+    x, y = _one_star_bins(side, 10, zp_star)
+    t, xp = _synthetic(x, y, zp_star)
+    shape = (10 * side, 10 * side)
+    raw = zp_maps(t, xp, "V", bin_px=10, shape=shape,
+                  settings=MapSettings(zp_shrinkage=False))["AUTO"]
+    return raw, zp_maps(t, xp, "V", bin_px=10, shape=shape, settings=MapSettings())["AUTO"]
+
+
 def test_shrinkage_keeps_sparse_noise_and_a_blend_out_of_a_flat_map():
     """60 one-star bins, stars scattering 0.03 mag about a flat 29.5, one blended star +0.3.
 
@@ -291,11 +302,7 @@ def test_shrinkage_keeps_sparse_noise_and_a_blend_out_of_a_flat_map():
     rng = np.random.default_rng(11)
     zp_star = 29.5 + rng.normal(0.0, 0.03, 60)
     zp_star[7] += 0.3
-    x, y = _one_star_bins(10, 10, zp_star)
-    t, xp = _synthetic(x, y, zp_star)
-    raw = zp_maps(t, xp, "V", bin_px=10, shape=(100, 100),
-                  settings=MapSettings(zp_shrinkage=False))["AUTO"]
-    shrunk = zp_maps(t, xp, "V", bin_px=10, shape=(100, 100), settings=MapSettings())["AUTO"]
+    raw, shrunk = _raw_and_shrunk(zp_star, 10)
     used = raw.pstar > 0
     assert used.sum() == 60 and np.array_equal(shrunk.pstar, raw.pstar)
     assert np.array_equal(shrunk.zperr, raw.zperr)
@@ -329,11 +336,7 @@ def test_shrinkage_keeps_structure_that_the_stars_resolve():
 def test_a_shrunk_bin_lies_between_the_tile_and_its_median(seed, n, noise, structure):
     rng = np.random.default_rng(seed)
     zp_star = 29.0 + rng.normal(0, structure, n) + rng.normal(0, noise, n)
-    x, y = _one_star_bins(7, 10, zp_star)
-    t, xp = _synthetic(x, y, zp_star)
-    raw = zp_maps(t, xp, "V", bin_px=10, shape=(70, 70),
-                  settings=MapSettings(zp_shrinkage=False))["AUTO"]
-    shrunk = zp_maps(t, xp, "V", bin_px=10, shape=(70, 70), settings=MapSettings())["AUTO"]
+    raw, shrunk = _raw_and_shrunk(zp_star, 7)
     used = raw.pstar > 0
     away, pulled = raw.zp[used] - raw.tile_zp, shrunk.zp[used] - shrunk.tile_zp
     assert shrunk.tile_zp == raw.tile_zp
