@@ -1024,6 +1024,12 @@ class MapSettings:
         "bins' spread that their star counts explain as noise (empirical Bayes; the spatial "
         "variance is estimated from the tile's bins). False = DR1's plain per-bin median.",
         default=True)
+    local_aperture_correction: bool = documented(
+        "Take each Gaia XP star's aperture loss under its own PSF (the photometry's psf_fwhm, "
+        "a Moffat of the co-add's PSFBETA) out of the 3/5/10\" zero points, so the maps hold "
+        "for the co-add's SEEING, and give it back to every source by its own PSF when "
+        "calibrating. False = DR1's maps, whose values mix the zero point with the local PSF.",
+        default=True)
     align_window_bins: float = documented(
         "Side of the square window, in bins, centred on an alignment-map bin, whose stars give "
         "the bin's value (the toolkit: 1000 px around 200 px bins = 5).",

@@ -186,6 +186,8 @@ _PER_BAND = (
     ("snr_{b}", None, "flux_auto / fluxerr_auto (0 when the error is not positive)"),
     ("fwhm_image_{b}", u.pix, "FWHM of a Gaussian fitted to the footprint pixels (FWHM_IMAGE)"),
     ("class_star_{b}", None, "SExtractor neural-network stellarity, 0 galaxy .. 1 star"),
+    ("psf_fwhm_{b}", u.arcsec, "PSF FWHM at the object: the co-add's SEEING scaled by the PSF "
+     "of the exposures that made it (CLASS_STAR's SEEING_FWHM, see local_seeing)"),
     ("flux_radius_{b}", u.pix, "Radius holding half of flux_auto (FLUX_RADIUS)"),
     ("kron_radius_{b}", None, "Kron factor used, max(2.5 r_Kron, 3.5), units of A and B"),
     ("flux_max_{b}", u.adu, "Largest background-subtracted pixel of the footprint"),
@@ -780,6 +782,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
     seeing = local_seeing(fwhm, cols[f"snr_{b}"], flags, covered, _at(band.depth, det),
                           exposure_psf_widths(band.exposures), band.seeing_arcsec, settings)
     cols[f"fwhm_image_{b}"] = fwhm
+    cols[f"psf_fwhm_{b}"] = seeing
     if forced and settings.dual_own_isophotes:
         cols[f"class_star_{b}"] = _class_star(
             *_own_isophotes(band, det, settings, iso, flux_max, threshold), seeing, band,
@@ -839,6 +842,8 @@ def _measure(detection: _Band, bands: list[str], prepare: Callable[[str], _Band]
         band = detection if name == detection.name else prepare(name)
         meta[f"gain_{name.lower()}"] = band.gain
         meta[f"seeing_{name.lower()}"] = band.seeing_arcsec
+        meta[f"psf_beta_{name.lower()}"] = (band.psf_beta if math.isfinite(band.psf_beta)
+                                            else None)
         if det is not None:
             per_band.append(_measure_band(band, det, settings, network,
                                           forced=band is not detection))

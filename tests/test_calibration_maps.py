@@ -38,6 +38,7 @@ from ks4release.reduction.calibration_maps import (
     MapSettings,
     ZpMap,
     align_maps,
+    aperture_loss_mag,
     apply_zp_maps,
     lookup,
     map_bin_px,
@@ -168,11 +169,11 @@ def test_settings_name_the_bad_field():
 
 
 def _zp_map_of(zp, zperr, pstar, *, bin_px=10, tile_zp=30.0, tile_zperr=0.0,
-               tile_nstar=0, spatial_rms=np.nan) -> ZpMap:
-    """A :class:`ZpMap` from arrays (float64) and tile-wide values."""
+               tile_nstar=0, **optional) -> ZpMap:
+    """A :class:`ZpMap` from arrays (float64), tile-wide values and optional fields."""
     return ZpMap(zp=np.asarray(zp, float), zperr=np.asarray(zperr, float),
                  pstar=np.asarray(pstar, float), bin_px=bin_px, tile_zp=tile_zp,
-                 tile_zperr=tile_zperr, tile_nstar=tile_nstar, spatial_rms=spatial_rms)
+                 tile_zperr=tile_zperr, tile_nstar=tile_nstar, **optional)
 
 
 def test_bins_scale_with_the_coadd_size():
@@ -345,6 +346,59 @@ def test_a_shrunk_bin_lies_between_the_tile_and_its_median(seed, n, noise, struc
     assert shrunk.spatial_rms >= 0
 
 
+def test_aperture_loss_of_a_moffat_psf():
+    """0 at the reference; a broader PSF loses more light in a 3" circle, less in a 10" one;
+    equal to a direct integration of the Moffat profile."""
+    fwhm = np.array([1.9, 2.5, 1.4, 0.0, np.nan])
+    loss3 = aperture_loss_mag(fwhm, 1.9, 3.0, 3.0)
+    loss10 = aperture_loss_mag(fwhm, 1.9, 3.0, 10.0)
+    assert loss3[0] == 0.0 and loss3[3] == 0.0 and loss3[4] == 0.0
+    assert loss3[1] > loss10[1] > 0 and loss3[2] < 0
+    r = np.linspace(0.0, 60.0, 600_001)
+
+    def enclosed(width: float, radius: float) -> float:
+        alpha = width / (2 * np.sqrt(2 ** (1 / 3.0) - 1))
+        profile = 2 * np.pi * r * (1 + (r / alpha) ** 2) ** -3.0
+        inside = r <= radius
+        return np.trapezoid(profile[inside], r[inside]) / np.trapezoid(profile, r)
+
+    direct = -2.5 * np.log10(enclosed(2.5, 1.5) / enclosed(1.9, 1.5))
+    assert loss3[1] == pytest.approx(direct, abs=1e-4)
+    with pytest.raises(ValueError, match="beta"):
+        aperture_loss_mag(fwhm, 1.9, 1.0, 3.0)
+
+
+def test_maps_hold_for_the_reference_psf_and_sources_get_their_own_loss():
+    """Stars under PSFs of 1.4-2.6" whose 3" fluxes carry their aperture loss: taken out,
+    the APER3 map is flat at the zero point of the reference PSF (1.9"); calibrated, every
+    source's APER3 magnitude is its true magnitude. Without the correction (DR1) the map
+    follows each star's PSF."""
+    rng = np.random.default_rng(2)
+    fwhm = rng.uniform(1.4, 2.6, 40)
+    zp_true = 29.5
+    x, y = _one_star_bins(7, 10, fwhm)
+    t, xp = _synthetic(x, y, zp_true - aperture_loss_mag(fwhm, 1.9, 3.0, 3.0))
+    t["psf_fwhm_v"] = fwhm
+    t.meta.update({"seeing_v": 1.9, "psf_beta_v": 3.0})
+    flat = zp_maps(t, xp, "V", bin_px=10, shape=(70, 70), settings=MapSettings())["APER3"]
+    dr1 = zp_maps(t, xp, "V", bin_px=10, shape=(70, 70),
+                  settings=MapSettings(local_aperture_correction=False, zp_shrinkage=False)
+                  )["APER3"]
+    used = flat.pstar > 0
+    assert np.allclose(flat.zp[used], zp_true, atol=1e-9)
+    assert (flat.reference_fwhm_arcsec, flat.psf_beta) == (1.9, 3.0)
+    assert np.std(dr1.zp[used]) > 0.03 and np.isnan(dr1.reference_fwhm_arcsec)
+    assert np.isnan(flat.spatial_rms) or flat.spatial_rms == 0.0
+    out = apply_zp_maps(t, {"APER3": flat}, "V")
+    true_mag = np.asarray(xp["v_jkc_mag"]) + VEGA_TO_AB["V"]
+    assert np.allclose(np.asarray(out["mag_aper3_v"]), true_mag, atol=1e-9)
+    del t["psf_fwhm_v"]
+    with pytest.raises(ValueError, match="psf_fwhm_v"):
+        apply_zp_maps(t, {"APER3": flat}, "V")
+    without_psf = zp_maps(t, xp, "V", bin_px=10, shape=(70, 70), settings=MapSettings())
+    assert np.isnan(without_psf["APER3"].reference_fwhm_arcsec)  # a table without the column
+
+
 def test_align_map_measures_a_known_offset():
     n = 40
     rng = np.random.default_rng(3)
@@ -441,7 +495,9 @@ def _maps_for(shape: tuple[int, int], seed: int) -> tuple[dict[str, ZpMap], Alig
     zp = {a: _zp_map_of(rng.normal(30, 0.1, nz), rng.uniform(0, 0.1, nz),
                         rng.integers(0, 5, nz), bin_px=zb, tile_zp=float(rng.normal(29.5, 0.2)),
                         tile_zperr=float(rng.uniform(0, 0.1)), tile_nstar=int(rng.integers(0, 50)),
-                        spatial_rms=float(rng.choice([np.nan, rng.uniform(0, 0.05)])))
+                        spatial_rms=float(rng.choice([np.nan, rng.uniform(0, 0.05)])),
+                        reference_fwhm_arcsec=float(rng.choice([np.nan, 1.9])),
+                        psf_beta=float(rng.choice([np.nan, 2.8])))
           for a in APERTURES}
     align = AlignMap(rng.uniform(0, 1, na), rng.uniform(0, 1, na),
                      rng.integers(0, 9, na).astype(float), ab)
@@ -465,11 +521,12 @@ def test_write_read_round_trip(ny, nx, seed, band, mode):
     for a in APERTURES:
         for kind in ("zp", "zperr", "pstar", "bin_px", "tile_zp", "tile_zperr", "tile_nstar"):
             assert np.array_equal(getattr(zp[a], kind), getattr(zp2[a], kind))
-        spatial = zp[a].spatial_rms
-        assert sidecar["apertures"][a] == {"zp": zp[a].tile_zp, "zperr": zp[a].tile_zperr,
-                                           "nstar": zp[a].tile_nstar,
-                                           "spatial_rms": None if np.isnan(spatial) else spatial}
-        assert np.array_equal(zp2[a].spatial_rms, spatial, equal_nan=True)
+        optional = ("spatial_rms", "reference_fwhm_arcsec", "psf_beta")
+        assert sidecar["apertures"][a] == {
+            "zp": zp[a].tile_zp, "zperr": zp[a].tile_zperr, "nstar": zp[a].tile_nstar,
+            **{k: None if np.isnan(getattr(zp[a], k)) else getattr(zp[a], k) for k in optional}}
+        for k in optional:
+            assert np.array_equal(getattr(zp2[a], k), getattr(zp[a], k), equal_nan=True)
     for kind in ("align", "alerr", "astar", "bin_px"):
         assert np.array_equal(getattr(align, kind), getattr(align2, kind))
 

@@ -670,12 +670,15 @@ def test_seeing_map_follows_the_true_psf_and_keeps_class_star_accuracy(varied_se
     depth = ndith[np.rint(y).astype(int), np.rint(x).astype(int)]
     full = (covered.sum(axis=1) == depth) & (depth > 0) & (np.asarray(table["snr_i"]) > 30)
     true_psf = np.array([median_psf_fwhm(true_seeing[c]) for c in covered[full]])
-    # SEEING_FWHM is not in the table: CLASS_STAR's seeing is recomputed from its columns.
+    # CLASS_STAR's SEEING_FWHM is the table's psf_fwhm_i: recomputed here from its columns.
     widths = exposure_psf_widths(exposures)
     assert widths is not None
     seeing = local_seeing(np.asarray(table["fwhm_image_i"]), np.asarray(table["snr_i"]),
                           np.asarray(table["flags_i"]), covered, depth, widths,
                           header["SEEING"], PhotometrySettings())
+    assert np.allclose(np.asarray(table["psf_fwhm_i"]), seeing)
+    assert table["psf_fwhm_i"].unit == u.arcsec
+    assert table.meta["psf_beta_i"] == pytest.approx(header["PSFBETA"])
     true_relative = np.log(true_psf / np.median(true_psf))
     rms_map = np.sqrt(np.mean((np.log(seeing[full] / header["SEEING"]) - true_relative) ** 2))
     rms_header = np.sqrt(np.mean(true_relative ** 2))
