@@ -605,6 +605,23 @@ def test_exposure_psf_widths_need_every_usable_exposure():
     assert exposure_psf_widths({}) is None
 
 
+def test_deblended_pieces_on_one_centroid_become_one_detection():
+    """Four detections; pieces 1 and 3 (0-based) ended 0.3 px from piece 0: the brightest of
+    the three stays with their footprints, piece 2 (3 px away) is another source."""
+    from ks4release.reduction.photometry import _merge_twins
+
+    objects = np.zeros(4, dtype=[("flux", float)])
+    objects["flux"] = [50.0, 80.0, 30.0, 10.0]
+    x, y = np.array([10.0, 10.3, 13.0, 10.0]), np.array([10.0, 10.0, 10.0, 10.25])
+    segmap = np.array([[0, 1, 2, 3, 4, 4]], dtype=np.int32)
+    keep = _merge_twins(objects, segmap, x, y)
+    assert keep.tolist() == [False, True, True, False]
+    assert segmap.tolist() == [[0, 1, 1, 2, 1, 1]]
+    apart = np.array([[1, 2]], dtype=np.int32)
+    assert _merge_twins(objects[:2], apart, np.array([0.0, 5.0]), np.zeros(2)).all()
+    assert apart.tolist() == [[1, 2]]
+
+
 def test_coverage_leaves_out_an_exposure_where_its_data_left_the_median():
     """Two exposures over a 30 x 40 grid; the first's data left the median at one pixel: there
     only the second covers, everywhere else both (positions rounded to the nearest pixel)."""
