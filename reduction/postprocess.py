@@ -499,8 +499,8 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
     more of the PSF's wings than the ellipses of the bright stars the AUTO zero point was set
     on (the zero point absorbs their loss). For each target the correction is
     ``2.5 log10(f_source / f_reference)``, with ``f`` the light fraction of a Moffat PSF (the
-    co-add's seeing; index ``psf_beta``, the co-add's measured one, else ``[postprocess]
-    kron_psf_beta``) inside the source's ellipse and
+    co-add's seeing; index ``psf_beta``, the co-add's measured one, or where it is None or NaN
+    ``[postprocess] kron_psf_beta``) inside the source's ellipse and
     ``f_reference`` the median over bright clean point sources (S/N >= kron_reference_snr,
     CLASS_STAR >= bias_class_star_min, FLAGS <= bias_flags_max).
     """
@@ -508,7 +508,8 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
     cols = (f"mag_auto_{b}", f"a_image_{b}", f"b_image_{b}", f"theta_image_{b}",
             f"kron_radius_{b}", f"snr_{b}", f"class_star_{b}", f"flags_{b}")
     _require(table, cols, f"kron_loss_correction band {band}")
-    beta = settings.kron_psf_beta if psf_beta is None else float(psf_beta)
+    beta = settings.kron_psf_beta if psf_beta is None or math.isnan(psf_beta) \
+        else float(psf_beta)
     if not beta > 1.0:
         raise ValueError(f"kron_loss_correction band {band}: PSF beta must be > 1, got {beta}")
     fraction = moffat_kron_fraction(_float(table, f"a_image_{b}"), _float(table, f"b_image_{b}"),

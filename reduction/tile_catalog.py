@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -43,7 +42,7 @@ from ks4release.errors import InputError
 from ks4release.layout import coadd_exposures_path, coadd_path, tile_refcat_path
 from ks4release.reduction.astrometric_floor import AstrometricFloor, astrometric_floor
 from ks4release.reduction.calibration_maps import apply_zp_maps, read_maps
-from ks4release.reduction.photometry import measured_path
+from ks4release.reduction.photometry import measured_path, psf_beta
 from ks4release.reduction.postprocess import (
     PostprocessSettings,
     auto_bias_correction,
@@ -184,7 +183,7 @@ def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode
         targets = point_source_targets(table, b, settings, gaia_positions)
         table, summary["kron_loss"] = kron_loss_correction(
             table, b, seeing_arcsec, pixel_scale_arcsec, settings, targets=targets,
-            psf_beta=_measured_psf_beta(header))
+            psf_beta=psf_beta(header))
     table, curve = auto_bias_correction(table, calibration, b, settings, gaia=gaia_positions)
     summary["bias_curve"] = asdict(curve)
     return table, summary
@@ -203,14 +202,6 @@ def _position_floor(cols: dict[str, np.ndarray], b: str, gaia: Table | None,
     epoch = float(Time(float(np.median(mjd)), format="mjd").jyear)
     return astrometric_floor(cols["ra"], cols["dec"], cols["raerr"], cols["decerr"], usable,
                              gaia, epoch=epoch, min_stars=settings.astrometric_floor_min_stars)
-
-
-def _measured_psf_beta(header: fits.Header) -> float | None:
-    """The co-add's measured Moffat index (``PSFBETA``), None when absent or not usable."""
-    value = header.get("PSFBETA")
-    if isinstance(value, (int, float)) and math.isfinite(value) and value > 1.0:
-        return float(value)
-    return None
 
 
 def _jsonable(value: object) -> object:
