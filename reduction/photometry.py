@@ -110,7 +110,9 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
+from scipy import sparse
 from scipy.ndimage import binary_dilation, grey_dilation, maximum_filter
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from ks4release import __version__
@@ -393,22 +395,15 @@ def _merge_twins(objects: np.ndarray, segmap: np.ndarray, x: np.ndarray, y: np.n
     footprint (``segmap`` relabelled; the kept rows' segment numbers become 1..n in order).
     """
     n = objects.size
-    owner = np.arange(n)
-    for i, j in sorted(cKDTree(np.c_[x, y]).query_pairs(_TWIN_PX)):
-        a, b = owner[i], owner[j]
-        while owner[a] != a:
-            a = owner[a]
-        while owner[b] != b:
-            b = owner[b]
-        if a != b:
-            big, small = (a, b) if objects["flux"][a] >= objects["flux"][b] else (b, a)
-            owner[small] = big
-    for k in range(n):
-        while owner[owner[k]] != owner[k]:
-            owner[k] = owner[owner[k]]
+    pairs = cKDTree(np.c_[x, y]).query_pairs(_TWIN_PX, output_type="ndarray")
+    if len(pairs) == 0:
+        return np.ones(n, dtype=bool)
+    graph = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, group = connected_components(graph, directed=False)
+    by_flux = np.lexsort((-np.asarray(objects["flux"], dtype=np.float64), group))
+    brightest = by_flux[np.r_[True, np.diff(group[by_flux]) != 0]]  # one per group, in order
+    owner = brightest[group]
     keep = owner == np.arange(n)
-    if keep.all():
-        return keep
     label = np.zeros(n + 1, dtype=segmap.dtype)
     label[1:] = (np.cumsum(keep) * keep)[owner]
     segmap[...] = label[segmap]
