@@ -789,6 +789,11 @@ class PostprocessSettings:
     remove_spurious: bool = documented(
         "Remove the detections flagged as spurious from the catalog (DR1 does); false keeps "
         "them with ssflag = 1 for inspection.", default=True)
+    propagate_proper_motion: bool = documented(
+        "Move the reference stars with a proper motion from their catalog epoch (Gaia: 2016.0) "
+        "to the co-add's mean epoch (header MJD-MEAN) before the spurious-source and "
+        "point-source matches (DR1: no). On the demo, 4 years after 2016.0, the cleaning "
+        "removed 3-5 real sources per band (B, V, R) without it, 1-3 with it.", default=True)
     edge_px: float = documented(
         "Sources within this distance of the co-add border or of the end of the exposure "
         "coverage are flagged EDGE and get NDITH = 1 (DR1 gives no distance; our default), "

@@ -6,8 +6,10 @@ DR1 section 3.2 in the order the paper gives it. For one tile and detection mode
 1. turns fluxes into AB magnitudes with the zero-point maps of every band
    (:func:`reduction.calibration_maps.apply_zp_maps`);
 2. removes spurious detections against every reference catalog of the tile (Gaia DR3 and
-   DELVE DR2; :func:`reduction.postprocess.flag_spurious`); in dual mode the detection band
-   decides and the forced bands carry the same SSFLAG and SSCOUNT_30;
+   DELVE DR2; :func:`reduction.postprocess.flag_spurious`), their stars moved by their proper
+   motions to the co-add's mean epoch (``[postprocess] propagate_proper_motion``; DR1 matched
+   at Gaia's 2016.0); in dual mode the detection band decides and the forced bands carry the
+   same SSFLAG and SSCOUNT_30;
 3. adds NDITH, EDGE and the MJDs of every band from its exposures' footprints
    (:func:`reduction.postprocess.coverage_columns`);
 4. corrects point sources' MAG_AUTO per band: first for the PSF light outside their own Kron
@@ -52,6 +54,7 @@ from ks4release.reduction.postprocess import (
     point_source_targets,
 )
 from ks4release.refcat.formats import read_refcat
+from ks4release.refcat.propagate import propagate_positions
 from ks4release.tile_catalogs import (
     BANDS,
     dual_catalog_path,
@@ -83,14 +86,18 @@ def summary_path(release_dir: Path, tile: str, mode: str, band: str | None = Non
     return measured.with_name(measured.name.replace("_measured.parquet", "_summary.json"))
 
 
-def _coadd_geometry(release_dir: Path, tile: str, band: str) -> tuple[tuple[int, int], WCS, float]:
-    """Shape, celestial WCS and pixel scale (arcsec) of a tile's co-add grid."""
+def _coadd_geometry(release_dir: Path, tile: str, band: str
+                    ) -> tuple[tuple[int, int], WCS, float, float | None]:
+    """Shape, celestial WCS, pixel scale (arcsec) and mean epoch (Julian year, from the header's
+    MJD-MEAN; None without it) of a tile's co-add."""
     header = fits.getheader(coadd_path(release_dir, tile, band, "coadd"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         wcs = WCS(header).celestial
     scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
-    return (int(header["NAXIS2"]), int(header["NAXIS1"])), wcs, scale
+    mjd = header.get("MJD-MEAN")
+    epoch = float(Time(float(mjd), format="mjd").jyear) if mjd is not None else None
+    return (int(header["NAXIS2"]), int(header["NAXIS1"])), wcs, scale, epoch
 
 
 def _read_references(release_dir: Path, tile: str) -> dict[str, Table]:
@@ -104,6 +111,20 @@ def _read_references(release_dir: Path, tile: str) -> dict[str, Table]:
             logger.warning("tile %s: no %s reference catalog (%s); the steps that use it go "
                            "without it", tile, catalog, path)
     return found
+
+
+def _at_epoch(references: dict[str, Table], epoch: float | None, tile: str
+              ) -> dict[str, Table]:
+    """The reference catalogs with every source that has a proper motion moved to the co-add's
+    ``epoch`` (:func:`ks4release.refcat.propagate_positions`), so that a fast star is matched
+    where the co-add saw it: the demo's fastest stars (0.4-0.8"/yr) lie 2-3" from their Gaia
+    position four years later, beyond the 1.1" of the spurious-source match. Unchanged when
+    ``epoch`` is None (a co-add header without MJD-MEAN)."""
+    if epoch is None:
+        logger.warning("tile %s: the co-add header has no MJD-MEAN; reference catalogs are "
+                       "matched at their own epochs", tile)
+        return references
+    return {name: propagate_positions(table, epoch) for name, table in references.items()}
 
 
 def _float_column(table: Table, name: str) -> np.ndarray:
@@ -235,16 +256,18 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
         raise InputError(source, f"tile {tile}: no {mode}-mode measurement table")
     table = Table.read(source)
     detection = band if single else detection_band
-    shape, wcs, scale = _coadd_geometry(release_dir, tile, detection)
+    shape, wcs, scale, epoch = _coadd_geometry(release_dir, tile, detection)
     references = _read_references(release_dir, tile)
-    spurious_refs = [_positions(references[c]) for c in SPURIOUS_REFERENCES if c in references]
+    matching = (_at_epoch(references, epoch, tile) if settings.propagate_proper_motion
+                else references)
+    spurious_refs = [_positions(matching[c]) for c in SPURIOUS_REFERENCES if c in matching]
     table, stats = flag_spurious(table, spurious_refs, detection.lower(), settings,
                                  copy_to=[b.lower() for b in bands if b != detection])
     summary: dict = {"tile": tile, "mode": mode, "spurious": stats.as_dict(), "bands": {}}
     for b in bands:
         table, summary["bands"][b] = _process_band(
             table, release_dir=release_dir, tile=tile, band=b, mode=mode, shape=shape,
-            wcs=wcs, pixel_scale_arcsec=scale, references=references, settings=settings)
+            wcs=wcs, pixel_scale_arcsec=scale, references=matching, settings=settings)
     band_letter = band.lower() if single else None
     cols = tile_catalog_columns(table, mode=mode, band=band_letter, pixel_scale_arcsec=scale)
     if single:
