@@ -25,13 +25,14 @@ SExtractor:
 * **Positions**: windowed centroids on the detection image (SExtractor's XWIN_IMAGE, Gaussian
   window of FWHM 2 x min(object, PSF) half-light radius; the isophotal barycentre X_IMAGE where
   the iteration fails), written 1-based like SExtractor; ``ra``/``dec`` from the co-add WCS.
-  Every aperture is centred there; forced bands use the detection positions. Deblended
-  pieces whose windowed centroids end within 0.5 px of each other are one source, listed once
-  (:func:`_merge_twins`). A detection whose peak pixel is saturated is centred instead by a
-  Moffat fit to its unsaturated wings (:func:`_saturated_centres`): the flat core and the bleed
-  trail pull the windowed centroid 0.76" off on the demo (median), the fit 0.07". (On the demo
-  co-adds the median offset from the truth of S/N >= 10 sources is 0.08-0.09" against
-  0.10-0.11" for the barycentre.)
+  Every aperture is centred there; forced bands use the detection positions. A saturated
+  detection (a saturation bit within ``saturation_core_px`` of its peak, as FLAGS bit 4) is
+  centred instead by a Moffat fit to its unsaturated wings (:func:`_saturated_centres`): the
+  flat core and the bleed trail pull the windowed centroid 0.76" off on the demo (median), the
+  fit 0.07". Deblended pieces whose centres then end within 0.5 px of each other are one
+  source, listed once (:func:`_merge_twins`): faint galaxies split by the deblending, and the
+  pieces of a saturated star that all fit its wings. (On the demo co-adds the median offset
+  from the truth of S/N >= 10 sources is 0.08-0.09" against 0.10-0.11" for the barycentre.)
 * **Fluxes** in every band: circular apertures of 3, 5 and 10 arcsec diameter (radius from the
   WCS pixel scale, 3.75/6.25/12.5 px at 0.4 arcsec/px), ``sum_circle(subpix=5)``; MAG_AUTO as
   SExtractor: ``kron_radius`` on the detection image with neighbours masked through the
@@ -423,14 +424,21 @@ _KOLMOGOROV_BETA = 4.765
 _MAX_WING_RADIUS_PX = 100.0
 
 
+def _saturated_near(band: _Band, settings: PhotometrySettings) -> np.ndarray:
+    """The pixels within ``saturation_core_px`` of a ``saturation_bits`` pixel: an object whose
+    peak is one is saturated (FLAGS bit 4) and centred on its wings (:func:`_wing_fits`)."""
+    size = 2 * settings.saturation_core_px + 1
+    return maximum_filter((band.bits & settings.saturation_bits) != 0, size=size)
+
+
 def _wing_fits(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarray,
                y: np.ndarray, settings: PhotometrySettings
                ) -> tuple[np.ndarray, list[WingFit | None]]:
-    """The rows of the detections whose peak pixel is saturated (a ``saturation_bits`` bit) and
-    the Moffat fits to their unsaturated wings (:func:`.sep_objects.wing_fits`) from ``(x, y)``,
+    """The rows of the saturated detections (:func:`_saturated_near` their peak) and the Moffat
+    fits to their unsaturated wings (:func:`.sep_objects.wing_fits`) from ``(x, y)``,
     within the saturated area's radius plus 6 FWHM."""
     saturated = (band.bits & settings.saturation_bits) != 0
-    which = np.flatnonzero(saturated[objects["ypeak"], objects["xpeak"]])
+    which = np.flatnonzero(_saturated_near(band, settings)[objects["ypeak"], objects["xpeak"]])
     if which.size == 0:
         return which, []
     area = np.bincount(segmap[saturated], minlength=objects.size + 1)[1:][which]
@@ -482,13 +490,14 @@ def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
     gain = band.gain if band.gain > 0 else None
     cen = windowed_centroids(band.image, objects, band.rms, band.masked, segmap,
                              np.arange(1, objects.size + 1, dtype=np.int32), gain)
-    keep = _merge_twins(objects, segmap, cen.x, cen.y)
+    x, y, x_err, y_err = _saturated_centres(band, objects, segmap, cen.x, cen.y, cen.x_err,
+                                            cen.y_err, settings)
+    keep = _merge_twins(objects, segmap, x, y)
     objects = objects[keep]
+    x, y, x_err, y_err = x[keep], y[keep], x_err[keep], y_err[keep]
     n = objects.size
     seg_id = np.arange(1, n + 1, dtype=np.int32)
     a, b, theta = ellipse(objects)
-    x, y, x_err, y_err = _saturated_centres(band, objects, segmap, cen.x[keep], cen.y[keep],
-                                            cen.x_err[keep], cen.y_err[keep], settings)
     r_kron, _ = sep.kron_radius(band.image, x, y, a, b, theta, 6.0, mask=band.masked,
                                 segmap=segmap, seg_id=seg_id)
     r_kron = np.where(np.isfinite(r_kron) & (r_kron > 0), r_kron, 0.0)
@@ -659,10 +668,9 @@ def _flags(band: _Band, det: _Detection, grown: np.ndarray, aper_flags: np.ndarr
     objects = det.objects
     flags = np.where(crowded, 1, 0).astype(np.int16)
     flags |= np.where(objects["flag"] & sep.OBJ_MERGED, 2, 0).astype(np.int16)
-    size = 2 * settings.saturation_core_px + 1
-    sat_near = maximum_filter((band.bits & settings.saturation_bits) != 0, size=size)
     raw_max = footprint_max(det.segmap, band.image, n, bitwise=False)
-    flags |= np.where(_at(sat_near, det) | (raw_max >= band.saturate), 4, 0).astype(np.int16)
+    flags |= np.where(_at(_saturated_near(band, settings), det) | (raw_max >= band.saturate), 4,
+                      0).astype(np.int16)
     at_border = ((objects["xmin"] <= 0) | (objects["ymin"] <= 0) | (objects["xmax"] >= nx - 1)
                  | (objects["ymax"] >= ny - 1))
     near_gap = binary_dilation(band.no_data) & ~band.no_data

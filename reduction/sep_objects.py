@@ -15,9 +15,20 @@ import sep
 from scipy.ndimage import binary_dilation
 from scipy.optimize import least_squares
 
-__all__ = ["CONV_KERNEL", "KMTNET_PIXEL_STACK", "Centroids", "ellipse", "footprint_max",
-           "psf_half_light_radius", "set_extraction_limits", "source_masked_background",
-           "WingFit", "windowed_centroids", "windowed_errors", "wing_fits"]
+__all__ = [
+    "CONV_KERNEL",
+    "KMTNET_PIXEL_STACK",
+    "Centroids",
+    "WingFit",
+    "ellipse",
+    "footprint_max",
+    "psf_half_light_radius",
+    "set_extraction_limits",
+    "source_masked_background",
+    "windowed_centroids",
+    "windowed_errors",
+    "wing_fits",
+]
 
 #: SExtractor's default.conv: 3 x 3 pyramidal kernel ("all-ground").
 CONV_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=np.float32)
@@ -245,7 +256,7 @@ def _fit_wings(image: np.ndarray, rms: np.ndarray, usable: np.ndarray, x0: float
                radius: int, alpha0: float, beta: float) -> WingFit | None:
     """:func:`wing_fits` for one star, None on failure."""
     ny, nx = image.shape
-    ix, iy = int(round(x0)), int(round(y0))
+    ix, iy = round(x0), round(y0)
     ys, xs = slice(max(iy - radius, 0), min(iy + radius + 1, ny)), \
         slice(max(ix - radius, 0), min(ix + radius + 1, nx))
     rows, cols = np.nonzero(usable[ys, xs])

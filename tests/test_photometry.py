@@ -492,7 +492,7 @@ def _saturated_star(x: float, y: float, trail: int, seed: int
     image = truth.copy()
     level = np.float32(0.25 * image.max())
     core = image >= level
-    ix = int(round(x))
+    ix = round(x)
     rows = np.flatnonzero(core[:, ix])
     core[max(rows.min() - trail, 0):rows.min(), ix - 1:ix + 2] = True
     image[core] = level
@@ -514,6 +514,38 @@ def test_restored_core_follows_the_true_star():
     assert np.max(np.abs(restored[core] - truth[core])) < 0.05 * peak
     assert np.array_equal(restored[~core], band.image[~core])
     assert np.max(band.image[core]) < 0.3 * peak  # the flat top it replaced
+
+
+def test_pieces_of_a_saturated_star_are_listed_once():
+    """The deblending may cut a saturated star into pieces (its flat core, its trail): each
+    piece's wing fit finds the same star, and the pieces become one detection holding the
+    whole footprint, not two rows at one position."""
+    x, y = 80.3, 75.6
+    image, mask, _ = _saturated_star(x, y, 12, seed=2)
+    band = _prepare(image, mask, _header(), "I", SYNTH, None)
+    objects, segmap = _detect(band, SYNTH)
+    star = int(np.argmin(np.hypot(objects["x"] - x, objects["y"] - y)))
+    label = star + 1
+    footprint = segmap == label
+    # Cut the top of the trail off as a second detection, peaking on it 6 rows below the star.
+    row = np.arange(SHAPE[0])[:, None]
+    trail = footprint & (row >= y - 9) & (row < y - 3)
+    rows, cols = np.nonzero(trail)
+    piece = objects[star:star + 1].copy()
+    piece["xmin"], piece["xmax"], piece["ymin"], piece["ymax"] = (
+        cols.min(), cols.max(), rows.min(), rows.max())
+    piece["xpeak"], piece["ypeak"] = round(x), round(y) - 6
+    piece["x"], piece["y"] = cols.mean(), rows.mean()
+    piece["flux"] = 0.1 * objects["flux"][star]
+    pieces = np.concatenate([objects, piece])
+    split = segmap.copy()
+    split[trail] = pieces.size
+    assert mask[piece["ypeak"][0], piece["xpeak"][0]] == 2
+    det = _detection(band, pieces, split, SYNTH)
+    assert det.objects.size == objects.size
+    near = np.hypot(det.x - x, det.y - y) < 2.0
+    assert near.sum() == 1
+    assert np.array_equal(det.segmap == det.seg_id[near][0], footprint)
 
 
 def test_no_detection_gives_every_column_and_no_rows(network):
