@@ -116,7 +116,7 @@ from astropy.table import Table
 from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy import sparse
-from scipy.ndimage import binary_dilation, grey_dilation, maximum_filter
+from scipy.ndimage import binary_dilation, distance_transform_edt, grey_dilation, maximum_filter
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
@@ -385,6 +385,7 @@ class _Detection:
     kron: np.ndarray         # Kron factor used, max(kron_factor * r_Kron, kron_min_radius)
     seg_id: np.ndarray
     dilated: np.ndarray      # segmentation map dilated by one pixel (3 x 3 maximum)
+    wings: tuple[tuple[int, WingFit], ...] = ()  # (row, wing fit) of the saturated detections
 
 
 #: Detections whose windowed centroids end closer than this (pixels) are one source.
@@ -435,8 +436,9 @@ def _wing_fits(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarr
                y: np.ndarray, settings: PhotometrySettings
                ) -> tuple[np.ndarray, list[WingFit | None]]:
     """The rows of the saturated detections (:func:`_saturated_near` their peak) and the Moffat
-    fits to their unsaturated wings (:func:`.sep_objects.wing_fits`) from ``(x, y)``,
-    within the saturated area's radius plus 6 FWHM."""
+    fits to their unsaturated wings (:func:`.sep_objects.wing_fits`), started from their cores
+    (:func:`_core_starts`; ``(x, y)`` without saturated pixels), within the saturated area's
+    radius plus 6 FWHM."""
     saturated = (band.bits & settings.saturation_bits) != 0
     which = np.flatnonzero(_saturated_near(band, settings)[objects["ypeak"], objects["xpeak"]])
     if which.size == 0:
@@ -447,30 +449,58 @@ def _wing_fits(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarr
     usable = ~saturated & ~band.touched & (band.image < band.saturate)
     beta = band.psf_beta if math.isfinite(band.psf_beta) and band.psf_beta > 1.0 \
         else _KOLMOGOROV_BETA
-    return which, wing_fits(band.image, band.rms, usable, x[which], y[which], radius, fwhm_px,
+    start_x, start_y = _core_starts(saturated, segmap, objects, which, x, y)
+    return which, wing_fits(band.image, band.rms, usable, start_x, start_y, radius, fwhm_px,
                             beta)
 
 
-def _saturated_centres(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarray,
-                       y: np.ndarray, x_err: np.ndarray, y_err: np.ndarray,
-                       settings: PhotometrySettings
+def _core_starts(saturated: np.ndarray, segmap: np.ndarray, objects: np.ndarray,
+                 which: np.ndarray, x: np.ndarray, y: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Start positions of the wing fits of the detections ``which``: the saturated pixel of each
+    footprint (segment ``row + 1``) deepest inside its saturated region, i.e. the centre of the
+    flat core, since a bleed trail is only a few pixels wide; ``(x, y)`` where the footprint
+    holds no saturated pixel. The centroid itself can lie beyond the fit's reach: a 25-row
+    trail pulls the windowed centroid of a test star 8.4 px down its trail."""
+    start_x = np.array(x, dtype=np.float64)[which]
+    start_y = np.array(y, dtype=np.float64)[which]
+    for i, k in enumerate(which):
+        o = objects[k]
+        box = (slice(o["ymin"], o["ymax"] + 1), slice(o["xmin"], o["xmax"] + 1))
+        region = saturated[box] & (segmap[box] == k + 1)
+        if region.any():
+            depth = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+            row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+            start_x[i], start_y[i] = col + o["xmin"], row + o["ymin"]
+    return start_x, start_y
+
+
+def _fitted_wings(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarray,
+                  y: np.ndarray, settings: PhotometrySettings) -> list[tuple[int, WingFit]]:
+    """(row, fit) of the saturated detections whose wing fit succeeded (:func:`_wing_fits`)."""
+    return [(int(k), fit) for k, fit in zip(*_wing_fits(band, objects, segmap, x, y, settings))
+            if fit is not None]
+
+
+def _saturated_centres(x: np.ndarray, y: np.ndarray, x_err: np.ndarray, y_err: np.ndarray,
+                       fitted: list[tuple[int, WingFit]]
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The centroids, those of saturated detections replaced by their wing fits' centres."""
     x, y, x_err, y_err = (np.array(v, dtype=np.float64) for v in (x, y, x_err, y_err))
-    for k, fit in zip(*_wing_fits(band, objects, segmap, x, y, settings)):
-        if fit is not None:
-            x[k], y[k], x_err[k], y_err[k] = fit.x, fit.y, fit.x_err, fit.y_err
+    for k, fit in fitted:
+        x[k], y[k], x_err[k], y_err[k] = fit.x, fit.y, fit.x_err, fit.y_err
     return x, y, x_err, y_err
 
 
-def _restored_cores(band: _Band, det: _Detection, settings: PhotometrySettings
-                    ) -> np.ndarray:
+def _restored_cores(band: _Band, det: _Detection, settings: PhotometrySettings,
+                    forced: bool = False) -> np.ndarray:
     """CLASS_STAR's view of the band: the image with the saturated pixels of each saturated
     detection's footprint (core and bleed trail) replaced by its wing fit, so that the network
     sees the star's profile rather than a flat top (``band.image`` itself when nothing is
-    replaced). On the demo the flat tops made 7 of the 21 wrong dual-R classifications."""
-    fitted = [(k, fit) for k, fit in zip(*_wing_fits(band, det.objects, det.segmap, det.x,
-                                                    det.y, settings)) if fit is not None]
+    replaced). On the demo the flat tops made 7 of the 21 wrong dual-R classifications. The
+    detection's own fits (``det.wings``) serve its band; a ``forced`` band is fitted anew."""
+    fitted = _fitted_wings(band, det.objects, det.segmap, det.x, det.y, settings) if forced \
+        else det.wings
     if not fitted:
         return band.image
     saturated = (band.bits & settings.saturation_bits) != 0
@@ -490,11 +520,13 @@ def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
     gain = band.gain if band.gain > 0 else None
     cen = windowed_centroids(band.image, objects, band.rms, band.masked, segmap,
                              np.arange(1, objects.size + 1, dtype=np.int32), gain)
-    x, y, x_err, y_err = _saturated_centres(band, objects, segmap, cen.x, cen.y, cen.x_err,
-                                            cen.y_err, settings)
+    fitted = _fitted_wings(band, objects, segmap, cen.x, cen.y, settings)
+    x, y, x_err, y_err = _saturated_centres(cen.x, cen.y, cen.x_err, cen.y_err, fitted)
     keep = _merge_twins(objects, segmap, x, y)
     objects = objects[keep]
     x, y, x_err, y_err = x[keep], y[keep], x_err[keep], y_err[keep]
+    row = np.cumsum(keep) - 1
+    wings = tuple((int(row[k]), fit) for k, fit in fitted if keep[k])
     n = objects.size
     seg_id = np.arange(1, n + 1, dtype=np.int32)
     a, b, theta = ellipse(objects)
@@ -504,7 +536,8 @@ def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
     kron = np.maximum(settings.kron_factor * r_kron, settings.kron_min_radius)
     return _Detection(objects=objects, segmap=segmap, x=x, y=y, x_err=x_err,
                       y_err=y_err, a=a, b=b, theta=theta,
-                      kron=kron, seg_id=seg_id, dilated=grey_dilation(segmap, size=3))
+                      kron=kron, seg_id=seg_id, dilated=grey_dilation(segmap, size=3),
+                      wings=wings)
 
 
 def _aperture_radii_px(diameters: tuple[float, ...], pixel_scale: float) -> list[float]:
@@ -885,7 +918,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
         cols[f"flux_aper{diameter:g}_{b}"], cols[f"fluxerr_aper{diameter:g}_{b}"] = flux, err
     cols[f"snr_{b}"] = np.where(auto_err > 0, auto / np.where(auto_err > 0, auto_err, 1.0), 0.0)
     threshold = settings.detect_thresh_sigma * _at(band.rms, det).astype(np.float64)
-    restored = _restored_cores(band, det, settings)
+    restored = _restored_cores(band, det, settings, forced)
     iso, fwhm = isophotal_profile(restored, det.segmap, det.objects, threshold,
                                   saturation=band.saturate)
     flux_max = footprint_max(det.segmap, band.image, n, bitwise=False).astype(np.float64)

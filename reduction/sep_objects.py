@@ -270,6 +270,15 @@ def _fit_wings(image: np.ndarray, rms: np.ndarray, usable: np.ndarray, x0: float
         r2 = (px - p[0]) ** 2 + (py - p[1]) ** 2
         return (value - np.exp(p[2]) * (1.0 + r2 / np.exp(2.0 * p[3])) ** -beta) / sigma
 
+    def jacobian(p: np.ndarray) -> np.ndarray:
+        """d(residuals)/d(x, y, log amplitude, log alpha), analytic (2-3x faster)."""
+        dx, dy, alpha2 = px - p[0], py - p[1], np.exp(2.0 * p[3])
+        u = 1.0 + (dx**2 + dy**2) / alpha2
+        model = np.exp(p[2]) * u**-beta
+        slope = 2.0 * beta * model / (u * alpha2)  # -d(model)/d(r2) * 2
+        return -np.column_stack([slope * dx, slope * dy, model,
+                                 slope * (dx**2 + dy**2)]) / sigma[:, None]
+
     nearest = int(np.argmin((px - x0) ** 2 + (py - y0) ** 2))
     r2 = (px[nearest] - x0) ** 2 + (py[nearest] - y0) ** 2
     amplitude = max(float(value[nearest]), 1e-12) * (1.0 + r2 / alpha0**2) ** beta
@@ -277,8 +286,8 @@ def _fit_wings(image: np.ndarray, rms: np.ndarray, usable: np.ndarray, x0: float
     lower = [x0 - WING_MAX_SHIFT_PX, y0 - WING_MAX_SHIFT_PX, -np.inf, math.log(0.3 * alpha0)]
     upper = [x0 + WING_MAX_SHIFT_PX, y0 + WING_MAX_SHIFT_PX, np.inf, math.log(3.0 * alpha0)]
     try:
-        fit = least_squares(residuals, start, bounds=(lower, upper), loss="soft_l1",
-                            f_scale=3.0)
+        fit = least_squares(residuals, start, jac=jacobian, bounds=(lower, upper),
+                            loss="soft_l1", f_scale=3.0)
     except ValueError:  # non-finite residuals at the start
         return None
     if not fit.success or math.hypot(fit.x[0] - x0, fit.x[1] - y0) >= WING_MAX_SHIFT_PX - 1e-6:
