@@ -17,19 +17,19 @@ from ks4release.camera import CCD_NAMES, COADD_PIXEL_SCALE_ARCSEC, N_AMPLIFIERS,
 from ks4release.survey import BANDS, REFERENCE_ZEROPOINT
 
 __all__ = [
+    "EXPORT_FORMATS",
+    "AstrometrySettings",
+    "CoaddSettings",
+    "DetectSettings",
+    "ExportSettings",
     "MapSettings",
+    "MaskSettings",
+    "MasterSettings",
     "PhotometrySettings",
     "PostprocessSettings",
-    "EXPORT_FORMATS",
-    "documented",
-    "MaskSettings",
-    "DetectSettings",
-    "AstrometrySettings",
-    "ZeropointSettings",
     "ScaleSettings",
-    "CoaddSettings",
-    "MasterSettings",
-    "ExportSettings",
+    "ZeropointSettings",
+    "documented",
 ]
 
 #: Band suffixes of the catalog columns (b, v, r, i).
@@ -137,6 +137,11 @@ class MaskSettings:
     crosstalk_grow_px: int = documented(
         "Predicted crosstalk footprints are dilated by this many pixels.",
         default=1)
+    crosstalk_correct: bool = documented(
+        "Subtract the predicted crosstalk ghosts in the scale stage and let the co-add use those "
+        "pixels (they keep bit 1 in the exposure masks, plus the internal bit 16). DR1 only "
+        "masked them: false restores that.",
+        default=True)
     cr_sigclip: float = documented(
         "astroscrappy sigclip: Laplacian-to-noise limit of a cosmic-ray pixel.",
         default=4.5)

@@ -7,7 +7,8 @@ pixels at weight 0), has SWarp resample them with FSCALASTRO_TYPE VARIABLE (flux
 the 0.395 -> 0.4 arcsec/px change and the field distortion: FIXED loses 0.02 mag, NONE 0.07 mag
 on the demo), zeroes the resampled weight wherever an exposure's own pixel was masked (filled
 runs only keep LANCZOS3 from spreading the hole; they never enter the median,
-:func:`_exclude_masked_pixels`), optionally matches the backgrounds of the resampled exposures
+:func:`_exclude_masked_pixels`; crosstalk ghosts that the scale stage subtracted are not masked
+here, :func:`.masks.unusable_pixels`), optionally matches the backgrounds of the resampled exposures
 (:func:`background_offsets`, ``CoaddSettings.background_match``), has SWarp take the masked
 median and adds what SWarp does not give:
 
@@ -93,6 +94,7 @@ from ks4release.reduction.coadd_swarp import (
     swarp_version,
     write_swarp_exposure,
 )
+from ks4release.reduction.masks import unusable_pixels
 from ks4release.reduction.sep_objects import set_extraction_limits
 from ks4release.settings import CoaddSettings
 from ks4release.survey import DITHER_OFFSETS_ARCMIN, REFERENCE_ZEROPOINT
@@ -516,8 +518,9 @@ def _read_exposure(path: Path, mask_path: Path, tile: str, band: str) -> _Exposu
 
 def _load_ccd(exposure: _Exposure, name: str, ignore_bits: int, max_gap: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, fits.Header]:
-    """Pixels (short bad runs filled, the other bad pixels 0), DR1 mask bits, the map of
-    pixels SWarp may use, and the header."""
+    """Pixels (short bad runs filled, the other bad pixels 0), mask bits (DR1's and the
+    internal :data:`.masks.XTALK_CORRECTED`), the map of pixels SWarp may use, and the
+    header."""
     with fits.open(exposure.path, memmap=True) as hdul:
         data = np.array(hdul[name].data, dtype=np.float32)
         header = hdul[name].header.copy()
@@ -530,9 +533,9 @@ def _load_ccd(exposure: _Exposure, name: str, ignore_bits: int, max_gap: int
     if mask.shape != data.shape:
         raise InputError(exposure.mask_path, f"extension {name!r}: shape {mask.shape} differs "
                          f"from the image's {data.shape}", hdu=name)
-    bad = ((mask & np.uint8(ignore_bits)) != 0) | ~np.isfinite(data)
+    bad = unusable_pixels(mask, ignore_bits) | ~np.isfinite(data)
     data, still_bad = fill_masked_pixels(np.where(bad, 0.0, data), bad, max_gap)
-    return data, mask & np.uint8(_DR1_BITS), ~still_bad, header
+    return data, mask, ~still_bad, header
 
 
 def _ccd_wcs(header: fits.Header) -> WCS:
@@ -695,18 +698,20 @@ def _swarp_inputs_and_mask(used: list[_Exposure], folder: Path, grid_wcs: WCS,
         write_swarp_exposure(ccds, image, weight)
         images.append(image)
         weights.append(weight)
+    mask_map &= np.uint8(_DR1_BITS)
     return images, weights, mask_map, masked, t_maps
 
 
 def _masked_on_grid(projections: list[CcdProjection], bits: int, shape: tuple[int, int]
                     ) -> np.ndarray:
-    """Flat indices of the grid pixels whose nearest input pixel of one exposure carries any of
-    ``bits`` (sorted, unique; int32 when the grid allows): a few percent of the grid, kept
-    instead of a map per exposure (4 bytes per masked pixel against 1 per grid pixel)."""
+    """Flat indices of the grid pixels whose nearest input pixel of one exposure is unusable
+    under ``bits`` (:func:`.masks.unusable_pixels`; sorted, unique; int32 when the grid allows):
+    a few percent of the grid, kept instead of a map per exposure (4 bytes per masked pixel
+    against 1 per grid pixel)."""
     dtype = np.int32 if shape[0] * shape[1] < 2**31 else np.int64
     parts = [np.empty(0, dtype=dtype)]
     for p in projections:
-        yy, xx = np.nonzero(p.bits & np.uint8(bits))
+        yy, xx = np.nonzero(unusable_pixels(p.bits, bits))
         parts.append(np.ravel_multi_index((yy + p.y0, xx + p.x0), shape).astype(dtype))
     return np.unique(np.concatenate(parts))
 

@@ -14,8 +14,9 @@ Crosstalk
     (``reversed_amplifiers``: the ones whose readout starts at their highest column), so ghosts
     appear mirrored between neighbouring segments. The leak falls off with the distance between
     the amplifiers: ``coefficient * falloff ** (|i - j| - 1)`` of the source charge.
-    :func:`crosstalk_mask` predicts the ghost of every pixel above a fraction of ``SATURATE``
-    from this model and flags where the predicted ghost exceeds a level, grown by a margin.
+    :meth:`CrosstalkModel.ghosts` predicts the ghost of every pixel above a fraction of
+    ``SATURATE`` from this model (the scale stage subtracts it); :func:`crosstalk_victims`
+    flags where the predicted ghost exceeds a level, grown by a margin.
 
 Pure functions on in-memory arrays in ADU; gains in e-/ADU.
 """
@@ -23,11 +24,18 @@ Pure functions on in-memory arrays in ADU; gains in e-/ADU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["bleed_mask", "crosstalk_mask", "infer_bleed_direction", "saturated_pixels"]
+__all__ = [
+    "CrosstalkModel",
+    "bleed_mask",
+    "crosstalk_victims",
+    "infer_bleed_direction",
+    "saturated_pixels",
+]
 
 
 def saturated_pixels(image: np.ndarray, saturation_adu: float, fraction: float) -> np.ndarray:
@@ -91,58 +99,64 @@ def _readout_view(array: np.ndarray, x_range: tuple[int, int], reversed_readout:
     return strip[:, :width]
 
 
-def crosstalk_mask(image: np.ndarray, amplifiers: Sequence[tuple[int, int]], *,
-                   reversed_amplifiers: Sequence[bool], gain: float, source_level_adu: float,
-                   coefficient: float, falloff: float, min_ghost_e: float, grow_px: int,
-                   skip_amplifiers: Sequence[int] = ()) -> np.ndarray:
-    """Predicted crosstalk victim pixels of one CCD (see the module docstring for the model).
+@dataclass(frozen=True, kw_only=True)
+class CrosstalkModel:
+    """The crosstalk of one CCD (see the module docstring).
 
-    Parameters
-    ----------
-    image : ndarray
-        The CCD in ADU.
-    amplifiers : sequence of (x_start, x_stop)
-        Column range of each amplifier (0-based, half-open).
-    reversed_amplifiers : sequence of bool
-        Per amplifier, True when its readout runs from its highest column down.
-    gain : float
-        e-/ADU.
-    source_level_adu : float
-        Pixels at or above this level are crosstalk sources.
-    coefficient, falloff : float
-        Ghost / source charge between neighbouring amplifiers, and the factor per further
-        amplifier.
-    min_ghost_e : float
-        Predicted ghosts of at least this many electrons are flagged.
-    grow_px : int
-        Flagged footprints are dilated by this many pixels (source positions are uncertain by
-        a pixel where they pass the level only through noise).
-    skip_amplifiers : sequence of int
-        Amplifiers that cannot be sources (dead ones, whose data carry no signal).
+    Every pixel at or above ``source_level_adu`` in amplifier i leaves ``coefficient *
+    falloff ** (|i - j| - 1)`` of its value at the same readout position of the same row in
+    every other amplifier j; ``reversed_amplifiers`` says, per amplifier, whether its readout
+    runs from its highest column down; ``skip_amplifiers`` cannot be sources (dead ones, whose
+    data carry no signal).
     """
-    if len(reversed_amplifiers) != len(amplifiers):
-        raise ValueError(f"reversed_amplifiers has {len(reversed_amplifiers)} entries for "
-                         f"{len(amplifiers)} amplifiers")
-    width = min(x_stop - x_start for x_start, x_stop in amplifiers)
-    with np.errstate(invalid="ignore"):
-        source = image >= source_level_adu
-    victims = np.zeros(image.shape, dtype=bool)
-    if not source.any():
-        return victims
-    predicted = [np.zeros((image.shape[0], width), dtype=np.float32) for _ in amplifiers]
-    for i, (x_range, rev) in enumerate(zip(amplifiers, reversed_amplifiers)):
-        if i in skip_amplifiers:
-            continue
-        hit = _readout_view(source, x_range, rev, width)
-        rows = np.flatnonzero(hit.any(axis=1))
-        if rows.size == 0:
-            continue
-        charge = np.where(hit[rows], _readout_view(image, x_range, rev, width)[rows] * gain, 0.0)
-        for j, target in enumerate(predicted):
-            if j != i:
-                target[rows] += coefficient * falloff ** (abs(i - j) - 1) * charge
-    for x_range, rev, ghost in zip(amplifiers, reversed_amplifiers, predicted):
-        _readout_view(victims, x_range, rev, width)[:] = ghost >= min_ghost_e
+
+    reversed_amplifiers: tuple[bool, ...]
+    source_level_adu: float
+    coefficient: float
+    falloff: float
+    skip_amplifiers: tuple[int, ...] = ()
+
+    def ghosts(self, image: np.ndarray, amplifiers: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Predicted ghost image of a CCD (``amplifiers``: column range of each, 0-based,
+        half-open), in the image's units (float32).
+
+        The ghost of a clipped pixel is that of the clipped value: charge beyond full well bled
+        along the column, where it is a source of its own. Subtracting the result corrects the
+        ghosts to within the model's accuracy (the noise of the sources, times the
+        coefficient).
+        """
+        if len(self.reversed_amplifiers) != len(amplifiers):
+            raise ValueError(f"reversed_amplifiers has {len(self.reversed_amplifiers)} entries "
+                             f"for {len(amplifiers)} amplifiers")
+        width = min(x_stop - x_start for x_start, x_stop in amplifiers)
+        ghosts = np.zeros(image.shape, dtype=np.float32)
+        with np.errstate(invalid="ignore"):
+            source = image >= self.source_level_adu
+        if not source.any():
+            return ghosts
+        readouts = list(zip(amplifiers, self.reversed_amplifiers))
+        for i, (x_range, rev) in enumerate(readouts):
+            if i in self.skip_amplifiers:
+                continue
+            hit = _readout_view(source, x_range, rev, width)
+            rows = np.flatnonzero(hit.any(axis=1))
+            if rows.size == 0:
+                continue
+            signal = np.where(hit[rows], _readout_view(image, x_range, rev, width)[rows], 0.0)
+            for j, (target_range, target_rev) in enumerate(readouts):
+                if j != i:
+                    target = _readout_view(ghosts, target_range, target_rev, width)
+                    target[rows] += self.coefficient * self.falloff ** (abs(i - j) - 1) * signal
+        return ghosts
+
+
+def crosstalk_victims(ghosts: np.ndarray, *, gain: float, min_ghost_e: float,
+                      grow_px: int) -> np.ndarray:
+    """Crosstalk victim pixels: where the predicted ``ghosts`` (ADU, from
+    :meth:`CrosstalkModel.ghosts`) reach ``min_ghost_e`` electrons (``gain`` in e-/ADU),
+    dilated by ``grow_px`` pixels (source positions are uncertain by a pixel where they pass
+    the level only through noise)."""
+    victims = ghosts * np.float32(gain) >= min_ghost_e
     if grow_px > 0 and victims.any():
         victims = ndimage.binary_dilation(victims, np.ones((3, 3), dtype=bool),
                                           iterations=grow_px)

@@ -1,7 +1,9 @@
 """Scale one exposure to the common zero point ZP = 30 with its per-amplifier model.
 
-Each CCD becomes ``(raw - background) * 10**(0.4 * (30 - zp_a(y)))`` per amplifier ``a`` and row
-``y`` (0-based), with ``zp_a(y) = zp_y0 + zp_slope * y / ny`` from :mod:`.zeropoint` (the zero
+Each CCD becomes ``(raw - ghosts - background) * 10**(0.4 * (30 - zp_a(y)))`` per amplifier ``a``
+and row ``y`` (0-based), where ``ghosts`` are the crosstalk ghosts predicted by the model that
+the exposure's mask records (:func:`.masks.read_crosstalk_model`; none when the mask says they are
+only masked, pixels at SATURATE kept as they are), with ``zp_a(y) = zp_y0 + zp_slope * y / ny`` from :mod:`.zeropoint` (the zero
 point of a star of the pivot colour, see there). The background is ``sep.Background`` with the
 bad pixels excluded. Bad pixels keep their scaled values: the co-add reads the mask separately.
 
@@ -13,7 +15,8 @@ saturated pixel is above it), ``SKYLEVEL`` (the subtracted sky, scaled), ``ZPA{i
 (zp_y0 and zp_slope of amplifier i) with ``ZPAERR{i}``/``ZPBERR{i}`` and ``ZPFLAG{i}``, the
 colour term (``ZPCOLT``, ``ZPCOLTE``, ``ZPCOLPIV``) and ``PSFR50``, the stars' half-light radius
 that the zero-point photometry measured on the CCD (its ``photometry`` meta; the co-add passes it
-on as each exposure's PSF size for CLASS_STAR's seeing map).
+on as each exposure's PSF size for CLASS_STAR's seeing map), and ``XTCORR`` (crosstalk ghosts
+subtracted or not).
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from ks4release.atomic import atomic_path
 from ks4release.camera import CCD_NAMES
 from ks4release.errors import InputError
 from ks4release.exposure import read_ccd, read_exposure_header
+from ks4release.reduction.masks import read_crosstalk_model
+from ks4release.reduction.masks_saturation import CrosstalkModel
 from ks4release.reduction.zeropoint import read_mask_ccd, read_wcs_ccd
 from ks4release.settings import ScaleSettings
 from ks4release.survey import REFERENCE_ZEROPOINT
 
-__all__ = ["ScaleSettings", "amp_row_factors", "scale_factors", "scale_ccd", "run_scale"]
+__all__ = ["ScaleSettings", "amp_row_factors", "run_scale", "scale_ccd", "scale_factors",
+           "subtract_crosstalk"]
 
 # Cards of the WCS file's extensions that describe the HDU itself, not the WCS or its quality.
 _STRUCTURAL = {"XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT", "EXTNAME",
@@ -98,6 +104,17 @@ def scale_ccd(data: np.ndarray, bad: np.ndarray, amplifiers: tuple[tuple[int, in
     cards = {"saturate": saturate, "skylevel": float(np.median(sky)),
              "factor": float(np.median(row_factors))}
     return img, cards
+
+
+def subtract_crosstalk(data: np.ndarray, model: CrosstalkModel,
+                       amplifiers: tuple[tuple[int, int], ...], saturation: float) -> np.ndarray:
+    """``data`` minus the crosstalk ghosts of ``model`` (float32), except at pixels at or above
+    ``saturation``: a clipped pixel does not hold its ghost, and must stay at SATURATE so that
+    later stages still see it saturated."""
+    ghosts = model.ghosts(data, amplifiers)
+    with np.errstate(invalid="ignore"):
+        ghosts[data >= saturation] = 0.0
+    return np.asarray(data, dtype=np.float32) - ghosts
 
 
 def _zeropoints(path: Path) -> Table:
@@ -185,6 +202,9 @@ def run_scale(exposure: Path, mask: Path | str, wcs: Path, zeropoints: Path, out
             ccd = info.ccd(name)
             data, raw_header = read_ccd(exposure, name)
             bad = read_mask_ccd(mask, name, data.shape)
+            crosstalk = read_crosstalk_model(mask, name) if str(mask) else None
+            if crosstalk is not None:
+                data = subtract_crosstalk(data, crosstalk, ccd.amplifiers, ccd.saturation)
             wcs_header, _ = read_wcs_ccd(wcs, name)
             zps = _ccd_zeropoints(zp_table, Path(zeropoints), name, len(ccd.amplifiers))
             rows = amp_row_factors(data.shape[0], zps["zp_y0"], zps["zp_slope"],
@@ -195,4 +215,5 @@ def run_scale(exposure: Path, mask: Path | str, wcs: Path, zeropoints: Path, out
             header = _ccd_header(wcs_header, raw_header, zps, cards, ccd.gain,
                                  _psf_r50(zp_table, name))
             header["EXTNAME"] = (name, "CCD name")
+            header["XTCORR"] = (crosstalk is not None, "crosstalk ghosts subtracted (mask model)")
             fits.append(tmp, scaled, header)
