@@ -46,8 +46,8 @@ from ks4release.reduction.masks_saturation import (
 )
 from ks4release.reduction.scale import subtract_crosstalk
 from ks4release.simulate import SOURCES_PATH, SimulationConfig, plan_survey, simulate_survey
-from ks4release.simulate.render import amp_zeropoints, render_ccd
 from ks4release.simulate.masks import DR1_BITS, MaskBit
+from ks4release.simulate.render import amp_zeropoints, render_ccd
 
 SETTINGS = MaskSettings()
 AMPS_72 = tuple((i * 72, (i + 1) * 72) for i in range(8))
