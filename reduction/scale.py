@@ -108,13 +108,16 @@ def scale_ccd(data: np.ndarray, bad: np.ndarray, amplifiers: tuple[tuple[int, in
 
 def subtract_crosstalk(data: np.ndarray, model: CrosstalkModel,
                        amplifiers: tuple[tuple[int, int], ...], saturation: float) -> np.ndarray:
-    """``data`` minus the crosstalk ghosts of ``model`` (float32), except at pixels at or above
-    ``saturation``: a clipped pixel does not hold its ghost, and must stay at SATURATE so that
-    later stages still see it saturated."""
+    """``data`` minus the crosstalk ghosts of ``model`` (float32; in place when ``data`` is
+    float32 already, so a full-size CCD needs one more frame, the ghosts), except at pixels at
+    or above ``saturation``: a clipped pixel does not hold its ghost, and must stay at SATURATE
+    so that later stages still see it saturated."""
     ghosts = model.ghosts(data, amplifiers)
     with np.errstate(invalid="ignore"):
         ghosts[data >= saturation] = 0.0
-    return np.asarray(data, dtype=np.float32) - ghosts
+    out = np.asarray(data, dtype=np.float32)
+    out -= ghosts
+    return out
 
 
 def _zeropoints(path: Path) -> Table:

@@ -20,6 +20,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from ks4release.cli import cli, main
+from ks4release.layout import mask_path, scaled_path
 from ks4release.projection import unit_vectors
 from ks4release.simulate.sky import positions_at
 
@@ -94,6 +95,15 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
     for band in "VI":
         for kind in ("coadd", "mask", "ndith"):
             assert (release / "images" / "0000.000-62" / f"0000.000-62_{band}_{kind}.fits").is_file()
+        # the co-add used the crosstalk victims the scale stage corrected; its mask has DR1's
+        # bits only (the internal XTALK_CORRECTED stays in the exposure masks)
+        mask = fits.getdata(release / "images" / "0000.000-62" / f"0000.000-62_{band}_mask.fits")
+        assert mask.any() and not np.any(mask & ~np.uint8(15))
+    for stem in Table.read(release / "truth" / "exposures.parquet")["stem"]:
+        with fits.open(scaled_path(release, stem)) as scaled, \
+                fits.open(mask_path(release, stem)) as masks:
+            for hdu in scaled[1:]:
+                assert hdu.header["XTCORR"] is masks[hdu.name].header["XTCORR"] is True
     # ... then the tile catalogs, their maps, both release catalogs and their checked exports.
     tile = "0000.000-62"
     for name in (f"{tile}_dual", f"{tile}_single_v", f"{tile}_single_i"):

@@ -480,7 +480,7 @@ def test_subtracted_crosstalk_leaves_the_image_the_simulator_made_without_it(
         clean, truth = render_ccd(exposure, cfg.camera.ccd(ccd.name), sources, no_crosstalk,
                                   zp_rows)
         model = read_crosstalk_model(tiny_masks[stem], ccd.name)
-        corrected = subtract_crosstalk(raw, model, ccd.amplifiers, ccd.saturation)
+        corrected = subtract_crosstalk(raw.copy(), model, ccd.amplifiers, ccd.saturation)
         # the simulator applies defects after the crosstalk: they replace the ghosts (those
         # pixels stay masked, bits 4 and 8), and a hot column's charge makes no ghost
         defect = (truth & (MaskBit.BAD_COLUMN | MaskBit.DEAD_AMP)) != 0

@@ -85,6 +85,7 @@ def test_scaled_file_format(tiny_survey, tmp_path):
             assert h["BITPIX"] == -32 and hdu.data.shape == (576, 576)
             assert h["CTYPE1"] == "RA---TAN-SIP" and "A_ORDER" in h
             assert h["ASTOK"] is (hdu.name != "TT")
+            assert h["XTCORR"] is False  # these masks (truth's DR1 bits) record no crosstalk model
             rows = zp[zp["ccd"] == hdu.name]
             for r in rows:
                 i = r["amp"]
