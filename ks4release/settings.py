@@ -841,8 +841,14 @@ class PostprocessSettings:
     bias_min_nodes: int = documented(
         "Fewest curve nodes (bins) for a correction (our default).", default=2)
     bias_apply_class_star_min: float = documented(
-        "Least CLASS_STAR of a source without a Gaia counterpart that is corrected (DR1: "
-        "'high-confidence point sources'; our default).", default=0.95)
+        "Least CLASS_STAR of a source without a Gaia counterpart whose MAG_AUTO gets the "
+        "point-source corrections (Kron loss, bias curve). DR1: 'high-confidence point "
+        "sources', no value given. Ours: 0.5, the usual star/galaxy split. On the demo (point "
+        "sources of S/N > 20 in 16 band/mode/selection cells) the 0.5-mag bins whose median "
+        "MAG_AUTO - true exceeds 0.005 mag + 2 standard errors were 17 at 0.95, 12 at 0.8 and 10 "
+        "at 0.5, and the worst I bin went from 0.066 to 0.026 mag. The 5-12 galaxies per band "
+        "with CLASS_STAR from 0.5 to 0.95 came 0.01-0.02 mag closer to truth, because MAG_AUTO "
+        "misses part of their light too.", default=0.5)
     kron_loss_correction: bool = documented(
         "Before DR1's empirical curve, correct the point sources' MAG_AUTO for the PSF light "
         "outside their own Kron ellipse relative to the bright stars that set the AUTO zero "

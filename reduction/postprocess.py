@@ -14,7 +14,8 @@ issue-5 contract: ``ra``, ``dec``, ``x_image``, ``y_image`` and per-band ``{name
 * :func:`auto_bias_correction` (DR1 3.2.3): MAG_AUTO - MAG_APER of isolated, clean reference
   point sources (DR1: Gaia XP; by default ours are the deeper Gaia DR3 ones) against magnitude
   in adaptive bins, median per bin, count-weighted smoothing, linear interpolation; subtracted
-  from MAG_AUTO of Gaia-matched objects and of confident point sources.
+  from MAG_AUTO of Gaia-matched objects and of point sources (CLASS_STAR >=
+  ``bias_apply_class_star_min``, 0.5 by default; DR1: "high-confidence point sources").
 
 Which MAG_APER
 --------------
@@ -544,8 +545,9 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
 
 def point_source_targets(table: Table, band: str, settings: PostprocessSettings,
                          gaia: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-    """The sources whose MAG_AUTO the point-source corrections apply to (DR1: Gaia-matched
-    objects and high-confidence point sources; extended sources keep their MAG_AUTO)."""
+    """The sources whose MAG_AUTO the point-source corrections apply to: Gaia-matched objects
+    and sources with CLASS_STAR >= ``bias_apply_class_star_min`` (DR1: "high-confidence point
+    sources"; the setting documents our choice); extended sources keep their MAG_AUTO."""
     b = _band(band)
     confident = _float(table, f"class_star_{b}") >= settings.bias_apply_class_star_min
     if gaia is None:
