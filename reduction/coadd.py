@@ -725,15 +725,16 @@ def _exclude_masked_pixels(frames: dict[str, list[Path]], masked: dict[str, np.n
 
     Short masked runs are filled before resampling, so that LANCZOS3 does not zero the weight
     of every output pixel it carries them into (~10% of an exposure, one cosmic ray at a time).
-    The filled values must still stay out of the median: a 12 px crosstalk strip filled across
-    a star leaves a flat smear, which the median of two or three exposures turned into
-    elongated stars (CLASS_STAR ~0.03). The masked grid pixels, grown by one pixel to cover the
-    nearest-pixel projection, get weight 0 in that exposure's frames, so that the median is a
-    masked median and NDITH counts the exposures that entered it. Where every covering
-    exposure is masked (a saturated core, crosstalk strips that overlap) the filled values are
-    kept rather than leaving a hole: on the demo, whose 1/16-scale CCDs put a full bleed trail
-    and its crosstalk strips on every chip (10% of a chip), holes grew the area without data
-    by 3% of a tile. Four grid-sized byte maps at a time (~1.9 GB for a full-size tile).
+    The filled values must still stay out of the median: a 12 px crosstalk strip (masked only,
+    ``[masks] crosstalk_correct = false``) filled across a star leaves a flat smear, which the
+    median of two or three exposures turned into elongated stars (CLASS_STAR ~0.03). The masked
+    grid pixels, grown by one pixel to cover the nearest-pixel projection, get weight 0 in that
+    exposure's frames, so that the median is a masked median and NDITH counts the exposures
+    that entered it. Where every covering exposure is masked (a saturated core; crosstalk
+    strips that overlap when they are only masked) the filled values are kept rather than
+    leaving a hole: on the demo, whose 1/16-scale CCDs put a full bleed trail and its crosstalk
+    strips on every chip (10% of a chip), holes grew the area without data by 3% of a tile
+    (crosstalk masked only). Four grid-sized byte maps at a time (~1.9 GB for a full-size tile).
     """
     good = np.zeros(shape, dtype=np.uint8)  # exposures with unmasked data (NCOMBINE < 256)
     covered, scratch, grown = (np.zeros(shape, dtype=bool) for _ in range(3))
