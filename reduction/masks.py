@@ -113,7 +113,6 @@ _DESCRIPTIONS = {
 #: cosmic ray), which the scale stage subtracts, so the co-add may use the pixel. Set when
 #: ``crosstalk_correct`` is on; co-add masks carry DR1's bits only.
 XTALK_CORRECTED = 16
-_XTALK_CORRECTED_CARD = ("XTALK_CORRECTED", "bit 1 only a crosstalk ghost, subtracted")
 
 
 def unusable_pixels(mask: np.ndarray, ignore_bits: int) -> np.ndarray:
@@ -242,11 +241,10 @@ def ccd_mask(image: np.ndarray, ccd: CcdInfo, settings: MaskSettings,
     mask[defects] |= np.uint8(MaskBits.CCD_DEFECT)
     mask[bleed] |= np.uint8(MaskBits.BLEED)
     mask[(xtalk & ~dead_pixels) | cosmic] |= np.uint8(MaskBits.COSMIC_RAY_OR_XTALK)
-    if not settings.crosstalk_correct:
-        return CcdMaskResult(mask=mask, dead_amplifiers=dead, bleed_direction=direction)
-    mask[xtalk & ~dead_pixels & ~cosmic] |= np.uint8(XTALK_CORRECTED)
+    if settings.crosstalk_correct:
+        mask[xtalk & ~dead_pixels & ~cosmic] |= np.uint8(XTALK_CORRECTED)
     return CcdMaskResult(mask=mask, dead_amplifiers=dead, bleed_direction=direction,
-                         crosstalk=crosstalk)
+                         crosstalk=crosstalk if settings.crosstalk_correct else None)
 
 
 def _crosstalk_cards(model: CrosstalkModel | None) -> list[tuple[str, object, str]]:
@@ -260,7 +258,8 @@ def _crosstalk_cards(model: CrosstalkModel | None) -> list[tuple[str, object, st
             ("XTFALL", model.falloff, "crosstalk factor per further amplifier"),
             ("XTREV", "".join("T" if r else "F" for r in model.reversed_amplifiers),
              "per amplifier: readout from its highest column"),
-            (f"MASK{XTALK_CORRECTED}", *_XTALK_CORRECTED_CARD)]
+            (f"MASK{XTALK_CORRECTED}", "XTALK_CORRECTED",
+             "bit 1 only a crosstalk ghost, subtracted")]
 
 
 def read_crosstalk_model(path: Path | str, ccd: str) -> CrosstalkModel | None:
