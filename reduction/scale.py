@@ -2,10 +2,11 @@
 
 Each CCD becomes ``(raw - ghosts - background) * 10**(0.4 * (30 - zp_a(y)))`` per amplifier ``a``
 and row ``y`` (0-based), where ``ghosts`` are the crosstalk ghosts predicted by the model that
-the exposure's mask records (:func:`.masks.read_crosstalk_model`; none when the mask says they are
-only masked, pixels at SATURATE kept as they are), with ``zp_a(y) = zp_y0 + zp_slope * y / ny`` from :mod:`.zeropoint` (the zero
-point of a star of the pivot colour, see there). The background is ``sep.Background`` with the
-bad pixels excluded. Bad pixels keep their scaled values: the co-add reads the mask separately.
+the exposure's mask records (:func:`.masks.read_crosstalk_model`; none when the mask says they
+are only masked; pixels at SATURATE kept as they are), with ``zp_a(y) = zp_y0 + zp_slope * y /
+ny`` from :mod:`.zeropoint` (the zero point of a star of the pivot colour, see there). The
+background is ``sep.Background`` with the bad pixels excluded. Bad pixels keep their scaled
+values: the co-add reads the mask separately.
 
 Output (``layout.scaled_path``): the exposure's primary header plus ``ZPTARGET`` and provenance;
 per CCD an image extension (``EXTNAME`` = CCD, float32) with the fitted WCS header (TAN-SIP and
