@@ -15,7 +15,10 @@ SExtractor:
   CORRECT, masked pixels interpolated". Pixels left unfilled are masked in every sep call.
   The co-add mask is the OR of the *inputs'* bits, most of which the median already rejected,
   so by default (``bad_bits`` = 0) its bits only flag the photometry (``IMAFLAGS_ISO``) and do
-  not remove pixels.
+  not remove pixels. The mesh's RMS map is scaled per pixel by the noise measured at each NDITH
+  value (:func:`coverage_noise_factors`, ``coverage_rms``): a median of fewer exposures is
+  noisier, and the mesh cannot follow the steps at the exposures' edges (SExtractor's weight
+  map; DR1 ran without one).
 * **Detection** on the detection image: ``sep.extract`` with a threshold of
   ``detect_thresh_sigma`` times the background RMS map, DETECT_MINAREA 9, 32 deblending
   thresholds, DEBLEND_MINCONT 0.00005, cleaning, and SExtractor's ``default.conv`` kernel with
@@ -302,13 +305,17 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
     sub = clean - background.back()
     sub[missing] = 0.0
     filled, masked = fill_masked_pixels(sub, missing, settings.interp_max_gap_px)
+    rms = background.rms()
+    if ndith is not None and settings.coverage_rms:
+        rms *= coverage_noise_factors(sub, rms, np.asarray(ndith), ~missing)[
+            np.clip(np.asarray(ndith), 0, None)]
     wcs = _quiet_wcs(header)
     scale = float(np.mean(proj_plane_pixel_scales(wcs)) * 3600.0)  # deg -> arcsec
     saturate = float(header["SATURATE"]) - float(background.globalback) \
         if "SATURATE" in header else math.inf
     gain = float(header.get("GAIN", settings.gain_e_per_adu))
     return _Band(name=band, image=np.ascontiguousarray(filled, dtype=np.float32),
-                 rms=np.ascontiguousarray(background.rms(), dtype=np.float32), masked=masked,
+                 rms=np.ascontiguousarray(rms, dtype=np.float32), masked=masked,
                  touched=missing, no_data=no_data, bits=bits,
                  exposures=exposures or {}, excluded=excluded or {},
                  depth=np.where(no_data, 0, -1 if ndith is None else np.asarray(ndith)),
@@ -316,6 +323,31 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
                  seeing_arcsec=float(header["SEEING"]), psf_beta=psf_beta(header),
                  pixel_scale_arcsec=scale, wcs=wcs,
                  tile=str(header.get("TILE", "")), shape=data.shape)
+
+
+def coverage_noise_factors(residual: np.ndarray, rms: np.ndarray, ndith: np.ndarray,
+                           usable: np.ndarray, *, min_pixels: int = 2000, step: int = 2
+                           ) -> np.ndarray:
+    """Factors on the mesh RMS map per number of contributing exposures (index = NDITH).
+
+    The mesh follows the noise over ``back_size_px``, but a co-add's noise steps at every edge
+    of an exposure's footprint, within a mesh: a median of two exposures is noisier than one of
+    four. For each NDITH value with at least ``min_pixels`` usable pixels (every ``step``-th
+    pixel of every ``step``-th row), the factor is the robust standard deviation (1.4826 x MAD)
+    of ``residual / rms`` there, the sources being too few to move it; 1 for the other values.
+    As SExtractor's weight map (WEIGHT_TYPE MAP_WEIGHT), but measured on the co-add itself.
+    """
+    sub = (slice(None, None, step), slice(None, None, step))
+    n_sub = np.asarray(ndith[sub])
+    keep = np.asarray(usable[sub]) & (n_sub > 0) & (np.asarray(rms[sub]) > 0)
+    z = np.asarray(residual[sub])[keep] / np.asarray(rms[sub])[keep]
+    n_sub = n_sub[keep].astype(np.int64)
+    factors = np.ones(max(int(np.max(ndith, initial=0)), 0) + 1, dtype=np.float32)
+    for n in np.unique(n_sub):
+        values = z[n_sub == n]
+        if values.size >= min_pixels:
+            factors[n] = 1.4826 * np.median(np.abs(values - np.median(values)))
+    return factors
 
 
 def _background(data: np.ndarray, missing: np.ndarray, settings: PhotometrySettings
