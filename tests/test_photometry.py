@@ -873,15 +873,16 @@ def test_masking_the_sources_takes_their_wings_out_of_the_background():
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**16), sigma=st.floats(0.5, 50.0))
 def test_coverage_noise_factors_recover_the_noise_of_each_ndith(seed, sigma):
-    """Strips of NDITH 1-4 whose noise is that of a mean of NDITH exposures, stars on top, under
-    one mesh RMS (their mixture's): each factor is the strip's noise over the mesh's, within
-    5%; an NDITH value with too few pixels keeps 1, and pixels without data do not count."""
+    """Strips of NDITH 1-4 whose noise is that of a mean of NDITH exposures, 1% of their pixels
+    sources, under one mesh RMS: each factor is the strip's noise over the mesh's, within 5%
+    (the MAD reads ~1.3% high for those sources); an NDITH value with too few pixels keeps 1,
+    and pixels without data do not count."""
     rng = np.random.default_rng(seed)
-    ndith = np.repeat(np.array([1, 2, 3, 4, 4, 4, 0, 4]), 32)[None, :].repeat(256, axis=0)
-    ndith[:4, -32:] = 5  # 128 pixels: below min_pixels
+    ndith = np.repeat(np.array([1, 2, 3, 4, 4, 4, 0, 4]), 64)[None, :].repeat(256, axis=0)
+    ndith[:2, -64:] = 5  # 128 pixels: below min_pixels
     noise = sigma * 2.0 / np.sqrt(np.maximum(ndith, 1))
     residual = (rng.normal(0.0, 1.0, ndith.shape) * noise).astype(np.float32)
-    residual[rng.random(ndith.shape) < 0.02] += 100 * sigma  # sources: few, bright
+    residual[rng.random(ndith.shape) < 0.01] += 100 * sigma  # sources: few, bright
     rms = np.full(ndith.shape, sigma * 1.3, dtype=np.float32)
     usable = ndith > 0
     residual[~usable] = 1e6  # no data: never looked at
