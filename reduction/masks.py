@@ -82,6 +82,7 @@ __all__ = [
     "MaskSettings",
     "ccd_mask",
     "cosmic_ray_mask",
+    "crosstalk_model",
     "mask_bit_cards",
     "mask_hdulist",
     "read_crosstalk_model",
@@ -218,11 +219,7 @@ def ccd_mask(image: np.ndarray, ccd: CcdInfo, settings: MaskSettings,
     saturated = saturated_pixels(work, ccd.saturation, settings.saturation_fraction) & ~dead_pixels
     direction = _bleed_direction(work, saturated, settings.bleed_direction(ccd.name))
     bleed = bleed_mask(saturated, direction, settings.bleed_margin_px)
-    crosstalk = CrosstalkModel(
-        reversed_amplifiers=tuple(settings.amp_reversed_readout),
-        source_level_adu=settings.crosstalk_source_fraction * ccd.saturation,
-        coefficient=settings.crosstalk_coefficient, falloff=settings.crosstalk_falloff,
-        skip_amplifiers=dead)
+    crosstalk = crosstalk_model(settings, ccd, dead)
     xtalk = crosstalk_victims(crosstalk.ghosts(work, ccd.amplifiers), gain=ccd.gain,
                               min_ghost_e=settings.crosstalk_min_e,
                               grow_px=settings.crosstalk_grow_px)
@@ -245,6 +242,17 @@ def ccd_mask(image: np.ndarray, ccd: CcdInfo, settings: MaskSettings,
         mask[xtalk & ~dead_pixels & ~cosmic] |= np.uint8(XTALK_CORRECTED)
     return CcdMaskResult(mask=mask, dead_amplifiers=dead, bleed_direction=direction,
                          crosstalk=crosstalk if settings.crosstalk_correct else None)
+
+
+def crosstalk_model(settings: MaskSettings, ccd: CcdInfo, dead: tuple[int, ...]
+                    ) -> CrosstalkModel:
+    """The crosstalk model of one CCD from the settings, its SATURATE and its dead amplifiers
+    (no sources)."""
+    return CrosstalkModel(
+        reversed_amplifiers=tuple(settings.amp_reversed_readout),
+        source_level_adu=settings.crosstalk_source_fraction * ccd.saturation,
+        coefficient=settings.crosstalk_coefficient, falloff=settings.crosstalk_falloff,
+        skip_amplifiers=dead)
 
 
 def _crosstalk_cards(model: CrosstalkModel | None) -> list[tuple[str, object, str]]:

@@ -115,6 +115,7 @@ import numpy as np
 import sep
 from astropy import units as u
 from astropy.io import fits
+from astropy.stats import mad_std
 from astropy.table import Table
 from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
@@ -333,8 +334,8 @@ def coverage_noise_factors(residual: np.ndarray, rms: np.ndarray, ndith: np.ndar
     The mesh follows the noise over ``back_size_px``, but a co-add's noise steps at every edge
     of an exposure's footprint, within a mesh: a median of two exposures is noisier than one of
     four. For each NDITH value with at least ``min_pixels`` usable pixels (every ``step``-th
-    pixel of every ``step``-th row), the factor is the robust standard deviation (1.4826 x MAD,
-    astropy's mad_std) of ``residual / rms`` there; 1 for the other values. As SExtractor's
+    pixel of every ``step``-th row), the factor is the robust standard deviation (astropy's
+    mad_std, 1.4826 x MAD) of ``residual / rms`` there; 1 for the other values. As SExtractor's
     weight map (WEIGHT_TYPE MAP_WEIGHT), but measured on the co-add itself.
 
     The sources' pixels, all on one side, lift the MAD by about their fraction (1.3% for 1% of
@@ -353,7 +354,7 @@ def coverage_noise_factors(residual: np.ndarray, rms: np.ndarray, ndith: np.ndar
     for n in np.unique(n_sub):
         values = z[n_sub == n]
         if values.size >= min_pixels:
-            factors[n] = 1.4826 * np.median(np.abs(values - np.median(values)))
+            factors[n] = mad_std(values)
     return factors
 
 

@@ -31,6 +31,7 @@ from ks4release.reduction.masks import (
     MaskBits,
     MaskSettings,
     ccd_mask,
+    crosstalk_model,
     mask_bit_cards,
     read_crosstalk_model,
     run_masks,
@@ -58,11 +59,7 @@ AMPS_72 = tuple((i * 72, (i + 1) * 72) for i in range(8))
 
 
 def _crosstalk_prediction(image: np.ndarray, ccd, dead: tuple[int, ...]) -> np.ndarray:
-    model = CrosstalkModel(
-        reversed_amplifiers=SETTINGS.amp_reversed_readout,
-        source_level_adu=SETTINGS.crosstalk_source_fraction * ccd.saturation,
-        coefficient=SETTINGS.crosstalk_coefficient, falloff=SETTINGS.crosstalk_falloff,
-        skip_amplifiers=dead)
+    model = crosstalk_model(SETTINGS, ccd, dead)
     return crosstalk_victims(model.ghosts(image, ccd.amplifiers), gain=ccd.gain,
                              min_ghost_e=SETTINGS.crosstalk_min_e,
                              grow_px=SETTINGS.crosstalk_grow_px)
