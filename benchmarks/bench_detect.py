@@ -61,9 +61,15 @@ def _link_exposures(coadd: Path, release: Path) -> None:
             coadd.name.replace("_coadd.fits", "_exposures.json")).resolve())
 
 
+def _source_release(coadd: Path) -> Path:
+    """The release folder a co-add belongs to (``<release>/images/<tile>/<file>``)."""
+    return coadd.resolve().parents[2]
+
+
 def _link_release(coadd: Path, release: Path) -> None:
-    """A release folder holding the co-add, mask, NDITH and exposure list (symbolic links)."""
-    from ks4release.layout import coadd_path
+    """A release folder holding the co-add, mask, NDITH, exposure list and excluded pixels
+    (symbolic links)."""
+    from ks4release.layout import coadd_excluded_path, coadd_path
 
     for kind in ("coadd", "mask", "ndith"):
         target = coadd_path(release, TILE, BAND, kind)
@@ -71,14 +77,21 @@ def _link_release(coadd: Path, release: Path) -> None:
         if not target.exists():
             target.symlink_to((coadd if kind == "coadd" else _sibling(coadd, kind)).resolve())
     _link_exposures(coadd, release)
+    # the pixels where each exposure's masked data stayed out of the median (seeing map)
+    target = coadd_excluded_path(release, TILE, BAND)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(coadd_excluded_path(_source_release(coadd), TILE, BAND))
 
 
 def _tiled_release(coadd: Path, release: Path, size: int) -> None:
-    """Co-add, mask and NDITH tiled to ``size`` x ``size`` pixels, written into ``release``."""
+    """Co-add, mask and NDITH tiled to ``size`` x ``size`` pixels, written into ``release``
+    (with an empty list of excluded pixels)."""
     import numpy as np
     from astropy.io import fits
 
-    from ks4release.layout import coadd_path
+    from ks4release.layout import coadd_excluded_path, coadd_path
+    from ks4release.reduction.coadd import write_excluded
 
     for kind in ("coadd", "mask", "ndith"):
         with fits.open(coadd if kind == "coadd" else _sibling(coadd, kind)) as hdul:
@@ -90,6 +103,8 @@ def _tiled_release(coadd: Path, release: Path, size: int) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fits.PrimaryHDU(tiled, header).writeto(target, overwrite=True)
     _link_exposures(coadd, release)
+    # the demo's excluded pixels do not map onto the tiled grid: none are excluded there
+    write_excluded(coadd_excluded_path(release, TILE, BAND), {}, (size, size))
 
 
 def _sep_case(release: str) -> dict:
