@@ -716,7 +716,8 @@ def master_checks(ctx: dict) -> list[dict]:
                              n_unresolved_pairs=int(merged_pair[sel].sum()),
                              n_duplicated=int((times[sel] > 1).sum()),
                              duplicates=_duplicates(ctx, sel & (times > 1), owner, master_xyz,
-                                                    detections, linked)))
+                                                    detections, linked),
+                             missing=_missing(ctx, sel & (times == 0), master_xyz, detections)))
         out.append(_merged_pairs(ctx, master, detections, linked))
         out.extend(_magnitude_agreement(ctx, master, table, owner))
     return out
@@ -774,6 +775,27 @@ def _duplicates(ctx: dict, which: np.ndarray, owner: np.ndarray, master_xyz: np.
                     "tiles_bands_per_entry": [sorted({f"{d.tile}/{d.band}" for d in
                                                       detections[linked == r].itertuples()})
                                               for r in rows]})
+    return out
+
+
+def _missing(ctx: dict, which: np.ndarray, master_xyz: np.ndarray, detections: pd.DataFrame
+             ) -> list[dict]:
+    """Each true source no master source is nearest to: the nearest master source's distance
+    and the tile detections attributed to the source, with their distances from it."""
+    tree = cKDTree(master_xyz)
+    det_xyz = unit_vectors(detections.ra, detections.dec)
+    out = []
+    for t in np.flatnonzero(which):
+        _, nearest_master = tree.query(ctx["truth_xyz"][t])
+        mine = np.flatnonzero(detections.true.to_numpy() == t)
+        out.append({"true_id": int(ctx["sources"].id.iloc[t]),
+                    "type": str(ctx["sources"].type.iloc[t]),
+                    "mag_I": rounded(ctx["sources"].mag_I.iloc[t], 2),
+                    "nearest_master_arcsec": rounded(_arcsec(master_xyz[nearest_master],
+                                                             ctx["truth_xyz"][t]), 2),
+                    "detections_arcsec": {f"{detections.tile.iloc[d]}/{detections.band.iloc[d]}":
+                                          rounded(_arcsec(det_xyz[d], ctx["truth_xyz"][t]), 2)
+                                          for d in mine}})
     return out
 
 
