@@ -670,11 +670,12 @@ class MasterSettings:
         "Second pass of the cross-tile linking and of the band merge: groups that are mutual "
         "nearest neighbours within this radius and share no tile (band) are joined, catching "
         "faint sources whose noisy centroids land beyond DR1's radius on one tile (band); two "
-        "sources one image resolved are never joined. 0 = DR1's single pass. Our default 1.5: "
-        "on the demo, 0.5 alone leaves 5% of the overlap sources twice in idual_master; 1.0 "
-        "leaves one galaxy twice there and two in single_master (S/N 5-9, centroids 1.0-1.6\" "
-        "apart), 1.5 one in single_master, 2.0 none; 2.5 is the first to join two true "
-        "sources.",
+        "sources one image resolved are never joined; the joining is repeated until nothing "
+        "is left to join. 0 = DR1's single pass. Our default 1.5: on the demo, 0.5 alone "
+        "leaves 5% of the overlap sources twice in idual_master; 1.0 leaves one galaxy twice "
+        "there and four in single_master (S/N 5-9, centroids 0.8-1.6\" apart), 1.5 and 2.0 "
+        "none (a single round of joining left one in single_master at 1.5 and joined two true "
+        "sources at 2.5).",
         default=1.5)
     band_merge_radius_arcsec: float = documented(
         "Matching radius of the per-tile band merge of single-mode lists, arcsec (DR1: 0.8).",

@@ -4,7 +4,8 @@
   friends-of-friends within DR1's 0.5 arcsec, where only detections from *different* tiles are
   friends (two detections on the same tile are two sources that the extraction separated).
 * :func:`merge_disjoint_groups` is the optional second pass: groups that are mutual nearest
-  neighbours within a larger radius and share no tile (or band) are joined.
+  neighbours within a larger radius and share no tile (or band) are joined, round after round
+  until nothing is left to join.
 * :func:`merge_bands` merges one tile's single-band source lists hierarchically (DR1 4.2.2):
   the first band's list, then each further band matched one-to-one within 0.8 arcsec to the
   running mean positions of what has been merged so far; unmatched sources start new entries.
@@ -64,8 +65,13 @@ def merge_disjoint_groups(ra_deg: np.ndarray, dec_deg: np.ndarray, labels: np.nd
     bands) often land a little beyond DR1's radius because their centroids are noisy. Two
     groups are joined when their mean positions are within ``radius_arcsec``, each is the
     other's nearest such group, and no key (tile, or band) occurs in both, so that two
-    sources one image resolved are never joined. Labels are renumbered 0..n_groups-1 in order
-    of first appearance; the partition does not depend on the row order.
+    sources one image resolved are never joined. The joining is repeated until nothing is
+    left to join: a join moves the group's mean, which can make it the mutual nearest
+    neighbour of a third group (a faint galaxy whose I and R centroids are 1.1" apart and whose
+    V centroid is 1.4" from their mean was left as two sources by a single round). A group
+    holds each key at most as often as the first pass's groups it joined did, so the rounds
+    end. Labels are renumbered 0..n_groups-1 in order of first appearance; the partition does
+    not depend on the row order.
 
     Parameters
     ----------
@@ -79,27 +85,37 @@ def merge_disjoint_groups(ra_deg: np.ndarray, dec_deg: np.ndarray, labels: np.nd
         Largest separation of the mean positions of two joined groups.
     """
     labels = np.asarray(labels, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.int64)
+    while True:
+        joined = _join_mutual_nearest(ra_deg, dec_deg, labels, keys, radius_arcsec)
+        if joined is None:
+            return labels
+        labels = joined
+
+
+def _join_mutual_nearest(ra_deg: np.ndarray, dec_deg: np.ndarray, labels: np.ndarray,
+                         keys: np.ndarray, radius_arcsec: float) -> np.ndarray | None:
+    """One round of :func:`merge_disjoint_groups`: the renumbered labels, or None when no two
+    groups are joined."""
     n_groups = int(labels.max()) + 1 if labels.size else 0
     if n_groups < 2:
-        return labels
+        return None
     gra, gdec = mean_positions(ra_deg, dec_deg, labels, n_groups)
     vectors = unit_vectors(gra, gdec)
     pairs = cKDTree(vectors).query_pairs(chord(radius_arcsec), output_type="ndarray")
     if len(pairs) == 0:
-        return labels
-    keys = np.asarray(keys, dtype=np.int64)
-    members = [set() for _ in range(n_groups)]
-    for group, key in zip(labels.tolist(), keys.tolist(), strict=True):
-        members[group].add(key)
-    pairs = pairs[[members[a].isdisjoint(members[b]) for a, b in pairs]]
+        return None
+    pairs = pairs[_disjoint(pairs, labels, keys)]
     if len(pairs) == 0:
-        return labels
+        return None
     distance = np.linalg.norm(vectors[pairs[:, 0]] - vectors[pairs[:, 1]], axis=1)
     nearest = np.full(n_groups, np.inf)
     np.minimum.at(nearest, pairs[:, 0], distance)
     np.minimum.at(nearest, pairs[:, 1], distance)
     mutual = (distance == nearest[pairs[:, 0]]) & (distance == nearest[pairs[:, 1]])
     pairs = pairs[mutual]
+    if len(pairs) == 0:
+        return None
     graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
                        shape=(n_groups, n_groups)).tocsr()
     _, joined = connected_components(graph, directed=False)
@@ -108,6 +124,27 @@ def merge_disjoint_groups(ra_deg: np.ndarray, dec_deg: np.ndarray, labels: np.nd
     renumber = np.empty(merged.max() + 1, dtype=np.int64)
     renumber[merged[np.sort(first)]] = np.arange(first.size)
     return renumber[merged]
+
+
+def _disjoint(pairs: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which pairs of groups have no key in common.
+
+    Vectorised: every (group, key) occurring is one sorted code ``group * n_keys + key``; each
+    key of a pair's first group is looked up under the second group.
+    """
+    n_keys = int(keys.max()) + 1
+    codes = np.sort(labels * n_keys + keys)
+    codes = codes[np.r_[True, codes[1:] != codes[:-1]]]
+    first_keys_from = np.searchsorted(codes, pairs[:, 0] * n_keys)
+    counts = np.searchsorted(codes, (pairs[:, 0] + 1) * n_keys) - first_keys_from
+    pair = np.repeat(np.arange(len(pairs)), counts)
+    within = np.arange(pair.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    probe = pairs[pair, 1] * n_keys + codes[np.repeat(first_keys_from, counts) + within] % n_keys
+    found = np.searchsorted(codes, probe)
+    shared = codes[np.minimum(found, codes.size - 1)] == probe
+    disjoint = np.ones(len(pairs), dtype=bool)
+    disjoint[pair[shared]] = False
+    return disjoint
 
 
 def mean_positions(ra_deg: np.ndarray, dec_deg: np.ndarray, labels: np.ndarray,

@@ -77,6 +77,9 @@ def test_second_pass_is_invariant_and_never_joins_one_tile_twice(data, rnd):
         members = first[labels == group]
         parts = [tile[first == g] for g in set(members.tolist())]
         assert sum(len(set(p.tolist())) for p in parts) == len(set(tile[labels == group]))
+    # the rounds run until nothing is left to join: another pass changes nothing
+    again = merge_disjoint_groups(ra, dec, labels, tile, 1.0)
+    assert _partition(again, np.arange(len(ra))) == base
 
 
 def test_second_pass_joins_a_noisy_duplicate_but_not_a_resolved_pair():
@@ -94,6 +97,24 @@ def test_second_pass_joins_a_noisy_duplicate_but_not_a_resolved_pair():
     # beyond the second radius nothing is joined
     ra = np.array([150.0, 150.0 + 1.2 * step])
     assert len(set(_two_pass(ra, dec[:2], np.array([0, 1])))) == 2
+
+
+def test_second_pass_repeats_until_nothing_is_left_to_join():
+    """Three bands of one faint source at 0, 0.9" and 1.9": the middle one's nearest is the
+    first, the last one's the middle one, so one round joins only the first two; their mean
+    (0.45") is then 1.45" from the last one, its mutual nearest neighbour, and a second round
+    joins it (the demo's galaxy 2778 had I, R and V centroids like these)."""
+    step = ARCSEC / np.cos(np.radians(30.0))
+    ra = 150.0 + np.array([0.0, 0.9, 1.9]) * step
+    dec = np.full(3, -30.0)
+    labels = merge_disjoint_groups(ra, dec, np.arange(3), np.arange(3), 1.5)
+    assert len(set(labels.tolist())) == 1
+    # a fourth detection in the first one's band 0.6" beyond the last one: the last one
+    # joins it, not the first two, and the two groups then share band 0 and stay apart
+    ra = np.append(ra, 150.0 + 2.5 * step)
+    labels = merge_disjoint_groups(ra, np.full(4, -30.0), np.arange(4), np.array([0, 1, 2, 0]),
+                                   1.5)
+    assert labels[0] == labels[1] != labels[2] == labels[3]
 
 
 def test_same_tile_detections_are_never_linked_directly():
