@@ -88,8 +88,9 @@ SExtractor:
 ``flags_{b}`` (:data:`FLAG_BITS`, SExtractor meanings):
 1 more than ``crowding_fraction`` of the Kron ellipse's pixels belong to other objects or are
 masked; 2 deblended from a blend; 4 saturated: a pixel within ``saturation_core_px`` of the
-detection peak carries a ``saturation_bits`` bit in the band's co-add mask (bit 2, bleed and
-saturated cores, by default), or a footprint pixel reaches the header's SATURATE when there is
+detection peak or of the source's centre carries a ``saturation_bits`` bit in the band's co-add
+mask (bit 2, bleed and saturated cores, by default; the centre matters in dual mode, where the
+peak is the detection band's), or a footprint pixel reaches the header's SATURATE when there is
 one; 8 the footprint touches the image border or pixels without data; 16 an aperture (3/5/10
 arcsec or Kron) is truncated by the border or holds masked pixels; 32 the footprint holds
 interpolated or masked pixels; 64 deblending overflow (sep's OBJ_DOVERFLOW). 128 (extraction
@@ -169,7 +170,7 @@ APERTURE_DIAMETERS_ARCSEC = (3.0, 5.0, 10.0)
 FLAG_BITS = {
     1: "Kron ellipse crowded: neighbours or masked pixels above crowding_fraction",
     2: "object was deblended from a blend",
-    4: "saturated: saturation mask bit near the peak or a pixel at SATURATE",
+    4: "saturated: saturation mask bit near the peak or centre or a pixel at SATURATE",
     8: "footprint truncated at the image border or at pixels without data",
     16: "an aperture (3/5/10 arcsec or Kron) truncated or holding masked pixels",
     32: "footprint holds interpolated or masked pixels",
@@ -733,6 +734,19 @@ def _at(values: np.ndarray, det: _Detection) -> np.ndarray:
     return values[det.objects["ypeak"], det.objects["xpeak"]]
 
 
+def _at_centre(values: np.ndarray, det: _Detection) -> np.ndarray:
+    """``values`` at the pixel of each object's centre (windowed centroid, or wing-fit centre
+    of a saturated star). In dual mode a band's saturated core sits there, while the peak is
+    the detection band's: for a star saturated in I it can be anywhere in the flat top or down
+    the bleed trail, many pixels from the smaller core of the same star in B."""
+    ny, nx = values.shape
+    x = np.where(np.isfinite(det.x), det.x, det.objects["xpeak"])
+    y = np.where(np.isfinite(det.y), det.y, det.objects["ypeak"])
+    col = np.clip(np.rint(x).astype(np.int64), 0, nx - 1)
+    row = np.clip(np.rint(y).astype(np.int64), 0, ny - 1)
+    return values[row, col]
+
+
 def _flags(band: _Band, det: _Detection, grown: np.ndarray, aper_flags: np.ndarray,
            crowded: np.ndarray, settings: PhotometrySettings) -> np.ndarray:
     """FLAGS of one band (see :data:`FLAG_BITS` and the module docstring)."""
@@ -742,7 +756,8 @@ def _flags(band: _Band, det: _Detection, grown: np.ndarray, aper_flags: np.ndarr
     flags = np.where(crowded, 1, 0).astype(np.int16)
     flags |= np.where(objects["flag"] & sep.OBJ_MERGED, 2, 0).astype(np.int16)
     raw_max = footprint_max(det.segmap, band.image, n, bitwise=False)
-    flags |= np.where(_at(_saturated_near(band, settings), det) | (raw_max >= band.saturate), 4,
+    near = _saturated_near(band, settings)
+    flags |= np.where(_at(near, det) | _at_centre(near, det) | (raw_max >= band.saturate), 4,
                       0).astype(np.int16)
     at_border = ((objects["xmin"] <= 0) | (objects["ymin"] <= 0) | (objects["xmax"] >= nx - 1)
                  | (objects["ymax"] >= ny - 1))

@@ -574,6 +574,30 @@ def test_dual_mode_uses_detection_footprints_in_every_band(network):
         assert table["kron_radius_v"][row] == table["kron_radius_i"][row]
 
 
+def test_dual_mode_flags_a_band_saturated_away_from_the_detection_peak(network):
+    """A star saturated in I with a 25-row bleed trail and in B only in its central pixels,
+    which the co-add interpolated (no pixel at SATURATE): the I detection's peak lies in the
+    flat top, far from the centre, and the B magnitude is short of its core flux, so B's FLAGS
+    must have bit 4 from B's saturated pixels at the star's centre. On the demo, 5 dual-mode B
+    stars of B 13.2-13.9 had FLAGS < 4 and were 0.4-0.8 mag too faint."""
+    x, y = 80.3, 75.6
+    i_image, i_mask, _ = _saturated_star(x, y, 25, seed=3)
+    b_image = _stars([(x, y, 3e5)], seed=4)
+    yy, xx = np.mgrid[:SHAPE[0], :SHAPE[1]]
+    core = np.hypot(xx - x, yy - y) <= 1.5
+    b_image[core] = np.float32(0.5 * b_image[core].min())  # interpolated, below its truth
+    b_mask = np.where(core, 2, 0).astype(np.uint8)
+    table = measure_dual({"I": (i_image, i_mask, _header()), "B": (b_image, b_mask, _header())},
+                         SYNTH, network)
+    band = _prepare(i_image, i_mask, _header(), "I", SYNTH, None)
+    objects, _ = _detect(band, SYNTH)
+    star = int(np.argmin(np.hypot(objects["x"] - x, objects["y"] - y)))
+    assert math.hypot(objects["xpeak"][star] - x, objects["ypeak"][star] - y) > 4.0
+    row = _nearest(table, x, y)
+    assert table["flags_i"][row] & 4 and table["flags_b"][row] & 4
+    assert table["imaflags_iso_b"][row] & 2
+
+
 def test_dual_mode_refuses_bands_on_different_grids(network):
     zeros = np.zeros(SHAPE, np.uint8)
     image = _stars([(80.0, 80.0, 1e5)])
