@@ -67,7 +67,7 @@ hold for (``reference_fwhm_arcsec``, ``psf_beta``).
 
 Calibration (:func:`apply_zp_maps`): a source takes the zero point and error of its bin when the
 bin holds stars (``pstar > 0``), and the tile-wide zero point and error of the aperture
-otherwise. An empty bin's 30 is the co-adds' nominal zero point, right for total fluxes but not
+otherwise (for the error see the end of this paragraph). An empty bin's 30 is the co-adds' nominal zero point, right for total fluxes but not
 for an aperture: on the demo co-adds the tile-wide zero point of APER3 is 0.45-0.7 mag, APER5
 0.13-0.28 mag and AUTO 0.01-0.08 mag below 30, and only 4-12 of the 3025 bins of a tile hold a
 selected star (~98% of the sources lie in empty bins), so calibrating with the empty bins' 30
@@ -75,7 +75,11 @@ made the median magnitude of true 15-20 mag stars 0.43-0.65 (APER3), 0.11-0.27 (
 0.01-0.13 (AUTO) mag too faint per tile and band; with the tile-wide value it is within
 -0.02..+0.08 mag (median over tile-bands 0.00). The ``.npy`` maps stay in DR1's format, so a
 user of the published maps reproduces this from them and the JSON. A tile without any usable
-star falls back to 30 and 0, with a logged warning naming the tile and band.
+star falls back to 30 and 0, with a logged warning naming the tile and band. The error of a
+source in a one-star bin is the tile's ``tile_zperr``, not the bin's ``zperr`` (0: the standard
+deviation of one value): with 0 the Gaia XP stars of the demo's B co-adds, their own bins' only
+stars, carried errors of 0.001-0.005 mag while scattering 0.013 mag about the truth (11 times
+their errors), and the masters' weighted medians trusted them most.
 
 Windows: the toolkit measures each alignment bin from the stars in a 1000 px square centred on
 the 200 px bin (5 bins wide) and each ZP bin from its own 400 px bin; :class:`MapSettings` keeps
@@ -583,9 +587,9 @@ def apply_zp_maps(table: Table, maps: Mapping[str, ZpMap], band: str) -> Table:
     For each aperture of ``maps`` (``AUTO`` -> ``mag_auto_{b}``, ``APER5`` -> ``mag_aper5_{b}``
     ...): ``mag = -2.5 log10(flux) + zp`` and ``magerr = sqrt((1.0857 fluxerr / flux)**2 +
     zperr**2)``. ``zp``/``zperr`` are the values of the bin holding the source's (``x_image``,
-    ``y_image``) (:func:`lookup`) when that bin holds stars (``pstar > 0``), and the aperture's
-    tile-wide ``tile_zp``/``tile_zperr`` otherwise (see the module docstring: an empty bin's 30
-    is no aperture's zero point). When the tile has no usable star at all (``tile_nstar == 0``)
+    ``y_image``) (:func:`lookup`) when that bin holds stars (``pstar > 0``; ``zperr`` only from
+    two stars on), and the aperture's tile-wide ``tile_zp``/``tile_zperr`` otherwise (see the
+    module docstring: an empty bin's 30 is no aperture's zero point). When the tile has no usable star at all (``tile_nstar == 0``)
     sources take 30 and 0, and a warning naming the tile (the table's ``tile`` column or
     ``meta["tile"]``), band and apertures is logged. Where the maps hold for a reference PSF
     (``reference_fwhm_arcsec``, see :func:`zp_maps`), each source's aperture magnitude is
@@ -628,16 +632,24 @@ def apply_zp_maps(table: Table, maps: Mapping[str, ZpMap], band: str) -> Table:
     return out
 
 
+#: Fewest stars whose standard deviation gives a source its bin's zperr; a one-star bin's is 0
+#: by construction, and its sources take the tile's spread of single stars instead.
+_MIN_ZPERR_STARS = 2
+
+
 def _source_zero_points(zp_map: ZpMap, x: np.ndarray,
                         y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Zero point and error at 1-based positions: the bin's where it has stars, else the tile's."""
-    in_bin = lookup(zp_map.pstar, x, y, zp_map.bin_px) > 0
+    """Zero point and error at 1-based positions: the bin's where it has stars, else the tile's
+    (the error: the bin's where it has at least :data:`_MIN_ZPERR_STARS` stars)."""
+    pstar = lookup(zp_map.pstar, x, y, zp_map.bin_px)
+    in_bin = pstar > 0
     if zp_map.tile_nstar > 0:
         tile_zp, tile_zperr = zp_map.tile_zp, zp_map.tile_zperr
     else:
         tile_zp, tile_zperr = _EMPTY_ZP, 0.0
     zp = np.where(in_bin, lookup(zp_map.zp, x, y, zp_map.bin_px), tile_zp)
-    zperr = np.where(in_bin, lookup(zp_map.zperr, x, y, zp_map.bin_px), tile_zperr)
+    zperr = np.where(pstar >= _MIN_ZPERR_STARS, lookup(zp_map.zperr, x, y, zp_map.bin_px),
+                     tile_zperr)
     return zp, zperr
 
 

@@ -423,13 +423,19 @@ def test_apply_zp_maps_formula_and_nulls():
     t["fluxerr_auto_v"] = [10.0, 10.0, 1.0, 1.0]
     zp = np.array([[29.0], [28.0]])
     zperr = np.array([[0.02], [0.0]])
-    maps = {"AUTO": _zp_map_of(zp, zperr, np.ones_like(zp), tile_zp=27.0, tile_zperr=0.5,
-                               tile_nstar=4)}
+    maps = {"AUTO": _zp_map_of(zp, zperr, np.full_like(zp, 2.0), tile_zp=27.0,
+                               tile_zperr=0.5, tile_nstar=4)}
     out = apply_zp_maps(t, maps, "V")
     assert "mag_auto_v" in out.colnames and "mag_aper5_v" not in out.colnames
     assert out["mag_auto_v"][0] == pytest.approx(29.0 - 5.0)
     assert out["mag_auto_v"][1] == pytest.approx(28.0 - 7.5)
     assert out["magerr_auto_v"][0] == pytest.approx(np.hypot(1.0857362 * 0.1, 0.02))
+    # a one-star bin's standard deviation (0 by construction) is no error: the tile's spread
+    one_star = apply_zp_maps(t, {"AUTO": _zp_map_of(zp, np.zeros_like(zp), np.ones_like(zp),
+                                                    tile_zp=27.0, tile_zperr=0.5,
+                                                    tile_nstar=4)}, "V")
+    assert one_star["mag_auto_v"][0] == pytest.approx(29.0 - 5.0)
+    assert one_star["magerr_auto_v"][0] == pytest.approx(np.hypot(1.0857362 * 0.1, 0.5))
     assert list(out["mag_auto_v"].mask) == [False, False, True, True]
     assert list(out["magerr_auto_v"].mask) == [False, False, True, True]
     assert out["mag_auto_v"].unit == u.mag
