@@ -40,7 +40,9 @@ from pathlib import Path
 from harness import machine, run_in_child
 
 TILE, BAND = "0000.000-62", "I"
-DEMO = Path(f"/tmp/demofull/ks4-dr1-demo/images/{TILE}/{TILE}_{BAND}_coadd.fits")
+#: The I co-add of ``make dr1``'s release (``ks4-dr1-demo`` beside this checkout's README).
+DEMO = Path(__file__).resolve().parent.parent / "ks4-dr1-demo" / "images" / TILE / \
+    f"{TILE}_{BAND}_coadd.fits"
 TILED_SIZE = 4096
 
 
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--coadd", type=Path, default=DEMO,
-                        help="a co-add with _mask.fits and _ndith.fits beside it")
+                        help="a co-add with _mask.fits and _ndith.fits beside it (default: the "
+                             "demo release of `make dr1`)")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
     if not args.coadd.is_file():
