@@ -65,21 +65,21 @@ bin of MAG_APER5 - true of S/N > 20 stars from 0.016-0.043 to 0.013-0.035 mag. A
 alone (the catalog stage corrects its Kron loss). The sidecar JSON says which PSF the maps
 hold for (``reference_fwhm_arcsec``, ``psf_beta``).
 
-Calibration (:func:`apply_zp_maps`): a source takes the zero point and error of its bin when the
-bin holds stars (``pstar > 0``), and the tile-wide zero point and error of the aperture
-otherwise (for the error see the end of this paragraph). An empty bin's 30 is the co-adds' nominal zero point, right for total fluxes but not
-for an aperture: on the demo co-adds the tile-wide zero point of APER3 is 0.45-0.7 mag, APER5
-0.13-0.28 mag and AUTO 0.01-0.08 mag below 30, and only 4-12 of the 3025 bins of a tile hold a
-selected star (~98% of the sources lie in empty bins), so calibrating with the empty bins' 30
-made the median magnitude of true 15-20 mag stars 0.43-0.65 (APER3), 0.11-0.27 (APER5) and
-0.01-0.13 (AUTO) mag too faint per tile and band; with the tile-wide value it is within
--0.02..+0.08 mag (median over tile-bands 0.00). The ``.npy`` maps stay in DR1's format, so a
-user of the published maps reproduces this from them and the JSON. A tile without any usable
-star falls back to 30 and 0, with a logged warning naming the tile and band. The error of a
-source in a one-star bin is the tile's ``tile_zperr``, not the bin's ``zperr`` (0: the standard
-deviation of one value): with 0 the Gaia XP stars of the demo's B co-adds, their own bins' only
-stars, carried errors of 0.001-0.005 mag while scattering 0.013 mag about the truth (11 times
-their errors), and the masters' weighted medians trusted them most.
+Calibration (:func:`apply_zp_maps`): a source takes the zero point and error of its bin when the bin
+holds stars (``pstar > 0``), and the tile-wide zero point and error of the aperture otherwise (for
+the error see the end of this paragraph). An empty bin's 30 is the co-adds' nominal zero point,
+right for total fluxes but not for an aperture: on the demo co-adds the tile-wide zero point of
+APER3 is 0.45-0.7 mag, APER5 0.13-0.28 mag and AUTO 0.01-0.08 mag below 30, and only 4-12 of the
+3025 bins of a tile hold a selected star (~98% of the sources lie in empty bins), so calibrating
+with the empty bins' 30 made the median magnitude of true 15-20 mag stars 0.43-0.65 (APER3),
+0.11-0.27 (APER5) and 0.01-0.13 (AUTO) mag too faint per tile and band; with the tile-wide value it
+is within -0.02..+0.08 mag (median over tile-bands 0.00). The ``.npy`` maps stay in DR1's format, so
+a user of the published maps reproduces this from them and the JSON. A tile without any usable star
+falls back to 30 and 0, with a logged warning naming the tile and band. The error of a source in a
+one-star bin is the tile's ``tile_zperr``, not the bin's ``zperr`` (0: the standard deviation of one
+value): with 0 the Gaia XP stars of the demo's B co-adds, their own bins' only stars, carried errors
+of 0.001-0.005 mag while scattering 0.013 mag about the truth (11 times their errors), and the
+masters' weighted medians trusted them most.
 
 Windows: the toolkit measures each alignment bin from the stars in a 1000 px square centred on
 the 200 px bin (5 bins wide) and each ZP bin from its own 400 px bin; :class:`MapSettings` keeps
@@ -587,15 +587,15 @@ def apply_zp_maps(table: Table, maps: Mapping[str, ZpMap], band: str) -> Table:
     For each aperture of ``maps`` (``AUTO`` -> ``mag_auto_{b}``, ``APER5`` -> ``mag_aper5_{b}``
     ...): ``mag = -2.5 log10(flux) + zp`` and ``magerr = sqrt((1.0857 fluxerr / flux)**2 +
     zperr**2)``. ``zp``/``zperr`` are the values of the bin holding the source's (``x_image``,
-    ``y_image``) (:func:`lookup`) when that bin holds stars (``pstar > 0``; ``zperr`` only from
-    two stars on), and the aperture's tile-wide ``tile_zp``/``tile_zperr`` otherwise (see the
-    module docstring: an empty bin's 30 is no aperture's zero point). When the tile has no usable star at all (``tile_nstar == 0``)
-    sources take 30 and 0, and a warning naming the tile (the table's ``tile`` column or
-    ``meta["tile"]``), band and apertures is logged. Where the maps hold for a reference PSF
-    (``reference_fwhm_arcsec``, see :func:`zp_maps`), each source's aperture magnitude is
-    brightened by its PSF's aperture loss against it (:func:`aperture_loss_mag` of
-    ``psf_fwhm_{b}``). Both columns are masked (null) where the flux is <= 0 or not finite,
-    and ``magerr`` also where ``fluxerr`` is not finite.
+    ``y_image``) (:func:`lookup`) when that bin holds stars (``pstar > 0``; ``zperr`` only from two
+    stars on), and the aperture's tile-wide ``tile_zp``/``tile_zperr`` otherwise (see the module
+    docstring: an empty bin's 30 is no aperture's zero point). When the tile has no usable star at
+    all (``tile_nstar == 0``) sources take 30 and 0, and a warning naming the tile (the table's
+    ``tile`` column or ``meta["tile"]``), band and apertures is logged. Where the maps hold for a
+    reference PSF (``reference_fwhm_arcsec``, see :func:`zp_maps`), each source's aperture magnitude
+    is brightened by its PSF's aperture loss against it (:func:`aperture_loss_mag` of
+    ``psf_fwhm_{b}``). Both columns are masked (null) where the flux is <= 0 or not finite, and
+    ``magerr`` also where ``fluxerr`` is not finite.
     """
     b = _check_band(band)
     out = table.copy(copy_data=True)
