@@ -112,13 +112,15 @@ class ReleaseContext:
         return [t.name for t in tiles] if tiles else None
 
 
-def _ingested(ctx: ReleaseContext) -> list[tuple[Path, dict]]:
-    """(summary path, summary) of every exposure that passed ingest, in file order."""
+def _ingested(ctx: ReleaseContext) -> list[tuple[Path, Path, dict]]:
+    """(exposure file, summary path, summary) of every exposure that passed ingest, in file
+    order. The exposure file is where it is now: the summary's ``file`` records where ingest
+    read it, which a release moved or copied to another folder no longer is."""
     found = []
     for path in ctx.exposure_files():
         summary = ingest_json_path(ctx.release_dir, path.stem)
         if summary.is_file():  # otherwise its ingest failed and the engine has reported it
-            found.append((summary, json.loads(summary.read_text())))
+            found.append((path, summary, json.loads(summary.read_text())))
     return found
 
 
@@ -127,7 +129,7 @@ def _release_tiles(ctx: ReleaseContext) -> list[Tile]:
     configured = ctx.config.tiles()
     if configured:
         return configured
-    names = sorted({info["tile"] for _, info in _ingested(ctx)})
+    names = sorted({info["tile"] for _, _, info in _ingested(ctx)})
     return [tile_by_name(name) for name in names]
 
 
@@ -152,7 +154,7 @@ def _plan_ingest(ctx: ReleaseContext) -> list[Task]:
 def _plan_inventory(ctx: ReleaseContext) -> list[Task]:
     """One task per tile and band: the table of its validated exposures."""
     groups: dict[tuple[str, str], list[Path]] = defaultdict(list)
-    for summary, info in _ingested(ctx):
+    for _, summary, info in _ingested(ctx):
         if info["band"] in ctx.config.survey.bands:
             groups[(info["tile"], info["band"])].append(summary)
     return [
@@ -186,9 +188,9 @@ class _Exposure:
 def _exposures(ctx: ReleaseContext) -> list[_Exposure]:
     """Every exposure that passed ingest, in the configured bands."""
     return [
-        _Exposure(path=Path(info["file"]), stem=summary.stem, tile=info["tile"],
+        _Exposure(path=path, stem=summary.stem, tile=info["tile"],
                   band=info["band"], site=info["site"], mjd=float(info["mjd"]))
-        for summary, info in _ingested(ctx)
+        for path, summary, info in _ingested(ctx)
         if info["band"] in ctx.config.survey.bands
     ]
 

@@ -130,10 +130,14 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
     zp = Table.read(release / "work" / "photometry" / f"{exposures['stem'][0]}_zp.ecsv")
     assert zp.meta["site_pattern"] is True and zp.meta["apcorr"] == pytest.approx(
         pattern.meta["aperture_corrections"][str(exposures["band"][0])][0])
-    # A second build has nothing to do.
-    assert main(["build", "dr1", str(release), "--local", "--no-progress"]) == 0
+    # A second build has nothing to do, also once the release has moved to another folder: the
+    # exposures are read where they are now, not where ingest found them.
+    stamps = digests(release / "work" / "stamps", skip=())
+    moved = release.rename(tmp_path / "moved")
+    assert main(["build", "dr1", str(moved), "--local", "--no-progress"]) == 0
     assert "build OK" in capsys.readouterr().err
-    assert len(list((release / "logs").glob("build-*.log"))) == 2
+    assert digests(moved / "work" / "stamps", skip=()) == stamps
+    assert len(list((moved / "logs").glob("build-*.log"))) == 2
 
 
 def _check_position_errors(release: Path, tile: str, b: str, floor: dict) -> None:
