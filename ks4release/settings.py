@@ -945,8 +945,8 @@ class PhotometrySettings:
         "MAG_AUTO/APER5 - true off by more than 0.005 + 2 standard errors from 75 to 20 and "
         "halves the faint-end bias (R isolated stars, MAG_AUTO at R 21-21.5: +0.070 -> "
         "+0.031). On the demo itself CLASS_STAR accuracy is unchanged (V dual 0.966 -> 0.967) "
-        "and 4 more unmatched I detections are removed as spurious. Parity with SExtractor "
-        "needs 0.", default=3.0)
+        "and the spurious cleaning removes 104 of 114 unmatched I detections instead of 97 of "
+        "110. Parity with SExtractor needs 0.", default=3.0)
     background_grow_px: int = documented(
         "Pixels by which the masked sources' footprints are grown (see "
         "background_mask_sigma).", default=4)
