@@ -30,6 +30,7 @@ written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,8 +252,11 @@ def check_exports(out_dir: Path, manifest_path: Path, catalog: str, chunk_rows: 
         Naming each failing file and its first problems.
     """
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    reports = [check_catalog(out_dir / entry["path"], catalog, manifest_path,
-                             chunk_rows=chunk_rows)
+    # Each report names its file as the manifest does, relative to the export folder: the
+    # folder is what an archive receives, and the build machine's paths mean nothing there.
+    reports = [dataclasses.replace(check_catalog(out_dir / entry["path"], catalog,
+                                                 manifest_path, chunk_rows=chunk_rows),
+                                   path=entry["path"])
                for entry in manifest["files"] if entry["kind"] == "data"]
     atomic_write_text(out_dir / "check_report.json",
                       "[\n" + ",\n".join(r.to_json() for r in reports) + "\n]\n")

@@ -165,6 +165,8 @@ def test_manifest_and_ready_marker(exported):
     assert (out_dir / "READY").exists()
     reports = json.loads((out_dir / "check_report.json").read_text())
     assert len(reports) == len(data) and all(r["ok"] for r in reports)
+    # files named as in the manifest, relative to the export folder that an archive receives
+    assert [r["path"] for r in reports] == [f["path"] for f in data]
 
 
 def test_a_failing_check_blocks_the_ready_marker(tmp_path):
