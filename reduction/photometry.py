@@ -740,10 +740,8 @@ def _at_centre(values: np.ndarray, det: _Detection) -> np.ndarray:
     the detection band's: for a star saturated in I it can be anywhere in the flat top or down
     the bleed trail, many pixels from the smaller core of the same star in B."""
     ny, nx = values.shape
-    x = np.where(np.isfinite(det.x), det.x, det.objects["xpeak"])
-    y = np.where(np.isfinite(det.y), det.y, det.objects["ypeak"])
-    col = np.clip(np.rint(x).astype(np.int64), 0, nx - 1)
-    row = np.clip(np.rint(y).astype(np.int64), 0, ny - 1)
+    col = np.clip(np.rint(det.x).astype(np.intp), 0, nx - 1)
+    row = np.clip(np.rint(det.y).astype(np.intp), 0, ny - 1)
     return values[row, col]
 
 
@@ -941,9 +939,7 @@ def _own_isophotes(band: _Band, det: _Detection, settings: PhotometrySettings,
     ``flux_max`` and ``threshold`` (copies returned).
     """
     own, segmap = _detect(band, settings)
-    iy = np.clip(np.rint(det.y).astype(np.intp), 0, band.shape[0] - 1)
-    ix = np.clip(np.rint(det.x).astype(np.intp), 0, band.shape[1] - 1)
-    segment = segmap[iy, ix]
+    segment = _at_centre(segmap, det)
     shared = np.bincount(segment, minlength=own.size + 1)
     alone = (segment > 0) & (shared[segment] == 1)
     iso, flux_max, threshold = iso.copy(), flux_max.copy(), threshold.copy()
