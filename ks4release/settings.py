@@ -508,12 +508,25 @@ class ScaleSettings:
     background_filter: int = documented(
         "Median filter size of the background mesh, boxes.",
         default=3)
+    background_mask_sigma: float = documented(
+        "Sources above this many sigma (grown by background_grow_px) are masked and the "
+        "background measured again, as the zero-point photometry measures it; 0 = one pass "
+        "with the sources in, which subtracts the sources' wings with the sky. On the demo "
+        "survey with 5 times the stars, the source-free sky of the 16 co-adds is 0.35 ADU "
+        "(0.029 sigma) below 0 (median; -0.74 to -0.09) with the second pass, 0.68 ADU (0.058 "
+        "sigma; -1.32 to -0.28) with one.",
+        default=3.0)
+    background_grow_px: int = documented(
+        "Detected sources' pixels are grown by this many px before the second background pass "
+        "(background_mask_sigma).",
+        default=4)
 
     def __post_init__(self) -> None:
         """Check every field; errors name the field."""
         _positive(self, "zp_target")
         _at_least(self, 8.0, "background_box_px")
         _at_least(self, 1.0, "background_filter")
+        _at_least(self, 0.0, "background_mask_sigma", "background_grow_px")
         if not math.isfinite(self.zp_target):
             raise ValueError(f"zp_target must be a finite magnitude, got {self.zp_target}")
 

@@ -137,7 +137,7 @@ from ks4release.reduction.sep_objects import (
     ellipse,
     footprint_max,
     set_extraction_limits,
-    source_masked_background,
+    sky_background,
     windowed_centroids,
     wing_fits,
 )
@@ -303,7 +303,10 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
         no_data |= np.asarray(ndith) <= 0
     missing = no_data | ((bits & settings.bad_bits) != 0)
     clean = np.ascontiguousarray(np.where(missing, 0.0, data), dtype=np.float32)
-    background = _background(clean, missing, settings)
+    background = sky_background(clean, missing, box=settings.back_size_px,
+                                filter_size=settings.back_filter_size,
+                                mask_sigma=settings.background_mask_sigma,
+                                grow_px=settings.background_grow_px)
     sub = clean - background.back()
     sub[missing] = 0.0
     filled, masked = fill_masked_pixels(sub, missing, settings.interp_max_gap_px)
@@ -357,18 +360,6 @@ def coverage_noise_factors(residual: np.ndarray, rms: np.ndarray, ndith: np.ndar
         if values.size >= min_pixels:
             factors[n] = mad_std(values)
     return factors
-
-
-def _background(data: np.ndarray, missing: np.ndarray, settings: PhotometrySettings
-                ) -> sep.Background:
-    """The co-add's background mesh: SExtractor's single pass, or measured again without the
-    sources above ``background_mask_sigma`` (:func:`.sep_objects.source_masked_background`)."""
-    box, size = settings.back_size_px, settings.back_filter_size
-    if settings.background_mask_sigma <= 0:
-        return sep.Background(data, mask=missing, bw=box, bh=box, fw=size, fh=size)
-    return source_masked_background(data, missing, box=box, filter_size=size,
-                                    detect_sigma=settings.background_mask_sigma,
-                                    grow_px=settings.background_grow_px)[1]
 
 
 def psf_beta(header: fits.Header) -> float:

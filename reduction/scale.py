@@ -5,8 +5,10 @@ and row ``y`` (0-based), where ``ghosts`` are the crosstalk ghosts predicted by 
 the exposure's mask records (:func:`.masks.read_crosstalk_model`; none when the mask says they
 are only masked; pixels at SATURATE kept as they are), with ``zp_a(y) = zp_y0 + zp_slope * y /
 ny`` from :mod:`.zeropoint` (the zero point of a star of the pivot colour, see there). The
-background is ``sep.Background`` with the bad pixels excluded. Bad pixels keep their scaled
-values: the co-add reads the mask separately.
+background is ``sep.Background`` with the bad pixels and the grown footprints of the detected
+sources excluded (the sky the zero-point photometry measured on; ``[scale]
+background_mask_sigma``). Bad pixels keep their scaled values: the co-add reads the mask
+separately.
 
 Output (``layout.scaled_path``): the exposure's primary header plus ``ZPTARGET`` and provenance;
 per CCD an image extension (``EXTNAME`` = CCD, float32) with the fitted WCS header (TAN-SIP and
@@ -26,7 +28,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import sep
 from astropy.io import fits
 from astropy.table import Table
 
@@ -37,6 +38,7 @@ from ks4release.errors import InputError
 from ks4release.exposure import read_ccd, read_exposure_header
 from ks4release.reduction.masks import read_crosstalk_model
 from ks4release.reduction.masks_saturation import CrosstalkModel
+from ks4release.reduction.sep_objects import sky_background
 from ks4release.reduction.zeropoint import read_mask_ccd, read_wcs_ccd
 from ks4release.settings import ScaleSettings
 from ks4release.survey import REFERENCE_ZEROPOINT
@@ -90,10 +92,12 @@ def scale_ccd(data: np.ndarray, bad: np.ndarray, amplifiers: tuple[tuple[int, in
     amplifier so that a full-size CCD needs no full-frame float64 temporaries.
     """
     img = np.array(data, dtype=np.float32, order="C")
-    bkg = sep.Background(img, mask=np.ascontiguousarray(bad, dtype=bool),
-                         bw=settings.background_box_px, bh=settings.background_box_px,
-                         fw=settings.background_filter, fh=settings.background_filter)
-    back = bkg.back()
+    # the sky the zero points were fitted on: a one-pass mesh, lifted by the sources' wings,
+    # would take a constant from every aperture, in magnitudes most from the faintest
+    back = sky_background(img, np.ascontiguousarray(bad, dtype=bool),
+                          box=settings.background_box_px, filter_size=settings.background_filter,
+                          mask_sigma=settings.background_mask_sigma,
+                          grow_px=settings.background_grow_px).back()
     img -= back
     saturate, sky = np.inf, []
     for i, (start, stop) in enumerate(amplifiers):

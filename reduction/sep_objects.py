@@ -24,6 +24,7 @@ __all__ = [
     "footprint_max",
     "psf_half_light_radius",
     "set_extraction_limits",
+    "sky_background",
     "source_masked_background",
     "windowed_centroids",
     "windowed_errors",
@@ -70,6 +71,16 @@ def source_masked_background(data: np.ndarray, bad: np.ndarray, *, box: int, fil
         if grow_px > 0 else segmap > 0
     return objects, sep.Background(data, mask=bad | sources, bw=box, bh=box, fw=filter_size,
                                    fh=filter_size)
+
+
+def sky_background(data: np.ndarray, bad: np.ndarray, *, box: int, filter_size: int,
+                   mask_sigma: float, grow_px: int) -> sep.Background:
+    """SExtractor's one-pass background mesh when ``mask_sigma`` <= 0, else the mesh measured
+    again without the sources above ``mask_sigma`` (:func:`source_masked_background`)."""
+    if mask_sigma <= 0:
+        return sep.Background(data, mask=bad, bw=box, bh=box, fw=filter_size, fh=filter_size)
+    return source_masked_background(data, bad, box=box, filter_size=filter_size,
+                                    detect_sigma=mask_sigma, grow_px=grow_px)[1]
 
 
 def footprint_max(segmap: np.ndarray, values: np.ndarray, n: int, *, bitwise: bool

@@ -882,13 +882,16 @@ def test_masking_the_sources_takes_their_wings_out_of_the_background():
     bias_one, bias_two = float(np.median(one_pass.back())), float(np.median(two_pass.back()))
     assert bias_one > 0.5  # ADU, 0.1 sigma: the wings lift the mesh
     assert abs(bias_two) < 0.4 * bias_one, (bias_one, bias_two)
-    # the photometry stage's option takes the same second pass
-    from ks4release.reduction.photometry import _background
+    # the photometry's and the scaling's option (background_mask_sigma) takes the same pass
+    from ks4release.reduction.scale import ScaleSettings, scale_ccd
+    from ks4release.reduction.sep_objects import sky_background
 
     for sigma, expected in ((0.0, bias_one), (3.0, bias_two)):
-        mesh = _background(img, bad, PhotometrySettings(back_size_px=64,
-                                                        background_mask_sigma=sigma))
+        mesh = sky_background(img, bad, box=64, filter_size=3, mask_sigma=sigma, grow_px=4)
         assert float(np.median(mesh.back())) == pytest.approx(expected, abs=1e-4)
+        scaled, _ = scale_ccd(img, bad, ((0, 512),), np.ones((512, 1)), saturation=1e9,
+                              settings=ScaleSettings(background_mask_sigma=sigma))
+        assert float(np.median(img - scaled)) == pytest.approx(expected, abs=1e-3)
     # an empty field has nothing to mask: both passes agree
     empty = _crowded_sky(0)
     _, flat = source_masked_background(empty, bad, box=64, filter_size=3, detect_sigma=3.0,
