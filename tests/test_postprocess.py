@@ -140,7 +140,8 @@ def detections(coadd_data, truth) -> dict:
                                           ("dbscan_min_samples", 0), ("edge_px", -1.0),
                                           ("bias_aperture", "auto"),
                                           ("bias_bin_max_mag", 0.1),
-                                          ("bias_class_star_min", 1.5)])
+                                          ("bias_class_star_min", 1.5),
+                                          ("bias_max_aperture_err", -0.01)])
 def test_configreject_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PostprocessSettings(**{field: value})
@@ -450,6 +451,9 @@ def _calibrated(table: Table, match: np.ndarray, truth: pd.DataFrame, band: str)
         bright = (star & (true_mag > _SATURATED_MAG) & (true_mag < 19.0) & np.isfinite(raw)
                   & (out[f"flags_{b}"] == 0))
         out[f"mag_{aperture}_{b}"] = raw + np.median(true_mag[bright] - raw[bright])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"magerr_{aperture}_{b}"] = 1.0857 * np.asarray(
+                out[f"fluxerr_{aperture}_{b}"], dtype=float) / flux
     return out
 
 
@@ -555,12 +559,35 @@ def test_bias_curve_recovers_a_known_trend():
     assert np.allclose(curve(probe), 0.02 - 0.01 * (probe - 14.0), atol=0.003)
 
 
+def test_noisy_aperture_magnitudes_shape_no_node():
+    """Calibration stars whose MAG_APER error exceeds bias_max_aperture_err make no node: their
+    aperture magnitudes carry the background's error (here 0.1 mag faint), which the curve
+    would otherwise hand on to MAG_AUTO. Beyond the last node the curve holds its value."""
+    rng = np.random.default_rng(3)
+    n = 400
+    mag = np.sort(rng.uniform(16.0, 21.0, n))
+    faint = mag > 19.5
+    table = Table({"ra": 10.0 + np.arange(n) * 0.01, "dec": np.full(n, -30.0),
+                   "mag_auto_v": mag, "mag_aper10_v": mag + np.where(faint, 0.1, 0.0),
+                   "magerr_aper10_v": np.where(faint, 0.05, 0.005),
+                   "class_star_v": np.full(n, 0.99), "flags_v": np.zeros(n, dtype=np.int16)})
+    positions = (np.asarray(table["ra"]), np.asarray(table["dec"]))
+    capped, curve = auto_bias_correction(table, positions, "V", PostprocessSettings())
+    assert curve.applied and curve.mag.max() < 19.5
+    assert np.allclose(capped["mag_auto_v"], mag)
+    uncapped, curve = auto_bias_correction(table, positions, "V",
+                                           PostprocessSettings(bias_max_aperture_err=0.0))
+    assert curve.mag.max() > 20.5
+    assert np.median(np.asarray(uncapped["mag_auto_v"])[mag > 20.5] - mag[mag > 20.5]) \
+        == pytest.approx(0.1, abs=0.01)
+
+
 def test_too_few_stars_leave_mag_auto_and_log_why(caplog):
     rng = np.random.default_rng(1)
     n = 6
     table = Table({"ra": 10.0 + np.arange(n) * 0.01, "dec": np.full(n, -30.0),
                    "mag_auto_v": rng.uniform(15, 17, n), "mag_aper10_v": rng.uniform(15, 17, n),
-                   "class_star_v": np.full(n, 0.99), "flags_v": np.zeros(n, dtype=np.int16)})
+                   "magerr_aper10_v": np.full(n, 0.002), "class_star_v": np.full(n, 0.99), "flags_v": np.zeros(n, dtype=np.int16)})
     positions = (np.asarray(table["ra"]), np.asarray(table["dec"]))
     with caplog.at_level(logging.INFO, logger="ks4release.reduction.postprocess"):
         out, curve = auto_bias_correction(table, positions, "V", PostprocessSettings())
