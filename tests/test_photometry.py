@@ -920,3 +920,21 @@ def test_coverage_noise_factors_recover_the_noise_of_each_ndith(seed, sigma):
     expected = 2.0 / np.sqrt(np.arange(1, 5)) / 1.3
     assert np.allclose(factors[1:5], expected, rtol=0.05)
     assert factors[0] == 1.0 and factors[5] == 1.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), fraction=st.floats(0.0, 0.2), ny=st.integers(1, 60),
+       nx=st.integers(1, 60))
+def test_any_in_boxes_is_any_over_each_box(seed, fraction, ny, nx):
+    """The summed-area table's answer equals looking at every box's pixels (empty boxes, boxes
+    at the borders and of one pixel included)."""
+    from ks4release.reduction.photometry import _any_in_boxes
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.random((ny, nx)) < fraction
+    xlo, ylo = rng.integers(0, nx + 1, 40), rng.integers(0, ny + 1, 40)
+    xhi = np.minimum(xlo + rng.integers(0, 8, 40), nx)
+    yhi = np.minimum(ylo + rng.integers(0, 8, 40), ny)
+    boxes = np.column_stack([xlo, xhi, ylo, yhi])
+    expected = [bool(pixels[y0:y1, x0:x1].any()) for x0, x1, y0, y1 in boxes]
+    assert _any_in_boxes(pixels, boxes).tolist() == expected
