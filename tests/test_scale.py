@@ -53,7 +53,9 @@ def test_scale_factors_check_lengths():
 
 
 @pytest.mark.parametrize("field, value", [("zp_target", 0.0), ("background_box_px", 4),
-                                          ("background_filter", 0)])
+                                          ("background_filter", 0),
+                                          ("background_mask_sigma", -1.0),
+                                          ("background_grow_px", -1)])
 def test_settings_reject_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         ScaleSettings(**{field: value})
