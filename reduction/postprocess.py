@@ -598,8 +598,8 @@ def auto_bias_correction(table: Table, calibration: tuple[np.ndarray, np.ndarray
     """
     b = _band(band)
     auto, aper = f"mag_auto_{b}", f"mag_{settings.bias_aperture}_{b}"
-    star, flags = f"class_star_{b}", f"flags_{b}"
-    _require(table, ("ra", "dec", auto, aper, f"magerr_{settings.bias_aperture}_{b}", star, flags),
+    aper_err, star, flags = f"magerr_{settings.bias_aperture}_{b}", f"class_star_{b}", f"flags_{b}"
+    _require(table, ("ra", "dec", auto, aper, aper_err, star, flags),
              f"auto_bias_correction band {band}")
     vectors = unit_vectors(table["ra"], table["dec"])
     reference = unit_vectors(*calibration)
@@ -610,8 +610,7 @@ def auto_bias_correction(table: Table, calibration: tuple[np.ndarray, np.ndarray
     sample = (on_reference & isolated & (class_star >= settings.bias_class_star_min)
               & (flag_values <= settings.bias_flags_max))
     if settings.bias_max_aperture_err > 0:
-        sample &= _float(table, f"magerr_{settings.bias_aperture}_{b}") \
-            <= settings.bias_max_aperture_err
+        sample &= _float(table, aper_err) <= settings.bias_max_aperture_err
     curve = bias_curve(mag_auto[sample], _float(table, aper)[sample], b, settings)
     out = table.copy()
     if not curve.applied:
