@@ -587,7 +587,8 @@ def test_too_few_stars_leave_mag_auto_and_log_why(caplog):
     n = 6
     table = Table({"ra": 10.0 + np.arange(n) * 0.01, "dec": np.full(n, -30.0),
                    "mag_auto_v": rng.uniform(15, 17, n), "mag_aper10_v": rng.uniform(15, 17, n),
-                   "magerr_aper10_v": np.full(n, 0.002), "class_star_v": np.full(n, 0.99), "flags_v": np.zeros(n, dtype=np.int16)})
+                   "magerr_aper10_v": np.full(n, 0.002), "class_star_v": np.full(n, 0.99),
+                   "flags_v": np.zeros(n, dtype=np.int16)})
     positions = (np.asarray(table["ra"]), np.asarray(table["dec"]))
     with caplog.at_level(logging.INFO, logger="ks4release.reduction.postprocess"):
         out, curve = auto_bias_correction(table, positions, "V", PostprocessSettings())
