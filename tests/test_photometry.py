@@ -938,3 +938,24 @@ def test_any_in_boxes_is_any_over_each_box(seed, fraction, ny, nx):
     boxes = np.column_stack([xlo, xhi, ylo, yhi])
     expected = [bool(pixels[y0:y1, x0:x1].any()) for x0, x1, y0, y1 in boxes]
     assert _any_in_boxes(pixels, boxes).tolist() == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), fraction=st.floats(0.0, 0.05), core=st.integers(0, 4))
+def test_saturated_near_is_the_dilated_saturation_mask_at_each_point(seed, fraction, core):
+    """The point query equals dilating the saturation bits by a (2 core + 1) square and reading
+    the points, at the borders too; other mask bits do not count."""
+    from types import SimpleNamespace
+
+    from scipy.ndimage import maximum_filter
+
+    from ks4release.reduction.photometry import _saturated_near
+
+    rng = np.random.default_rng(seed)
+    bits = np.where(rng.random((40, 50)) < fraction, 2, 0).astype(np.uint8)
+    bits[rng.random(bits.shape) < 0.05] |= 1  # cosmic rays: not saturation
+    config = PhotometrySettings(saturation_core_px=core)
+    col, row = rng.integers(0, 50, 200), rng.integers(0, 40, 200)
+    expected = maximum_filter((bits & config.saturation_bits) != 0, size=2 * core + 1)[row, col]
+    got = _saturated_near(SimpleNamespace(bits=bits), config, col, row)
+    assert got.tolist() == expected.tolist()
