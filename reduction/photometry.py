@@ -457,20 +457,25 @@ _KOLMOGOROV_BETA = 4.765
 _MAX_WING_RADIUS_PX = 100.0
 
 
-def _saturated_near(band: _Band, settings: PhotometrySettings, col: np.ndarray,
+def _saturation_mask(band: _Band, settings: PhotometrySettings) -> np.ndarray:
+    """The band's pixels carrying a ``saturation_bits`` bit of the co-add mask."""
+    return (band.bits & settings.saturation_bits) != 0
+
+
+def _saturated_near(saturated: np.ndarray, core_px: int, col: np.ndarray,
                     row: np.ndarray) -> np.ndarray:
-    """Whether a ``saturation_bits`` pixel lies within ``saturation_core_px`` (a square) of each
-    pixel ``(col, row)``: an object whose peak is such a pixel is saturated (FLAGS bit 4) and
-    centred on its wings (:func:`_wing_fits`). Asked at the points only (Chebyshev distance to
-    the saturated pixels, which are few), not by dilating the whole mask: on a 4096^2 co-add
-    that took 0.28 s per call and a full-size temporary."""
-    ys, xs = np.nonzero((band.bits & settings.saturation_bits) != 0)
+    """Whether a ``saturated`` pixel (:func:`_saturation_mask`) lies within ``core_px`` (a
+    square; ``saturation_core_px``) of each pixel ``(col, row)``: an object whose peak is such
+    a pixel is saturated (FLAGS bit 4) and centred on its wings (:func:`_wing_fits`). Asked at
+    the points only (Chebyshev distance to the saturated pixels, which are few), not by
+    dilating the whole mask: on a 4096^2 co-add that took 0.28 s per call and a full-size
+    temporary."""
+    ys, xs = np.nonzero(saturated)
     col, row = np.asarray(col), np.asarray(row)
     if ys.size == 0 or col.size == 0:
         return np.zeros(col.size, dtype=bool)
     distance, _ = cKDTree(np.column_stack([xs, ys])).query(
-        np.column_stack([col, row]), p=np.inf,
-        distance_upper_bound=settings.saturation_core_px + 0.5)
+        np.column_stack([col, row]), p=np.inf, distance_upper_bound=core_px + 0.5)
     return np.isfinite(distance)
 
 
@@ -481,8 +486,9 @@ def _wing_fits(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarr
     fits to their unsaturated wings (:func:`.sep_objects.wing_fits`), started from their cores
     (:func:`_core_starts`; ``(x, y)`` without saturated pixels), within the saturated area's
     radius plus 6 FWHM."""
-    saturated = (band.bits & settings.saturation_bits) != 0
-    which = np.flatnonzero(_saturated_near(band, settings, objects["xpeak"], objects["ypeak"]))
+    saturated = _saturation_mask(band, settings)
+    which = np.flatnonzero(_saturated_near(saturated, settings.saturation_core_px,
+                                           objects["xpeak"], objects["ypeak"]))
     if which.size == 0:
         return which, []
     area = np.bincount(segmap[saturated], minlength=objects.size + 1)[1:][which]
@@ -770,7 +776,8 @@ def _flags(band: _Band, det: _Detection, grown: np.ndarray, aper_flags: np.ndarr
     flags |= np.where(objects["flag"] & sep.OBJ_MERGED, 2, 0).astype(np.int16)
     raw_max = footprint_max(det.segmap, band.image, n, bitwise=False)
     col, row = _centre_pixels(det, band.shape)  # at the peak or at the centre, one query
-    saturated = _saturated_near(band, settings, np.r_[objects["xpeak"], col],
+    saturated = _saturated_near(_saturation_mask(band, settings), settings.saturation_core_px,
+                                np.r_[objects["xpeak"], col],
                                 np.r_[objects["ypeak"], row]).reshape(2, n).any(axis=0)
     flags |= np.where(saturated | (raw_max >= band.saturate), 4, 0).astype(np.int16)
     at_border = ((objects["xmin"] <= 0) | (objects["ymin"] <= 0) | (objects["xmax"] >= nx - 1)

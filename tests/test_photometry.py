@@ -949,7 +949,7 @@ def test_saturated_near_is_the_dilated_saturation_mask_at_each_point(seed, fract
 
     from scipy.ndimage import maximum_filter
 
-    from ks4release.reduction.photometry import _saturated_near
+    from ks4release.reduction.photometry import _saturated_near, _saturation_mask
 
     rng = np.random.default_rng(seed)
     bits = np.where(rng.random((40, 50)) < fraction, 2, 0).astype(np.uint8)
@@ -957,5 +957,5 @@ def test_saturated_near_is_the_dilated_saturation_mask_at_each_point(seed, fract
     config = PhotometrySettings(saturation_core_px=core)
     col, row = rng.integers(0, 50, 200), rng.integers(0, 40, 200)
     expected = maximum_filter((bits & config.saturation_bits) != 0, size=2 * core + 1)[row, col]
-    got = _saturated_near(SimpleNamespace(bits=bits), config, col, row)
+    got = _saturated_near(_saturation_mask(SimpleNamespace(bits=bits), config), core, col, row)
     assert got.tolist() == expected.tolist()
