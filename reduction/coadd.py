@@ -22,8 +22,9 @@ median and adds what SWarp does not give:
 * ``<tile>_<band>_exposures.json``: stem, MJD, site, CCD footprints (sky outlines,
   ``coadd_maps.FOOTPRINT_VERTICES_PER_SIDE`` vertices per side, so that they follow the
   distortion's bow of the CCD edges) and ok flag of every exposure (for the catalog's NDITH,
-  EDGE and MJD columns), and its PSF half-light radius (``psf_r50_arcsec``, for CLASS_STAR's
-  seeing map);
+  EDGE and MJD columns), its PSF half-light radius (``psf_r50_arcsec``, for CLASS_STAR's
+  seeing map) and sky noise (``sky_sigma``, scaled counts per pixel; both for the photometry's
+  median-stack flux factors, :mod:`~ks4release.reduction.median_stack`);
 * co-add header: ``SEEING`` (median FWHM of stars on the co-add, arcsec) and ``PSFBETA``
   (their median Moffat index, for the catalog's Kron loss correction), ``MAGLIM`` (5-sigma
   limiting AB magnitude in an aperture of ``DEPTHAPD`` arcsec diameter = 2 x SEEING by default,
@@ -907,8 +908,9 @@ def _footprint(exp: _Exposure) -> dict:
     """The exposures-JSON entry of one exposure: the sky outline (``ccd_footprint_deg``, a list
     of [ra, dec] vertices) of every CCD used, through its fitted WCS, and ``psf_r50_arcsec``,
     the median over those CCDs of the stars' half-light radius (``PSFR50``, from the
-    zero-point photometry) in arcsec; None when no CCD has it."""
-    outlines, r50 = {}, []
+    zero-point photometry) in arcsec, and ``sky_sigma``, the median over those CCDs of the
+    per-pixel sky noise in scaled counts (:func:`_sky_sigma`); None when no CCD has it."""
+    outlines, r50, sky = {}, [], []
     with fits.open(exp.path, memmap=True) as hdul:
         for name in exp.ok_ccds:
             header = hdul[name].header
@@ -918,9 +920,23 @@ def _footprint(exp: _Exposure) -> dict:
             if isinstance(header.get("PSFR50"), (int, float)):
                 r50.append(float(header["PSFR50"])
                            * float(np.mean(proj_plane_pixel_scales(wcs))) * 3600.0)
+            sky.append(_sky_sigma(header))
+    sky = [value for value in sky if value is not None]
     return {"stem": exp.stem, "mjd": exp.mjd, "site": exp.site, "ok": bool(exp.ok_ccds),
             "ccds": outlines, "excluded_ccds": exp.excluded,
-            "psf_r50_arcsec": float(np.median(r50)) if r50 else None}
+            "psf_r50_arcsec": float(np.median(r50)) if r50 else None,
+            "sky_sigma": float(np.median(sky)) if sky else None}
+
+
+def _sky_sigma(header: fits.Header) -> float | None:
+    """Per-pixel sky noise of a scaled CCD in its scaled counts, from the scale stage's cards:
+    sqrt(SKYLEVEL * GAIN + RDNOISE^2) / GAIN (sky photons and read noise; GAIN is e- per scaled
+    count). None when a card is missing or GAIN is not positive."""
+    values = [header.get(key) for key in ("SKYLEVEL", "GAIN", "RDNOISE")]
+    if not all(isinstance(v, (int, float)) for v in values) or not values[1] > 0:
+        return None
+    sky, gain, read_noise = (float(v) for v in values)
+    return math.sqrt(max(sky, 0.0) * gain + read_noise**2) / gain
 
 
 def _check_swarp_grid(header: fits.Header, grid_wcs: WCS, shape: tuple[int, int], tile: str,

@@ -4,7 +4,8 @@
 scale and mask stages would write, straight from the truth: raw data minus the true sky, times
 ``10**(0.4 * (30 - zp(y)))`` per amplifier, with the true TAN-SIP WCS and the DR1 bits (1, 2, 4,
 8) of the truth masks, saturated cores (truth bit 64) as bit 2 as the mask stage marks them, and
-each CCD's ``PSFR50`` from the exposure's true seeing (the simulator's Moffat, beta 3).
+each CCD's ``PSFR50`` from the exposure's true seeing (the simulator's Moffat, beta 3), and the
+scale stage's ``GAIN`` (e- per scaled count), ``RDNOISE`` and ``SKYLEVEL`` (the true sky, scaled).
 Tests of the co-add and of what follows it then start from exact inputs and measure their own
 stage alone.
 """
@@ -61,13 +62,18 @@ def write_scaled_from_truth(survey: Path, release: Path, band: str) -> list[str]
                 data = raw[name].data.astype(np.float64) - exp[f"sky_adu_{name}"]
                 ny = data.shape[0]
                 rows = np.arange(ny)[:, None]
+                factors = []
                 for _, amp in zps[(zps.file == exp.file) & (zps.ccd == name)].iterrows():
                     zp = amp.zp_y0 + amp.zp_slope * rows / ny
                     data[:, amp.x_start:amp.x_stop] *= 10 ** (0.4 * (30.0 - zp))
+                    factors.append(10 ** (0.4 * (30.0 - amp.zp_y0 - 0.5 * amp.zp_slope)))
+                factor = float(np.median(factors))
                 header = quiet_wcs(truth[name].header).to_header(relax=True)
                 header["EXTNAME"] = name
                 header["ASTOK"] = True
-                header["GAIN"] = raw[name].header["GAIN"]
+                header["GAIN"] = raw[name].header["GAIN"] / factor
+                header["RDNOISE"] = raw[name].header["RDNOISE"]
+                header["SKYLEVEL"] = exp[f"sky_adu_{name}"] * factor
                 header["SATURATE"] = raw[name].header["SATURATE"]
                 header["PSFR50"] = moffat_r50_px(exp.seeing_fwhm_arcsec, header)
                 scaled.append(fits.ImageHDU(data.astype(np.float32), header))
