@@ -1016,6 +1016,16 @@ class PhotometrySettings:
         "detection's segment, when that segment holds the object alone) instead of "
         "SExtractor's counting inside the detection band's footprint, which cuts the outer "
         "isophotes of galaxies larger in the band than in I.", default=True)
+    stack_flux_correction: bool = documented(
+        "Divide the Kron and aperture fluxes of point-like detections (CLASS_STAR >= "
+        "stack_flux_class_star_min) by the share of a point source's flux such an aperture "
+        "holds on the median of the exposures that covered it, at its flux over the co-add's "
+        "noise, relative to a bright star's (a median of exposures of different seeing keeps "
+        "a different fraction of a faint star's flux in an aperture than of a bright one's; "
+        "ks4release.reduction.median_stack). DR1: not corrected.", default=True)
+    stack_flux_class_star_min: float = documented(
+        "Smallest CLASS_STAR of the detections stack_flux_correction treats as point sources "
+        "(the bias correction's bias_apply_class_star_min by default).", default=0.5)
     seeing_min_snr: float = documented(
         "Smallest S/N (snr) of the detections whose coverage sets the typical PSF of the "
         "seeing map.",
@@ -1044,6 +1054,9 @@ class PhotometrySettings:
                                  f"{getattr(self, name)}")
         if self.deblend_cont > 1:
             raise ValueError(f"deblend_cont must be <= 1, got {self.deblend_cont}")
+        if not 0.0 <= self.stack_flux_class_star_min <= 1.0:
+            raise ValueError("stack_flux_class_star_min must be in [0, 1], got "
+                             f"{self.stack_flux_class_star_min}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -57,6 +57,15 @@ SExtractor:
   documentation states. In dual mode the Kron ellipse and the segmentation are I's:
   SExtractor too computes the Kron radius on the detection image (``computeautoflux``), so a
   forced band with a wider PSF than I's loses more light in AUTO than its single-mode AUTO.
+* **Median-stack flux factors** (``stack_flux_correction``; not in DR1): on a median of
+  exposures of different seeing a faint point source keeps a different share of its flux in a
+  given aperture than a bright one (:mod:`ks4release.reduction.median_stack`). The Kron and
+  aperture fluxes and errors of detections with CLASS_STAR >= ``stack_flux_class_star_min``
+  are divided by the factor that module predicts for the exposures covering the object (the
+  co-add's exposure list: their PSF half-light radii and sky noise, the header's PSFBETA), the
+  object's flux over the RMS map at its centre and the aperture's radius (the Kron ellipse as
+  the circle of its area), so that faint and bright stars share the zero-point maps'
+  calibration. Without those inputs nothing is divided.
 * **Errors**: background RMS map plus the Poisson term of the source with the co-add's effective
   gain: header ``GAIN`` when present, else the setting ``gain_e_per_adu`` (0 = no Poisson term,
   SExtractor's GAIN = 0; the co-add headers of this pipeline carry no GAIN so far).
@@ -131,6 +140,7 @@ from ks4release.errors import InputError, StageError
 from ks4release.layout import coadd_excluded_path, coadd_exposures_path, coadd_path
 from ks4release.reduction.coadd import fill_masked_pixels, read_excluded
 from ks4release.reduction.coadd_maps import exposure_footprints
+from ks4release.reduction.median_stack import point_source_factors
 from ks4release.reduction.sep_objects import (
     CONV_KERNEL,
     WingFit,
@@ -152,6 +162,7 @@ __all__ = [
     "clean_beta",
     "coverage",
     "exposure_psf_widths",
+    "exposure_sky_sigmas",
     "local_seeing",
     "measure_dual",
     "measure_single",
@@ -865,6 +876,16 @@ def coverage(exposures: dict, wcs: WCS, x: np.ndarray, y: np.ndarray, *,
     return np.column_stack(columns) if columns else np.zeros((len(points), 0), dtype=bool)
 
 
+def exposure_sky_sigmas(exposures: dict) -> np.ndarray | None:
+    """Each usable exposure's per-pixel sky noise (``sky_sigma``, scaled counts) in the order
+    of :func:`coverage`'s columns; None when the list has no usable exposure or one lacks a
+    positive value."""
+    values = [e.get("sky_sigma") for e in exposures.get("exposures", []) if e.get("ok")]
+    if not values or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
 def exposure_psf_widths(exposures: dict) -> np.ndarray | None:
     """Each usable exposure's PSF as the FWHM of a Gaussian of the same half-light radius
     (``2 * psf_r50_arcsec``), in the order of :func:`coverage`'s columns; None when the list
@@ -933,6 +954,26 @@ def _pattern_fwhm(widths: np.ndarray, patterns: np.ndarray) -> np.ndarray:
     """Predicted FWHM_IMAGE of each coverage pattern (rows of bool over the exposures; 0 for
     an empty one) given the exposures' seeing ``widths``."""
     return np.array([median_psf_fwhm(widths[row]) if row.any() else 0.0 for row in patterns])
+
+
+def _stack_flux_factors(band: _Band, det: _Detection, covered: np.ndarray, radii: list[float],
+                        flux: np.ndarray) -> np.ndarray:
+    """:func:`~ks4release.reduction.median_stack.point_source_factors` of the Kron ellipse (as
+    the circle of its area) and the circles of ``radii``: (n, 1 + len(radii)). ``flux`` is each
+    object's total flux, 0 for those not to correct; x is it over the co-add's noise at the
+    object's centre. All 1 when the exposure list lacks PSF sizes or sky noise, or the co-add
+    header a Moffat PSFBETA."""
+    n = det.x.size
+    widths, sigma = exposure_psf_widths(band.exposures), exposure_sky_sigmas(band.exposures)
+    if widths is None or sigma is None or not band.psf_beta > 1.0 \
+            or covered.shape[1] != widths.size:
+        return np.ones((n, 1 + len(radii)))
+    r50_px = widths / 2.0 / band.pixel_scale_arcsec  # widths are 2 r50 (arcsec)
+    noise = _at_centre(band.rms, det).astype(np.float64)
+    x = np.where(noise > 0, np.maximum(flux, 0.0) / np.where(noise > 0, noise, 1.0), 0.0)
+    apertures = np.column_stack([det.kron * np.sqrt(det.a * det.b)]
+                                + [np.full(n, radius) for radius in radii])
+    return point_source_factors(covered, r50_px, sigma, band.psf_beta, x, apertures)
 
 
 def _class_star(iso: np.ndarray, flux_max: np.ndarray, threshold: np.ndarray,
@@ -1012,6 +1053,12 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
             network)
     else:
         cols[f"class_star_{b}"] = _class_star(iso, peak, threshold, seeing, band, network)
+    if settings.stack_flux_correction:
+        point = cols[f"class_star_{b}"] >= settings.stack_flux_class_star_min
+        factors = _stack_flux_factors(band, det, covered, radii, np.where(point, auto, 0.0))
+        for k, name in enumerate(["auto"] + [f"aper{d:g}" for d in APERTURE_DIAMETERS_ARCSEC]):
+            cols[f"flux_{name}_{b}"] = cols[f"flux_{name}_{b}"] / factors[:, k]
+            cols[f"fluxerr_{name}_{b}"] = cols[f"fluxerr_{name}_{b}"] / factors[:, k]
     r_half, _ = sep.flux_radius(band.image, det.x, det.y, 6.0 * det.a, 0.5,
                                 normflux=np.where(auto > 0, auto, np.nan), mask=band.masked,
                                 segmap=det.segmap, seg_id=det.seg_id, subpix=5)
