@@ -651,6 +651,8 @@ def test_measured_path_and_settings_validation(tmp_path):
         PhotometrySettings(deblend_cont=2.0)
     with pytest.raises(ValueError, match="seeing_min_sources"):
         PhotometrySettings(seeing_min_sources=0)
+    with pytest.raises(ValueError, match="stack_flux_class_star_min"):
+        PhotometrySettings(stack_flux_class_star_min=1.5)
 
 
 def test_missing_seeing_is_named(network):
