@@ -967,6 +967,11 @@ def _stack_flux_factors(band: _Band, det: _Detection, covered: np.ndarray, radii
     widths, sigma = exposure_psf_widths(band.exposures), exposure_sky_sigmas(band.exposures)
     if widths is None or sigma is None or not band.psf_beta > 1.0 \
             or covered.shape[1] != widths.size:
+        if band.exposures:
+            logger.warning("tile %s band %s: no median-stack flux factors: the co-add's "
+                           "exposure list lacks psf_r50_arcsec or sky_sigma for an exposure "
+                           "(co-adds made before the lists carried sky_sigma) or its header "
+                           "a Moffat PSFBETA", band.tile, band.name)
         return np.ones((n, 1 + len(radii)))
     r50_px = widths / 2.0 / band.pixel_scale_arcsec  # widths are 2 r50 (arcsec)
     noise = _at_centre(band.rms, det).astype(np.float64)

@@ -881,6 +881,38 @@ def _median_stack(shape: tuple[int, int], spacing: int, fluxes: tuple[float, flo
     return np.median(exposures, axis=0).astype(np.float32), stars
 
 
+def _stack_header_and_exposures(shape: tuple[int, int]) -> tuple[fits.Header, dict]:
+    """The co-add header (PSFBETA 3) and exposure list of :func:`_median_stack`'s exposures,
+    each covering the whole image with its PSF half-light radius and sky noise."""
+    header = _header(shape=shape)
+    header["PSFBETA"] = MOFFAT_BETA
+    wcs = WCS(header)
+    corners = np.array([[-0.5, -0.5], [shape[1] - 0.5, -0.5], [shape[1] - 0.5, shape[0] - 0.5],
+                        [-0.5, shape[0] - 0.5]])
+    outline = np.column_stack(wcs.wcs_pix2world(corners[:, 0], corners[:, 1], 0)).tolist()
+    r50_arcsec = STACK_SEEING / (2 * np.sqrt(2 ** (1 / MOFFAT_BETA) - 1)) \
+        * np.sqrt(2 ** (1 / (MOFFAT_BETA - 1)) - 1)
+    return header, {"exposures": [
+        {"stem": f"e{i}", "ok": True, "ccds": {"KK": outline}, "psf_r50_arcsec": float(r50),
+         "sky_sigma": float(noise)} for i, (r50, noise) in enumerate(zip(r50_arcsec,
+                                                                          STACK_NOISE))]}
+
+
+def test_median_stack_correction_needs_the_sky_noise_of_every_exposure(network, caplog):
+    """An exposure list without one exposure's sky_sigma (a co-add made before the lists
+    carried it): a warning that names the tile and band, and the fluxes of no correction."""
+    shape = (336, 336)
+    image, _ = _median_stack(shape, 56, (2500.0, 25_000.0))
+    header, exposures = _stack_header_and_exposures(shape)
+    del exposures["exposures"][2]["sky_sigma"]
+    tables = {on: measure_single(image, np.zeros(shape, np.uint8), header, "I",
+                                 PhotometrySettings(back_size_px=128, stack_flux_correction=on),
+                                 network, ndith=np.full(shape, 5, np.int16), exposures=exposures)
+              for on in (False, True)}
+    assert np.array_equal(tables[True]["flux_aper5_i"], tables[False]["flux_aper5_i"])
+    assert "tile 9999.999-60 band I: no median-stack flux factors" in caplog.text
+
+
 def test_median_stack_correction_brings_faint_stars_to_the_bright_ones(network):
     """A median of five exposures of 1.3-2.6" seeing: 181 stars of 5" aperture S/N ~40 between
     180 of 10 times their flux. Without the correction the faint stars' 3", 5" and 10"
@@ -892,17 +924,7 @@ def test_median_stack_correction_brings_faint_stars_to_the_bright_ones(network):
     faint star's core, enters."""
     shape = (1152, 1152)
     image, stars = _median_stack(shape, 56, (2500.0, 25_000.0))
-    header = _header(shape=shape)
-    header["PSFBETA"] = MOFFAT_BETA
-    wcs = WCS(header)
-    corners = np.array([[-0.5, -0.5], [shape[1] - 0.5, -0.5], [shape[1] - 0.5, shape[0] - 0.5],
-                        [-0.5, shape[0] - 0.5]])
-    outline = np.column_stack(wcs.wcs_pix2world(corners[:, 0], corners[:, 1], 0)).tolist()
-    r50_arcsec = STACK_SEEING / (2 * np.sqrt(2 ** (1 / MOFFAT_BETA) - 1)) \
-        * np.sqrt(2 ** (1 / (MOFFAT_BETA - 1)) - 1)
-    exposures = {"exposures": [{"stem": f"e{i}", "ok": True, "ccds": {"KK": outline},
-                                "psf_r50_arcsec": float(r50), "sky_sigma": float(noise)}
-                               for i, (r50, noise) in enumerate(zip(r50_arcsec, STACK_NOISE))]}
+    header, exposures = _stack_header_and_exposures(shape)
     ndith = np.full(shape, 5, dtype=np.int16)
     offsets = {}
     for on in (False, True):
