@@ -6,11 +6,15 @@ for a star near the noise the median of (signal + noise) is close to a noise-wei
 exposures' values, and the mean of Moffat profiles of different widths puts a different share of
 the flux inside a given radius. The fraction of a point source's flux inside a fixed aperture
 thus depends on its signal-to-noise. The zero-point maps are calibrated on bright stars, so
-faint point sources come out fainter or brighter than the truth by a few 0.01 mag, with a sign
-and size set by the co-add's seeings and noise levels: on the demo survey with 5 times the stars
-(5" aperture, stars of true S/N 20-35 against S/N > 120) tile 0089 V is -0.032 mag (predicted
--0.043), tile 0088 B +0.022 (+0.016); the effect is a property of the median (DR1 and SWarp's
-MEDIAN share it), not of the resampling.
+faint point sources come out fainter or brighter than the truth by up to a few 0.01 mag, with a
+sign and size set by the co-add's seeings and noise levels. The effect belongs to the median
+(DR1's co-adds and SWarp's MEDIAN share it), not to the resampling. Measured on the 16 co-adds of
+the demo survey with 5 times the stars (``simulate --star-density 5``): aperture sums at the
+true positions of isolated stars, in 6 bins of S/N from 20 to 8000, offsets from the S/N
+600-8000 bin: RMS over the 94 bins 0.019 mag in a 3" aperture, 0.008 after subtracting this
+module's prediction (chi-square 117 -> 49); 5": 0.012 -> 0.011 (46 -> 30); 10": 0.022 -> 0.023
+(23 -> 16; noise and the neighbours' light dominate there); tile 0089 V, 5", S/N 20-40: -0.039
+observed, -0.041 predicted.
 
 This module predicts it exactly for a model of the co-add: exposure ``i`` holds a Moffat profile
 of index ``beta`` and half-light radius ``r50[i]`` (the zero-point photometry's measurement on
