@@ -506,7 +506,10 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
     co-add's seeing; index ``psf_beta``, the co-add's measured one, or where it is None or NaN
     ``[postprocess] kron_psf_beta``) inside the source's ellipse and
     ``f_reference`` the median over bright clean point sources (S/N >= kron_reference_snr,
-    CLASS_STAR >= bias_class_star_min, FLAGS <= bias_flags_max).
+    CLASS_STAR >= bias_class_star_min, FLAGS <= bias_flags_max). With ``[postprocess]
+    kron_loss_compact`` the sources outside ``targets`` whose ellipse holds less than
+    ``f_reference`` are corrected too (faint stars the classifier calls extended; a compact
+    galaxy loses at least that much).
     """
     b = _band(band)
     cols = (f"mag_auto_{b}", f"a_image_{b}", f"b_image_{b}", f"theta_image_{b}",
@@ -532,7 +535,9 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
         return out, {"applied": False, "reason": reason, "psf_beta": beta}
     f_ref = float(np.median(fraction[reference]))
     mag_auto = _float(table, f"mag_auto_{b}")
-    apply = targets & np.isfinite(fraction) & np.isfinite(mag_auto)
+    shrunk = np.isfinite(fraction) & (fraction < f_ref)
+    apply = (targets | (shrunk & settings.kron_loss_compact)) & np.isfinite(fraction) \
+        & np.isfinite(mag_auto)
     delta = np.where(apply, 2.5 * np.log10(np.where(apply, fraction, 1.0) / f_ref), 0.0)
     column = out[f"mag_auto_{b}"]
     mask = ~np.isfinite(mag_auto)

@@ -629,9 +629,19 @@ def test_kron_loss_correction_brightens_sources_with_small_ellipses():
     expected = 21.5 + 2.5 * np.log10(fractions[1] / fractions[0])
     assert out["mag_auto_v"][n] == pytest.approx(expected, abs=1e-6) and expected < 21.5 - 0.01
     assert out["mag_auto_v"][n + 1] == pytest.approx(21.5)
-    untouched, _ = kron_loss_correction(table, "V", 1.9, 0.4, PostprocessSettings(),
+    untouched, _ = kron_loss_correction(table, "V", 1.9, 0.4,
+                                        PostprocessSettings(kron_loss_compact=False),
                                         targets=np.zeros(n + 2, dtype=bool))
     assert np.array_equal(np.asarray(untouched["mag_auto_v"]), np.asarray(table["mag_auto_v"]))
+    # not a target (CLASS_STAR too low), but its ellipse shrank: corrected as a point source;
+    # one with a larger ellipse than the stars' (a galaxy) is not
+    wide = table.copy()
+    wide["a_image_v"][n + 1] = wide["b_image_v"][n + 1] = 4.0
+    compact, info = kron_loss_correction(wide, "V", 1.9, 0.4, PostprocessSettings(),
+                                         targets=np.zeros(n + 2, dtype=bool))
+    assert info["corrected"] == 1
+    assert compact["mag_auto_v"][n] == pytest.approx(expected, abs=1e-6)
+    assert compact["mag_auto_v"][n + 1] == pytest.approx(21.5)
     # a measured PSF index replaces the configured one: broader wings (beta 2) lose more
     broad, info = kron_loss_correction(table, "V", 1.9, 0.4, PostprocessSettings(),
                                        targets=targets, psf_beta=2.0)
