@@ -61,8 +61,9 @@ SExtractor:
   exposures of different seeing a faint point source keeps a different share of its flux in a
   given aperture than a bright one (:mod:`ks4release.reduction.median_stack`). The Kron and
   aperture fluxes and errors of detections with CLASS_STAR >= ``stack_flux_class_star_min``
-  are divided by the factor that module predicts for the exposures covering the object (the
-  co-add's exposure list: their PSF half-light radii and sky noise, the header's PSFBETA), the
+  are divided by the factor that module predicts for the exposures whose CCD outlines hold the
+  object (the co-add's exposure list: their PSF half-light radii and sky noise, the header's
+  PSFBETA; a pixel an exposure's mask left out of the median does not count), the
   object's flux over the RMS map at its centre and the aperture's radius (the Kron ellipse as
   the circle of its area), so that faint and bright stars share the zero-point maps'
   calibration. Without those inputs nothing is divided.
@@ -956,15 +957,19 @@ def _pattern_fwhm(widths: np.ndarray, patterns: np.ndarray) -> np.ndarray:
     return np.array([median_psf_fwhm(widths[row]) if row.any() else 0.0 for row in patterns])
 
 
-def _stack_flux_factors(band: _Band, det: _Detection, covered: np.ndarray, radii: list[float],
-                        flux: np.ndarray) -> np.ndarray:
+def _stack_flux_factors(band: _Band, det: _Detection, radii: list[float], flux: np.ndarray
+                        ) -> np.ndarray:
     """:func:`~ks4release.reduction.median_stack.point_source_factors` of the Kron ellipse (as
     the circle of its area) and the circles of ``radii``: (n, 1 + len(radii)). ``flux`` is each
     object's total flux, 0 for those not to correct; x is it over the co-add's noise at the
-    object's centre. All 1 when the exposure list lacks PSF sizes or sky noise, or the co-add
-    header a Moffat PSFBETA."""
+    object's centre. The exposures of an object are those whose CCD outlines hold it: a pixel
+    where one exposure's masked data left the median (a cosmic ray) changes one pixel of an
+    aperture, not its median's PSF, and leaving such pixels out keeps the sets to tabulate few.
+    All 1 when the exposure list lacks PSF sizes or sky noise, or the co-add header a Moffat
+    PSFBETA."""
     n = det.x.size
     widths, sigma = exposure_psf_widths(band.exposures), exposure_sky_sigmas(band.exposures)
+    covered = coverage(band.exposures, band.wcs, det.x, det.y)
     if widths is None or sigma is None or not band.psf_beta > 1.0 \
             or covered.shape[1] != widths.size:
         if band.exposures:
@@ -1060,7 +1065,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
         cols[f"class_star_{b}"] = _class_star(iso, peak, threshold, seeing, band, network)
     if settings.stack_flux_correction:
         point = cols[f"class_star_{b}"] >= settings.stack_flux_class_star_min
-        factors = _stack_flux_factors(band, det, covered, radii, np.where(point, auto, 0.0))
+        factors = _stack_flux_factors(band, det, radii, np.where(point, auto, 0.0))
         for k, name in enumerate(["auto"] + [f"aper{d:g}" for d in APERTURE_DIAMETERS_ARCSEC]):
             cols[f"flux_{name}_{b}"] = cols[f"flux_{name}_{b}"] / factors[:, k]
             cols[f"fluxerr_{name}_{b}"] = cols[f"fluxerr_{name}_{b}"] / factors[:, k]

@@ -913,6 +913,25 @@ def test_median_stack_correction_needs_the_sky_noise_of_every_exposure(network, 
     assert "tile 9999.999-60 band I: no median-stack flux factors" in caplog.text
 
 
+def test_median_stack_factors_ignore_an_exposures_single_excluded_pixels(network):
+    """One exposure's masked data left the median at a faint star's centre pixel (a cosmic
+    ray): CLASS_STAR's seeing map drops that exposure there, the flux factors do not (one pixel
+    of the aperture, not its PSF), so the star's fluxes equal those without the exclusion."""
+    shape = (336, 336)
+    image, stars = _median_stack(shape, 56, (2500.0, 25_000.0))
+    header, exposures = _stack_header_and_exposures(shape)
+    x, y = (int(v) for v in stars[0, :2])
+    settings = PhotometrySettings(back_size_px=128, stack_flux_class_star_min=0.0)
+    tables = [measure_single(image, np.zeros(shape, np.uint8), header, "I", settings, network,
+                             ndith=np.full(shape, 5, np.int16), exposures=exposures,
+                             excluded=excluded)
+              for excluded in (None, {"e0": np.array([y * shape[1] + x])})]
+    row = _nearest(tables[0], x, y)
+    assert row == _nearest(tables[1], x, y)
+    for name in ("flux_auto_i", "flux_aper3_i", "flux_aper5_i", "flux_aper10_i"):
+        assert tables[1][name][row] == tables[0][name][row]
+
+
 def test_median_stack_correction_brings_faint_stars_to_the_bright_ones(network):
     """A median of five exposures of 1.3-2.6" seeing: 181 stars of 5" aperture S/N ~40 between
     180 of 10 times their flux. Without the correction the faint stars' 3", 5" and 10"
