@@ -548,7 +548,8 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
                 "corrected (median %+.4f mag)", b, f_ref, int(reference.sum()),
                 int(apply.sum()), float(np.median(delta[apply])) if apply.any() else 0.0)
     return out, {"applied": True, "psf_beta": beta, "reference_fraction": f_ref,
-                 "reference_stars": int(reference.sum()), "corrected": int(apply.sum())}
+                 "reference_stars": int(reference.sum()), "corrected": int(apply.sum()),
+                 "corrected_compact": int((apply & ~targets).sum())}
 
 
 def point_source_targets(table: Table, band: str, settings: PostprocessSettings,
