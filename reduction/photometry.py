@@ -740,14 +740,21 @@ def _aperture_sums(band: _Band, det: _Detection, radii: list[float]
 
 
 def _crowded(band: _Band, det: _Detection, settings: PhotometrySettings) -> np.ndarray:
-    """FLAGS bit 1: fraction of the Kron ellipse in other objects or masked pixels."""
-    segmented = (det.segmap > 0).astype(np.float32)
+    """FLAGS bit 1: fraction of the Kron ellipse in other objects or masked pixels.
+
+    One full-size float32 map serves the three sums in turn (segmented pixels, then plus the
+    masked ones, then all ones), so the stage's peak memory does not grow by three of them."""
     args = (det.x, det.y, det.a, det.b, det.theta, det.kron)
-    area, _, _ = sep.sum_ellipse(np.ones(band.shape, dtype=np.float32), *args, subpix=1)
-    # Pixels of any object or masked, minus the object's own (seg_id < 0 keeps only those).
-    total, _, _ = sep.sum_ellipse(segmented + band.masked.astype(np.float32), *args, subpix=1)
-    own, _, _ = sep.sum_ellipse(segmented, *args, subpix=1, segmap=det.segmap,
+    counted = (det.segmap > 0).astype(np.float32)
+    # The object's own pixels (seg_id < 0 keeps only those) ...
+    own, _, _ = sep.sum_ellipse(counted, *args, subpix=1, segmap=det.segmap,
                                 seg_id=-det.seg_id)
+    # ... out of those of any object or masked (a masked object pixel counts twice) ...
+    np.add(counted, band.masked, out=counted)
+    total, _, _ = sep.sum_ellipse(counted, *args, subpix=1)
+    # ... against the ellipse's area on the image.
+    counted.fill(1.0)
+    area, _, _ = sep.sum_ellipse(counted, *args, subpix=1)
     return total - own > settings.crowding_fraction * np.maximum(area, 1.0)
 
 
