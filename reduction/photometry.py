@@ -1044,6 +1044,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
     cols: dict[str, np.ndarray] = {}
     radii = _aperture_radii_px(APERTURE_DIAMETERS_ARCSEC, band.pixel_scale_arcsec)
     fluxes, errors, aper_flags = _aperture_sums(band, det, radii)
+    crowded = _crowded(band, det, settings)  # before the full-size maps below: a lower peak
     auto, auto_err = fluxes[0], errors[0]
     cols[f"flux_auto_{b}"], cols[f"fluxerr_auto_{b}"] = auto, auto_err
     for diameter, flux, err in zip(APERTURE_DIAMETERS_ARCSEC, fluxes[1:], errors[1:]):
@@ -1057,7 +1058,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
     peak = flux_max if restored is band.image else \
         footprint_max(det.segmap, restored, n, bitwise=False).astype(np.float64)
     grown = _grown(band, det)
-    flags = _flags(band, det, grown, aper_flags, _crowded(band, det, settings), settings)
+    flags = _flags(band, det, grown, aper_flags, crowded, settings)
     covered = coverage(band.exposures, band.wcs, det.x, det.y, excluded=band.excluded,
                        shape=band.shape)
     seeing = local_seeing(fwhm, cols[f"snr_{b}"], flags, covered, _at(band.depth, det),
