@@ -884,24 +884,29 @@ def coverage(exposures: dict, wcs: WCS, x: np.ndarray, y: np.ndarray, *,
     return np.column_stack(columns) if columns else np.zeros((len(points), 0), dtype=bool)
 
 
+def _exposure_values(exposures: dict, key: str) -> np.ndarray | None:
+    """``key`` of each usable exposure of a co-add's exposure list, in the order of
+    :func:`coverage`'s columns; None when the list has no usable exposure or one lacks a
+    positive value."""
+    values = [e.get(key) for e in exposures.get("exposures", []) if e.get("ok")]
+    if not values or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
 def exposure_sky_sigmas(exposures: dict) -> np.ndarray | None:
     """Each usable exposure's per-pixel sky noise (``sky_sigma``, scaled counts) in the order
     of :func:`coverage`'s columns; None when the list has no usable exposure or one lacks a
     positive value."""
-    values = [e.get("sky_sigma") for e in exposures.get("exposures", []) if e.get("ok")]
-    if not values or not all(isinstance(v, (int, float)) and v > 0 for v in values):
-        return None
-    return np.asarray(values, dtype=np.float64)
+    return _exposure_values(exposures, "sky_sigma")
 
 
 def exposure_psf_widths(exposures: dict) -> np.ndarray | None:
     """Each usable exposure's PSF as the FWHM of a Gaussian of the same half-light radius
     (``2 * psf_r50_arcsec``), in the order of :func:`coverage`'s columns; None when the list
     has no usable exposure or one lacks a positive ``psf_r50_arcsec``."""
-    values = [e.get("psf_r50_arcsec") for e in exposures.get("exposures", []) if e.get("ok")]
-    if not values or not all(isinstance(v, (int, float)) and v > 0 for v in values):
-        return None
-    return 2.0 * np.asarray(values, dtype=np.float64)
+    r50 = _exposure_values(exposures, "psf_r50_arcsec")
+    return None if r50 is None else 2.0 * r50
 
 
 def local_seeing(fwhm: np.ndarray, snr: np.ndarray, flags: np.ndarray, covered: np.ndarray,
@@ -975,17 +980,18 @@ def _stack_flux_factors(band: _Band, det: _Detection, radii: list[float], flux: 
     All 1 when the exposure list lacks PSF sizes or sky noise, or the co-add header a Moffat
     PSFBETA."""
     n = det.x.size
-    widths, sigma = exposure_psf_widths(band.exposures), exposure_sky_sigmas(band.exposures)
+    r50 = _exposure_values(band.exposures, "psf_r50_arcsec")
+    sigma = exposure_sky_sigmas(band.exposures)
     covered = coverage(band.exposures, band.wcs, det.x, det.y)
-    if widths is None or sigma is None or not band.psf_beta > 1.0 \
-            or covered.shape[1] != widths.size:
+    if r50 is None or sigma is None or not band.psf_beta > 1.0 \
+            or covered.shape[1] != r50.size:
         if band.exposures:
             logger.warning("tile %s band %s: no median-stack flux factors: the co-add's "
                            "exposure list lacks psf_r50_arcsec or sky_sigma for an exposure "
                            "(co-adds made before the lists carried sky_sigma) or its header "
                            "a Moffat PSFBETA", band.tile, band.name)
         return np.ones((n, 1 + len(radii)))
-    r50_px = widths / 2.0 / band.pixel_scale_arcsec  # widths are 2 r50 (arcsec)
+    r50_px = r50 / band.pixel_scale_arcsec
     noise = _at_centre(band.rms, det).astype(np.float64)
     x = np.where(noise > 0, np.maximum(flux, 0.0) / np.where(noise > 0, noise, 1.0), 0.0)
     apertures = np.column_stack([det.kron * np.sqrt(det.a * det.b)]
