@@ -95,6 +95,12 @@ SExtractor:
   over the typical one (:func:`local_seeing`). Without an exposure list or PSF sizes
   (``measure_*`` called without ``exposures``), SEEING everywhere.
 
+* **Large co-adds** (:func:`run_photometry`): a co-add with a side longer than
+  ``block_size_px`` is read memory-mapped and measured in overlapping blocks
+  (:mod:`ks4release.reduction.photometry_blocks`), each as a whole co-add but with the whole
+  co-add's RMS factors per NDITH (:func:`blockwise_noise_factors`), each detection kept by the
+  block whose core holds it.
+
 ``flags_{b}`` (:data:`FLAG_BITS`, SExtractor meanings):
 1 more than ``crowding_fraction`` of the Kron ellipse's pixels belong to other objects or are
 masked; 2 deblended from a blend; 4 saturated: a pixel within ``saturation_core_px`` of the
@@ -119,8 +125,10 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import sep
@@ -142,6 +150,13 @@ from ks4release.layout import coadd_excluded_path, coadd_exposures_path, coadd_p
 from ks4release.reduction.coadd import fill_masked_pixels, read_excluded
 from ks4release.reduction.coadd_maps import exposure_footprints
 from ks4release.reduction.median_stack import point_source_factors
+from ks4release.reduction.photometry_blocks import (
+    Block,
+    crop_excluded,
+    crop_header,
+    measure_in_blocks,
+    plan_blocks,
+)
 from ks4release.reduction.sep_objects import (
     CONV_KERNEL,
     WingFit,
@@ -160,6 +175,7 @@ __all__ = [
     "COLUMNS",
     "FLAG_BITS",
     "PhotometrySettings",
+    "blockwise_noise_factors",
     "clean_beta",
     "coverage",
     "exposure_psf_widths",
@@ -296,20 +312,20 @@ def _quiet_wcs(header: fits.Header) -> WCS:
         return WCS(header).celestial
 
 
-def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str,
-             settings: PhotometrySettings, ndith: np.ndarray | None,
-             exposures: dict | None = None,
-             excluded: dict[str, np.ndarray] | None = None) -> _Band:
-    """Background, RMS and MASK_TYPE CORRECT-like interpolation of one co-add."""
-    data = np.asarray(image, dtype=np.float32)
-    bits = np.asarray(mask).astype(np.uint8)
-    if bits.shape != data.shape or (ndith is not None and np.shape(ndith) != data.shape):
-        raise ValueError(f"band {band}: mask {bits.shape} or NDITH "
-                         f"{None if ndith is None else np.shape(ndith)} differs from the image "
-                         f"shape {data.shape}")
-    if "SEEING" not in header or not float(header["SEEING"]) > 0:
-        raise ValueError(f"band {band}: co-add header has no positive SEEING (arcsec), "
-                         "needed for CLASS_STAR")
+@dataclass(frozen=True, eq=False)
+class _Sky:
+    """One co-add's background-subtracted pixels and noise, before any interpolation."""
+
+    sub: np.ndarray          # image - background, 0 where missing (float32)
+    rms: np.ndarray          # the mesh's RMS map (float32), not yet scaled per NDITH
+    missing: np.ndarray      # no data, or a bad_bits bit (bool)
+    no_data: np.ndarray      # NDITH 0 or not finite (bool)
+    globalback: float        # the mesh's global background level
+
+
+def _sky(data: np.ndarray, bits: np.ndarray, ndith: np.ndarray | None,
+         settings: PhotometrySettings) -> _Sky:
+    """Background mesh of one co-add (``sky_background``), subtracted."""
     no_data = ~np.isfinite(data)
     if ndith is not None:
         no_data |= np.asarray(ndith) <= 0
@@ -321,30 +337,62 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
                                 grow_px=settings.background_grow_px)
     sub = clean - background.back()
     sub[missing] = 0.0
-    filled, masked = fill_masked_pixels(sub, missing, settings.interp_max_gap_px)
-    rms = background.rms()
+    return _Sky(sub=sub, rms=background.rms(), missing=missing, no_data=no_data,
+                globalback=float(background.globalback))
+
+
+def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str,
+             settings: PhotometrySettings, ndith: np.ndarray | None,
+             exposures: dict | None = None,
+             excluded: dict[str, np.ndarray] | None = None,
+             noise_factors: np.ndarray | None = None) -> _Band:
+    """Background, RMS and MASK_TYPE CORRECT-like interpolation of one co-add.
+    ``noise_factors`` (index NDITH) replaces the factors measured on this image
+    (:func:`coverage_noise_factors`): a block's are the whole co-add's."""
+    data = np.asarray(image, dtype=np.float32)
+    bits = np.asarray(mask).astype(np.uint8)
+    if bits.shape != data.shape or (ndith is not None and np.shape(ndith) != data.shape):
+        raise ValueError(f"band {band}: mask {bits.shape} or NDITH "
+                         f"{None if ndith is None else np.shape(ndith)} differs from the image "
+                         f"shape {data.shape}")
+    if "SEEING" not in header or not float(header["SEEING"]) > 0:
+        raise ValueError(f"band {band}: co-add header has no positive SEEING (arcsec), "
+                         "needed for CLASS_STAR")
+    sky = _sky(data, bits, ndith, settings)
+    filled, masked = fill_masked_pixels(sky.sub, sky.missing, settings.interp_max_gap_px)
+    rms = sky.rms
     if ndith is not None and settings.coverage_rms:
-        rms *= coverage_noise_factors(sub, rms, np.asarray(ndith), ~missing)[
-            np.clip(np.asarray(ndith), 0, None)]
+        depth = np.clip(np.asarray(ndith), 0, None)
+        if noise_factors is None:
+            noise_factors = coverage_noise_factors(sky.sub, rms, np.asarray(ndith), ~sky.missing)
+        rms *= noise_factors[depth]
     wcs = _quiet_wcs(header)
     scale = float(np.mean(proj_plane_pixel_scales(wcs)) * 3600.0)  # deg -> arcsec
-    saturate = float(header["SATURATE"]) - float(background.globalback) \
-        if "SATURATE" in header else math.inf
+    saturate = float(header["SATURATE"]) - sky.globalback if "SATURATE" in header else math.inf
     gain = float(header.get("GAIN", settings.gain_e_per_adu))
     return _Band(name=band, image=np.ascontiguousarray(filled, dtype=np.float32),
                  rms=np.ascontiguousarray(rms, dtype=np.float32), masked=masked,
-                 touched=missing, no_data=no_data, bits=bits,
+                 touched=sky.missing, no_data=sky.no_data, bits=bits,
                  exposures=exposures or {}, excluded=excluded or {},
-                 depth=np.where(no_data, 0, -1 if ndith is None else np.asarray(ndith)),
+                 depth=np.where(sky.no_data, 0, -1 if ndith is None else np.asarray(ndith)),
                  saturate=saturate, gain=gain,
                  seeing_arcsec=float(header["SEEING"]), psf_beta=psf_beta(header),
                  pixel_scale_arcsec=scale, wcs=wcs,
                  tile=str(header.get("TILE", "")), shape=data.shape)
 
 
+#: Fewest sampled pixels of one NDITH value for its noise factor.
+_NOISE_MIN_PIXELS = 2000
+#: Every this-many-th pixel of every this-many-th row is sampled for the noise factors.
+_NOISE_STEP = 2
+#: Most pixels sampled for the noise factors of a co-add measured in blocks (a sparser lattice
+#: beyond 8192^2 px: 2^24 samples hold 100 MB and fix a MAD to 0.03%).
+_NOISE_MAX_SAMPLES = 2**24
+
+
 def coverage_noise_factors(residual: np.ndarray, rms: np.ndarray, ndith: np.ndarray,
-                           usable: np.ndarray, *, min_pixels: int = 2000, step: int = 2
-                           ) -> np.ndarray:
+                           usable: np.ndarray, *, min_pixels: int = _NOISE_MIN_PIXELS,
+                           step: int = _NOISE_STEP) -> np.ndarray:
     """Factors on the mesh RMS map per number of contributing exposures (index = NDITH).
 
     The mesh follows the noise over ``back_size_px``, but a co-add's noise steps at every edge
@@ -361,17 +409,59 @@ def coverage_noise_factors(residual: np.ndarray, rms: np.ndarray, ndith: np.ndar
     gave factors 2-3% lower and 8-31% more detections matching no true source, while the true
     sources of S/N >= 10 found changed by -1 to +2 per band, so the plain MAD stays.
     """
+    z, n = _noise_samples(residual, rms, ndith, usable, step)
+    return _noise_factors(z, n, int(np.max(ndith, initial=0)), min_pixels)
+
+
+def _noise_samples(residual: np.ndarray, rms: np.ndarray, ndith: np.ndarray,
+                   usable: np.ndarray, step: int = _NOISE_STEP
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``residual / rms`` and NDITH of the usable pixels with data on a ``step`` lattice."""
     sub = (slice(None, None, step), slice(None, None, step))
     n_sub = np.asarray(ndith[sub])
     keep = np.asarray(usable[sub]) & (n_sub > 0) & (np.asarray(rms[sub]) > 0)
     z = np.asarray(residual[sub])[keep] / np.asarray(rms[sub])[keep]
-    n_sub = n_sub[keep].astype(np.int64)
-    factors = np.ones(max(int(np.max(ndith, initial=0)), 0) + 1, dtype=np.float32)
-    for n in np.unique(n_sub):
-        values = z[n_sub == n]
+    return z.astype(np.float32), n_sub[keep].astype(np.uint16)
+
+
+def _noise_factors(z: np.ndarray, n: np.ndarray, max_ndith: int,
+                   min_pixels: int = _NOISE_MIN_PIXELS) -> np.ndarray:
+    """Per NDITH value (0..``max_ndith``), the mad_std of the samples ``z`` of that value
+    (:func:`_noise_samples`) when there are at least ``min_pixels``, else 1."""
+    factors = np.ones(max(max_ndith, 0) + 1, dtype=np.float32)
+    for value in np.unique(n):
+        values = z[n == value]
         if values.size >= min_pixels:
-            factors[n] = mad_std(values)
+            factors[value] = mad_std(values)
     return factors
+
+
+def blockwise_noise_factors(crop: Callable[[Block], tuple[np.ndarray, np.ndarray, np.ndarray]],
+                            blocks: list[Block], shape: tuple[int, int],
+                            settings: PhotometrySettings) -> np.ndarray:
+    """:func:`coverage_noise_factors` of a whole co-add of numpy ``shape`` measured block by
+    block: each block's background as its measurement will have it, sampled over its core only
+    on the lattice of the whole co-add (every second pixel of every second row, sparser when
+    that would exceed :data:`_NOISE_MAX_SAMPLES` pixels), the factors from all samples at once.
+    ``crop(block)`` gives the block's image, mask bits and NDITH."""
+    step = _NOISE_STEP
+    while (shape[0] // step) * (shape[1] // step) > _NOISE_MAX_SAMPLES:
+        step += 1
+    zs, ns, top = [], [], 0
+    for block in blocks:
+        image, bits, ndith = crop(block)
+        sky = _sky(np.asarray(image, dtype=np.float32), np.asarray(bits).astype(np.uint8),
+                   ndith, settings)
+        rows, cols = block.core_slices
+        # the first core row and column on the co-add's lattice
+        core = (slice(rows.start + (-block.core[0]) % step, rows.stop),
+                slice(cols.start + (-block.core[2]) % step, cols.stop))
+        z, n = _noise_samples(sky.sub[core], sky.rms[core], np.asarray(ndith)[core],
+                              ~sky.missing[core], step)
+        zs.append(z)
+        ns.append(n)
+        top = max(top, int(np.max(ndith, initial=0)))
+    return _noise_factors(np.concatenate(zs), np.concatenate(ns), top)
 
 
 def psf_beta(header: fits.Header) -> float:
@@ -1160,7 +1250,8 @@ def _empty_table(bands: list[str], meta: dict) -> Table:
 def measure_single(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str,
                    settings: PhotometrySettings, network: Network, *,
                    ndith: np.ndarray | None = None, exposures: dict | None = None,
-                   excluded: dict[str, np.ndarray] | None = None) -> Table:
+                   excluded: dict[str, np.ndarray] | None = None,
+                   noise_factors: np.ndarray | None = None) -> Table:
     """Detect and measure one co-add alone (DR1's single mode).
 
     Parameters
@@ -1186,13 +1277,18 @@ def measure_single(image: np.ndarray, mask: np.ndarray, header: fits.Header, ban
     excluded : dict, optional
         Exposure stem -> flat pixels where its masked data stayed out of the median
         (``coadd.read_excluded``), so that the seeing map takes the exposures that entered it.
+    noise_factors : numpy.ndarray, optional
+        The RMS map's factors per NDITH (index NDITH) to use instead of measuring them on
+        ``image`` (:func:`coverage_noise_factors`): a block of a co-add takes the whole
+        co-add's (:func:`blockwise_noise_factors`).
 
     Returns
     -------
     astropy.table.Table
         The measurement table (module docstring), one row per detection.
     """
-    prepared = _prepare(image, mask, header, band.upper(), settings, ndith, exposures, excluded)
+    prepared = _prepare(image, mask, header, band.upper(), settings, ndith, exposures, excluded,
+                        noise_factors)
     return _measure(prepared, [prepared.name], _no_other_band, settings, network, "single")
 
 
@@ -1219,7 +1315,8 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
                  settings: PhotometrySettings, network: Network, detection_band: str = "I", *,
                  ndith: dict[str, np.ndarray] | None = None,
                  exposures: dict[str, dict] | None = None,
-                 excluded: dict[str, dict[str, np.ndarray]] | None = None) -> Table:
+                 excluded: dict[str, dict[str, np.ndarray]] | None = None,
+                 noise_factors: dict[str, np.ndarray] | None = None) -> Table:
     """Detect on ``detection_band`` and measure every band at the same objects (dual mode).
 
     Parameters
@@ -1237,6 +1334,8 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
         Band letter -> the co-add's exposure list (see :func:`measure_single`).
     excluded : dict, optional
         Band letter -> the co-add's excluded pixels per exposure (see :func:`measure_single`).
+    noise_factors : dict, optional
+        Band letter -> the RMS map's factors per NDITH (see :func:`measure_single`).
 
     Raises
     ------
@@ -1247,6 +1346,7 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
     ndith = ndith or {}
     exposures = {band.upper(): value for band, value in (exposures or {}).items()}
     excluded = {band.upper(): value for band, value in (excluded or {}).items()}
+    noise_factors = {band.upper(): value for band, value in (noise_factors or {}).items()}
     upper = {band.upper(): value for band, value in images.items()}
     if detection_band.upper() not in upper:
         raise ValueError(f"detection band {detection_band} not among the co-adds "
@@ -1256,7 +1356,7 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
 
     def prepare(band: str) -> _Band:
         return _prepare(*upper[band], band, settings, ndith.get(band, ndith.get(band.lower())),
-                        exposures.get(band), excluded.get(band))
+                        exposures.get(band), excluded.get(band), noise_factors.get(band))
 
     return _measure(prepare(detection_band.upper()), order, prepare, settings, network, "dual")
 
@@ -1265,33 +1365,92 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
 # The task
 
 
-def _read_coadd(release_dir: Path, tile: str, band: str
-                ) -> tuple[np.ndarray, np.ndarray, fits.Header, np.ndarray, dict, dict]:
-    """Co-add, mask, header, NDITH (native byte order), exposure list and excluded pixels
-    (``coadd.read_excluded``) of one tile and band."""
-    arrays = []
-    header = None
-    for kind in ("coadd", "mask", "ndith"):
-        path = coadd_path(release_dir, tile, band, kind)
+class _Coadd:
+    """The products of one co-add (image, mask, NDITH, exposure list, excluded pixels), the
+    images memory-mapped so that a block reads only its own pixels. A context manager: the
+    files close on exit."""
+
+    def __init__(self, release_dir: Path, tile: str, band: str) -> None:
+        self.tile, self.band = tile, band
+        self._files: list[fits.HDUList] = []
+        self.arrays: dict[str, np.ndarray] = {}
         try:
-            with fits.open(path) as hdul:
-                data = np.asarray(hdul[0].data)
+            self._open(release_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, release_dir: Path) -> None:
+        """Map the three images and read the exposure list and the excluded pixels."""
+        tile, band = self.tile, self.band
+        for kind in ("coadd", "mask", "ndith"):
+            path = coadd_path(release_dir, tile, band, kind)
+            try:
+                hdul = fits.open(path, memmap=True)
+                self._files.append(hdul)
+                data = hdul[0].data
                 if kind == "coadd":
-                    header = hdul[0].header.copy()
-        except (OSError, IndexError) as exc:
-            raise InputError(path, f"cannot read the {kind} of tile {tile} band {band}: "
+                    self.header = hdul[0].header.copy()
+            except (OSError, IndexError) as exc:
+                raise InputError(path, f"cannot read the {kind} of tile {tile} band {band}: "
+                                       f"{exc}") from None
+            if data is None or data.ndim != 2:
+                raise InputError(path, "expected a 2-d image, got shape "
+                                       f"{None if data is None else data.shape}")
+            self.arrays[kind] = data
+        self.shape = self.arrays["coadd"].shape
+        path = coadd_exposures_path(release_dir, tile, band)
+        try:
+            self.exposures = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(path, f"cannot read the exposure list of tile {tile} band {band}: "
                                    f"{exc}") from None
-        if data.ndim != 2:
-            raise InputError(path, f"expected a 2-d image, got shape {data.shape}")
-        arrays.append(data.astype(data.dtype.newbyteorder("=")))
-    path = coadd_exposures_path(release_dir, tile, band)
-    try:
-        exposures = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read the exposure list of tile {tile} band {band}: "
-                               f"{exc}") from None
-    excluded = read_excluded(coadd_excluded_path(release_dir, tile, band), arrays[0].shape)
-    return arrays[0].astype(np.float32), arrays[1], header, arrays[2], exposures, excluded
+        self.excluded = read_excluded(coadd_excluded_path(release_dir, tile, band), self.shape)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the memory-mapped files."""
+        for hdul in self._files:
+            hdul.close()
+        self._files = []
+
+    def crop(self, block: Block) -> tuple[np.ndarray, np.ndarray, fits.Header, np.ndarray,
+                                           dict[str, np.ndarray]]:
+        """Image (float32), mask, header, NDITH (native byte order) and excluded pixels of
+        ``block``, read from the files."""
+        rows, cols = block.slices
+        image, mask, ndith = (np.array(self.arrays[k][rows, cols])
+                              for k in ("coadd", "mask", "ndith"))
+        image, mask, ndith = (a.astype(a.dtype.newbyteorder("="), copy=False)
+                              for a in (image, mask, ndith))
+        return (image.astype(np.float32, copy=False), mask, crop_header(self.header, block),
+                ndith, crop_excluded(self.excluded, self.shape, block))
+
+
+    def noise_factors(self, blocks: list[Block], settings: PhotometrySettings
+                      ) -> np.ndarray | None:
+        """The whole co-add's RMS factors per NDITH when it is measured in several blocks
+        (:func:`blockwise_noise_factors`); None for one block (measured with the image) or
+        without ``coverage_rms``."""
+        if len(blocks) == 1 or not settings.coverage_rms:
+            return None
+
+        def pixels(block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            image, mask, _, ndith, _ = self.crop(block)
+            return image, mask, ndith
+
+        return blockwise_noise_factors(pixels, blocks, self.shape, settings)
+
+
+def _blocks(shape: tuple[int, int], settings: PhotometrySettings) -> list[Block]:
+    """The blocks a co-add of ``shape`` is measured in (one when it is small enough)."""
+    return plan_blocks(shape, settings.block_size_px, settings.block_margin_px,
+                       settings.back_size_px)
 
 
 def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str, ...],
@@ -1302,7 +1461,9 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
     Mode ``dual``: detect on ``detection_band`` and measure every band of ``bands`` whose co-add
     exists (a band without a co-add gets no columns); writes
     ``measured_path(release_dir, tile, "dual")``. Mode ``single``: each band of ``bands`` alone;
-    writes ``measured_path(release_dir, tile, "single", band)`` per band.
+    writes ``measured_path(release_dir, tile, "single", band)`` per band. A co-add with a side
+    longer than ``settings.block_size_px`` is measured in blocks
+    (:mod:`ks4release.reduction.photometry_blocks`).
 
     Reads ``coadd_path(release_dir, tile, band, kind)`` for kind coadd, mask and ndith,
     ``coadd_exposures_path(release_dir, tile, band)``, ``coadd_excluded_path(release_dir, tile,
@@ -1324,14 +1485,22 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
     bands = tuple(b.upper() for b in bands)
     if mode == "single":
         for band in bands:
-            image, mask, header, ndith, exposures, excluded = _read_coadd(release_dir, tile,
-                                                                          band)
-            try:
-                table = measure_single(image, mask, header, band, settings, network,
-                                       ndith=ndith, exposures=exposures, excluded=excluded)
-            except ValueError as exc:  # a co-add that breaks what the measurement needs
-                raise StageError(str(exc), stage="photometry", tile=tile, band=band,
-                                 path=coadd_path(release_dir, tile, band, "coadd")) from exc
+            with _Coadd(release_dir, tile, band) as coadd:
+                blocks = _blocks(coadd.shape, settings)
+                factors = coadd.noise_factors(blocks, settings)
+
+                def measure(block: Block, coadd: _Coadd = coadd, band: str = band,
+                            factors: np.ndarray | None = factors) -> Table:
+                    image, mask, header, ndith, excluded = coadd.crop(block)
+                    return measure_single(image, mask, header, band, settings, network,
+                                          ndith=ndith, exposures=coadd.exposures,
+                                          excluded=excluded, noise_factors=factors)
+                try:
+                    table = measure_in_blocks(measure, blocks, coadd.shape,
+                                              label=f"tile {tile} band {band}")
+                except ValueError as exc:  # a co-add that breaks what the measurement needs
+                    raise StageError(str(exc), stage="photometry", tile=tile, band=band,
+                                     path=coadd_path(release_dir, tile, band, "coadd")) from exc
             _write(table, tile, measured_path(release_dir, tile, "single", band))
         return
     present = [b for b in bands if coadd_path(release_dir, tile, b, "coadd").exists()]
@@ -1341,14 +1510,33 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
                          "co-add")
     for band in sorted(set(bands) - set(present)):
         logger.info("tile %s: no %s co-add; its columns are left out", tile, band)
-    read = {band: _read_coadd(release_dir, tile, band) for band in present}
-    try:
-        table = measure_dual({b: r[:3] for b, r in read.items()}, settings, network,
-                             detection_band, ndith={b: r[3] for b, r in read.items()},
-                             exposures={b: r[4] for b, r in read.items()},
-                             excluded={b: r[5] for b, r in read.items()})
-    except ValueError as exc:  # co-adds on different grids, or a header without SEEING
-        raise StageError(str(exc), stage="photometry", tile=tile) from exc
+    with ExitStack() as stack:
+        coadds = {band: stack.enter_context(_Coadd(release_dir, tile, band))
+                  for band in present}
+
+        shape = coadds[detection_band.upper()].shape
+        blocks = _blocks(shape, settings)
+        factors: dict[str, np.ndarray] = {}
+
+        def measure_block(block: Block) -> Table:
+            crops = {band: coadd.crop(block) for band, coadd in coadds.items()}
+            return measure_dual({b: c[:3] for b, c in crops.items()}, settings, network,
+                                detection_band, ndith={b: c[3] for b, c in crops.items()},
+                                exposures={b: coadds[b].exposures for b in crops},
+                                excluded={b: c[4] for b, c in crops.items()},
+                                noise_factors=factors)
+
+        try:
+            _check_grid({b: (c.arrays["coadd"], None, c.header) for b, c in coadds.items()},
+                        detection_band.upper())
+            for band, coadd in coadds.items():
+                measured = coadd.noise_factors(blocks, settings)
+                if measured is not None:
+                    factors[band] = measured
+            table = measure_in_blocks(measure_block, blocks, shape,
+                                      label=f"tile {tile} (dual)")
+        except ValueError as exc:  # co-adds on different grids, or a header without SEEING
+            raise StageError(str(exc), stage="photometry", tile=tile) from exc
     _write(table, tile, measured_path(release_dir, tile, "dual"))
 
 
