@@ -1,10 +1,11 @@
 """Benchmark of detection and photometry: our sep stage against SExtractor on the same co-add.
 
-Two images, each a co-add with its mask and NDITH map in a release folder:
+Three images, each a co-add with its mask and NDITH map in a release folder:
 
 * ``demo``: the demo release's I co-add of tile 0000.000-62 (1368 x 1368 px; ``--coadd``);
 * ``tiled``: a 4096 x 4096 co-add made by tiling the demo co-add, its mask and NDITH 3 x 3 and
-  cropping (real sources and noise, 9x the area; the WCS is the demo's, stretched).
+  cropping (real sources and noise, 9x the area; the WCS is the demo's, stretched);
+* ``large``: the same at 8192 x 8192.
 
 Cases, each in a fresh process (``harness.run_in_child``):
 
@@ -15,6 +16,12 @@ Cases, each in a fresh process (``harness.run_in_child``):
   (:meth:`SExtractorSettings.from_photometry`, NDITH = 0 as zero weight, the mask as FLAG_IMAGE,
   FITS_1.0 catalog); the binary's own time and peak memory come from GNU ``time`` (Linux
   carries a parent's peak into a forked child, so ``RUSAGE_CHILDREN`` cannot tell);
+* ``sep_blocks`` (``tiled`` only): the same task with ``block_size_px`` 2048, the co-add
+  measured in 2 x 2 blocks (:mod:`ks4release.reduction.photometry_blocks`), and its catalog
+  against the whole co-add's: the share of the whole co-add's detections found again within
+  0.5 px, and the MAG_AUTO and 5" changes of the clean (FLAGS 0) S/N > 20 ones;
+* ``large`` (8192 x 8192, the demo co-add tiled 6 x 6): ``sep_blocks`` with the default blocks
+  (2 x 2 of 4096 px) and SExtractor, to show the memory held to a block's as the co-add grows;
 * ``python_baseline``: the interpreter with the modules of the ``sep`` case imported and
   nothing run, the floor under the ``sep`` figure.
 
@@ -44,6 +51,8 @@ TILE, BAND = "0000.000-62", "I"
 DEMO = Path(__file__).resolve().parent.parent / "ks4-dr1-demo" / "images" / TILE / \
     f"{TILE}_{BAND}_coadd.fits"
 TILED_SIZE = 4096
+#: Side of the large co-add, measured in blocks only (a whole one would take ~3.5 GB).
+LARGE_SIZE = 8192
 
 
 def _sibling(coadd: Path, kind: str) -> Path:
@@ -140,6 +149,50 @@ def _sep_case(release: str) -> dict:
             "objects": rows}
 
 
+def _blocks_case(release: str, whole: str | None, block_size: int | None) -> dict:
+    """Our photometry task on the co-add in blocks of ``block_size`` pixels (None: the
+    default; the default margin), and, given the ``whole`` release the ``sep`` case measured,
+    its catalog against that."""
+    from astropy.table import Table
+
+    from ks4release.reduction.photometry import PhotometrySettings, measured_path, run_photometry
+    from ks4release.reduction.stellarity import DEFAULT_NNW
+
+    settings = PhotometrySettings() if block_size is None else \
+        PhotometrySettings(block_size_px=block_size)
+    t0 = time.perf_counter()
+    run_photometry(release_dir=Path(release), tile=TILE, mode="single", bands=(BAND,),
+                   settings=settings, nnw_path=DEFAULT_NNW)
+    task_s = time.perf_counter() - t0
+    ours = Table.read(measured_path(Path(release), TILE, "single", BAND))
+    report = {"task_s": round(task_s, 3), "objects": len(ours), "blocks": ours.meta["blocks"],
+              "block_size_px": settings.block_size_px, "block_margin_px": settings.block_margin_px}
+    if whole is not None:
+        report.update(_against_whole(ours, Table.read(measured_path(Path(whole), TILE,
+                                                                    "single", BAND))))
+    return report
+
+
+def _against_whole(ours, ref) -> dict:
+    """The share of the whole co-add's detections (``ref``) found again within 0.5 px, and the
+    MAG_AUTO and 5" changes of its clean (FLAGS 0) S/N > 20 ones."""
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    distance, match = cKDTree(np.c_[ours["x_image"], ours["y_image"]]).query(
+        np.c_[ref["x_image"], ref["y_image"]])
+    b = BAND.lower()
+    clean = (distance < 0.5) & (ref[f"flags_{b}"] == 0) & (ref[f"snr_{b}"] > 20)
+    dmag = {k: np.abs(2.5 * np.log10(np.asarray(ours[f"flux_{k}_{b}"])[match[clean]]
+                                     / np.asarray(ref[f"flux_{k}_{b}"])[clean]))
+            for k in ("auto", "aper5")}
+    return {"whole_objects_found_within_0.5px": round(float(np.mean(distance < 0.5)), 4),
+            "clean_snr20_matched": int(clean.sum()),
+            "clean_snr20_share_auto_within_0.001mag": round(float(np.mean(dmag["auto"] <= 1e-3)),
+                                                            4),
+            "clean_snr20_max_aper5_dmag": round(float(dmag["aper5"].max()), 5)}
+
+
 def _sextractor_case(release: str, folder: str) -> dict:
     """SExtractor on the same co-add, timed and measured by GNU time."""
     from astropy.io import fits
@@ -194,6 +247,17 @@ def _image_report(name: str, release: Path, work: Path, shape: tuple[int, int]) 
                 ours["peak_rss_mb"] / theirs["binary_peak_rss_mb"], 2)}
 
 
+def _large_report(work: Path) -> dict:
+    """The large co-add: our task with the default blocks, and SExtractor."""
+    ours = run_in_child(_blocks_case, str(work / "large"), None, None)
+    theirs = run_in_child(_sextractor_case, str(work / "large"), str(work / "sex_large"))
+    return {"shape": [LARGE_SIZE, LARGE_SIZE], "sep_blocks": ours, "sextractor": theirs,
+            "ratio_time_sep_blocks_over_sextractor": round(ours["task_s"] / theirs["binary_s"],
+                                                           2),
+            "ratio_peak_rss_sep_blocks_over_sextractor": round(
+                ours["peak_rss_mb"] / theirs["binary_peak_rss_mb"], 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -206,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"co-add not found: {args.coadd} (give --coadd)")
     from astropy.io import fits
 
+    from ks4release.layout import coadd_path
     from ks4release.reduction.sextractor import find_sextractor
 
     version = subprocess.run([str(find_sextractor()), "-v"], capture_output=True, text=True,
@@ -219,13 +284,26 @@ def main(argv: list[str] | None = None) -> int:
                                         fits.getdata(args.coadd).shape),
                   "tiled": _image_report("tiled", work / "tiled", work,
                                          (TILED_SIZE, TILED_SIZE))}
+        _link_release(coadd_path(work / "tiled", TILE, BAND, "coadd"), work / "tiled_blocks")
+        blocks = run_in_child(_blocks_case, str(work / "tiled_blocks"), str(work / "tiled"),
+                              TILED_SIZE // 2)
+        tiled = images["tiled"]
+        tiled["sep_blocks"] = blocks
+        tiled["ratio_time_blocks_over_whole"] = round(blocks["task_s"] / tiled["sep"]["task_s"],
+                                                      2)
+        tiled["ratio_peak_rss_blocks_over_sextractor"] = round(
+            blocks["peak_rss_mb"] / tiled["sextractor"]["binary_peak_rss_mb"], 2)
+        _tiled_release(args.coadd, work / "large", LARGE_SIZE)
+        images["large"] = _large_report(work)
     for report in images.values():
-        report["ratio_peak_rss_above_baseline_sep_over_sextractor"] = round(
-            (report["sep"]["peak_rss_mb"] - baseline["peak_rss_mb"])
-            / report["sextractor"]["binary_peak_rss_mb"], 2)
+        for case in ("sep", "sep_blocks"):
+            if case in report:
+                report[f"ratio_peak_rss_above_baseline_{case}_over_sextractor"] = round(
+                    (report[case]["peak_rss_mb"] - baseline["peak_rss_mb"])
+                    / report["sextractor"]["binary_peak_rss_mb"], 2)
     result = {"machine": {**machine(), "platform": platform.platform(), "sextractor": version},
               "inputs": {"coadd": str(args.coadd), "tile": TILE, "band": BAND,
-                         "tiled_size": TILED_SIZE},
+                         "tiled_size": TILED_SIZE, "large_size": LARGE_SIZE},
               "python_baseline": baseline, "images": images,
               "notes": ("sep task_s: run_photometry (read, measure, write Parquet); measure_s: "
                         "measure_single alone; wall_s/peak_rss_mb: the whole child process "
