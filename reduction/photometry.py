@@ -1496,8 +1496,7 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
                                           ndith=ndith, exposures=coadd.exposures,
                                           excluded=excluded, noise_factors=factors)
                 try:
-                    table = measure_in_blocks(measure, blocks, coadd.shape,
-                                              label=f"tile {tile} band {band}")
+                    table = measure_in_blocks(measure, blocks, label=f"tile {tile} band {band}")
                 except ValueError as exc:  # a co-add that breaks what the measurement needs
                     raise StageError(str(exc), stage="photometry", tile=tile, band=band,
                                      path=coadd_path(release_dir, tile, band, "coadd")) from exc
@@ -1533,8 +1532,7 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
                 measured = coadd.noise_factors(blocks, settings)
                 if measured is not None:
                     factors[band] = measured
-            table = measure_in_blocks(measure_block, blocks, shape,
-                                      label=f"tile {tile} (dual)")
+            table = measure_in_blocks(measure_block, blocks, label=f"tile {tile} (dual)")
         except ValueError as exc:  # co-adds on different grids, or a header without SEEING
             raise StageError(str(exc), stage="photometry", tile=tile) from exc
     _write(table, tile, measured_path(release_dir, tile, "dual"))

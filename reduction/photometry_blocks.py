@@ -24,8 +24,7 @@ that normalises the seeing map (:func:`~ks4release.reduction.photometry.local_se
 background level that SATURATE is taken above. With the default cores of 4096 pixels these
 rest on millions of pixels and thousands of detections; they are local estimates of the same
 quantities, not different rules. An object whose footprint reaches an inner block edge (larger
-than the margin) is truncated like one at the co-add's border and carries FLAGS bit 8; the
-blocks log how many.
+than the margin) is truncated like one at the co-add's border and carries FLAGS bit 8.
 """
 
 from __future__ import annotations
@@ -42,10 +41,6 @@ from astropy.table import Table, vstack
 __all__ = ["Block", "crop_excluded", "crop_header", "measure_in_blocks", "plan_blocks"]
 
 logger = logging.getLogger(__name__)
-
-#: FLAGS bit of a footprint truncated at the image border.
-_TRUNCATED = 8
-
 
 @dataclass(frozen=True)
 class Block:
@@ -141,17 +136,6 @@ def crop_excluded(excluded: dict[str, np.ndarray], shape: tuple[int, int], block
     return out
 
 
-def _inner_edge_truncated(table: Table, block: Block, shape: tuple[int, int],
-                          flag_columns: list[str]) -> np.ndarray:
-    """Rows flagged truncated whose block reaches an edge inside the co-add: those whose
-    footprint may have met the block's edge rather than the co-add's border."""
-    inner = (block.outer[0] > 0 or block.outer[1] < shape[0]
-             or block.outer[2] > 0 or block.outer[3] < shape[1])
-    if not inner or not flag_columns:
-        return np.zeros(len(table), dtype=bool)
-    return np.any([(np.asarray(table[c]) & _TRUNCATED) != 0 for c in flag_columns], axis=0)
-
-
 def _in_core(table: Table, block: Block) -> np.ndarray:
     """Rows whose centroid (1-based ``x_image``/``y_image`` of the block) lies in its core."""
     y0, y1, x0, x1 = block.core
@@ -161,9 +145,9 @@ def _in_core(table: Table, block: Block) -> np.ndarray:
     return (row >= y0) & (row < y1) & (col >= x0) & (col < x1)
 
 
-def measure_in_blocks(measure: Callable[[Block], Table], blocks: list[Block],
-                      shape: tuple[int, int], *, label: str = "") -> Table:
-    """Measure a co-add of numpy ``shape`` block by block and join the blocks' catalogs.
+def measure_in_blocks(measure: Callable[[Block], Table], blocks: list[Block], *,
+                      label: str = "") -> Table:
+    """Measure a co-add block by block (:func:`plan_blocks`) and join the blocks' catalogs.
 
     ``measure(block)`` returns the measurement table of one block (pixel columns relative to
     the block); each keeps the rows whose centroid its core holds, ``x_image``/``y_image``
@@ -174,13 +158,9 @@ def measure_in_blocks(measure: Callable[[Block], Table], blocks: list[Block],
     """
     if len(blocks) == 1:
         return measure(blocks[0])
-    parts, rms, truncated = [], [], 0
-    for k, table in enumerate(_tables(measure, blocks)):
-        block = blocks[k]
-        keep = _in_core(table, block)
-        flags = [c for c in table.colnames if c.startswith("flags_")]
-        truncated += int((_inner_edge_truncated(table, block, shape, flags) & keep).sum())
-        part = table[keep]
+    parts, rms = [], []
+    for block, table in zip(blocks, _tables(measure, blocks, label), strict=True):
+        part = table[_in_core(table, block)]
         part["x_image"] += block.outer[2]
         part["y_image"] += block.outer[0]
         parts.append(part)
@@ -190,15 +170,13 @@ def measure_in_blocks(measure: Callable[[Block], Table], blocks: list[Block],
     joined.meta = dict(parts[0].meta)
     joined.meta["blocks"] = len(blocks)
     joined.meta["detect_background_rms_adu"] = float(np.nanmedian(rms))
-    if truncated:
-        logger.info("%s: %d objects in blocks with inner edges carry FLAGS 8 (truncated at "
-                    "the co-add's border or, larger than the block margin, at a block's edge)",
-                    label or "co-add", truncated)
     return joined
 
 
-def _tables(measure: Callable[[Block], Table], blocks: list[Block]) -> Iterator[Table]:
+def _tables(measure: Callable[[Block], Table], blocks: list[Block], label: str
+            ) -> Iterator[Table]:
     """Each block's table in turn, logged (one block's work arrays in memory at a time)."""
     for k, block in enumerate(blocks, 1):
-        logger.debug("block %d/%d: rows %d-%d, columns %d-%d", k, len(blocks), *block.outer)
+        logger.info("%s: block %d/%d, rows %d-%d, columns %d-%d", label or "co-add", k,
+                    len(blocks), *block.outer)
         yield measure(block)
