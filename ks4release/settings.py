@@ -948,6 +948,14 @@ class PhotometrySettings:
     min_area_px: int = documented("DETECT_MINAREA, pixels (DR1: 9).", default=9)
     deblend_nthresh: int = documented("DEBLEND_NTHRESH (DR1: 32).", default=32)
     deblend_cont: float = documented("DEBLEND_MINCONT (DR1: 0.00005).", default=0.00005)
+    deblend_twin_fwhm: float = documented(
+        "Deblended pieces of one blend whose centres end closer than this many times the "
+        "co-add's SEEING are one source (kept: the brightest, with the others' footprint). "
+        "A noiseless image of two equal point sources shows two peaks only beyond 0.85 FWHM, "
+        "so pieces this close are noise splitting a faint galaxy: on a 1/8-scale survey every detection pair closer than "
+        "1.0\" was two pieces of one true source (58 pairs; 9 left with 0.5), while the "
+        "detections of real pairs came no closer than 1.18\". Ours (DR1's SExtractor keeps "
+        "them); 0: only pieces within 0.5 px of each other.", default=0.5)
     clean: bool = documented("CLEAN: remove spurious detections in the wings of bright ones.",
                              default=True)
     clean_param: float = documented(
@@ -1070,7 +1078,7 @@ class PhotometrySettings:
         if self.gain_e_per_adu < 0:
             raise ValueError(f"gain_e_per_adu must be >= 0, got {self.gain_e_per_adu}")
         for name in ("saturation_core_px", "background_mask_sigma", "background_grow_px",
-                     "block_margin_px"):
+                     "block_margin_px", "deblend_twin_fwhm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("bad_bits", "saturation_bits"):

@@ -34,7 +34,10 @@ SExtractor:
   flat core and the bleed trail pull the windowed centroid 0.76" off on the demo (median), the
   fit 0.07". Deblended pieces whose centres then end within 0.5 px of each other are one
   source, listed once (:func:`_merge_twins`): faint galaxies split by the deblending, and the
-  pieces of a saturated star that all fit its wings. (On the demo co-adds the median offset
+  pieces of a saturated star that all fit its wings; so are pieces of one blend closer than
+  ``deblend_twin_fwhm`` times the co-add's SEEING (not in DR1: unresolved, noise splitting a
+  faint galaxy; each such split in one tile but not in its neighbour lists the galaxy twice
+  in the master catalogs). (On the demo co-adds the median offset
   from the truth of S/N >= 10 sources is 0.08-0.09" against 0.10-0.11" for the barycentre.)
 * **Fluxes** in every band: circular apertures of 3, 5 and 10 arcsec diameter (radius from the
   WCS pixel scale, 3.75/6.25/12.5 px at 0.4 arcsec/px), ``sum_circle(subpix=5)``; MAG_AUTO as
@@ -526,18 +529,26 @@ class _Detection:
 _TWIN_PX = 0.5
 
 
-def _merge_twins(objects: np.ndarray, segmap: np.ndarray, x: np.ndarray, y: np.ndarray
-                 ) -> np.ndarray:
+def _merge_twins(objects: np.ndarray, segmap: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 deblended_px: float = 0.0) -> np.ndarray:
     """Rows to keep when deblended pieces of one source converged on one centroid, in place.
 
     DEBLEND_MINCONT 0.00005 splits some faint galaxies into pieces whose windowed centroids
     then slide onto the same peak: the catalog would list the source twice at one position
-    (12 such pairs on the demo co-adds, 0.2" or closer, none between 0.2" and 0.5"). Of each
-    group closer than :data:`_TWIN_PX` the piece of largest flux stays and takes the others'
-    footprint (``segmap`` relabelled; the kept rows' segment numbers become 1..n in order).
+    (12 such pairs on the demo co-adds, 0.2" or closer, none between 0.2" and 0.5"). Pieces of
+    one blend (both flagged deblended by sep) closer than ``deblended_px`` are one source too:
+    two peaks closer than about half the PSF's FWHM are not resolved, and such pieces are
+    noise splitting one galaxy (``deblend_twin_fwhm``). Of each group the piece of largest flux
+    stays and takes the others' footprint (``segmap`` relabelled; the kept rows' segment
+    numbers become 1..n in order).
     """
     n = objects.size
-    pairs = cKDTree(np.c_[x, y]).query_pairs(_TWIN_PX, output_type="ndarray")
+    tree = cKDTree(np.c_[x, y])
+    pairs = tree.query_pairs(_TWIN_PX, output_type="ndarray")
+    if deblended_px > _TWIN_PX:
+        close = tree.query_pairs(deblended_px, output_type="ndarray")
+        split = (np.asarray(objects["flag"]) & sep.OBJ_MERGED) != 0
+        pairs = np.concatenate([pairs, close[split[close[:, 0]] & split[close[:, 1]]]])
     if len(pairs) == 0:
         return np.ones(n, dtype=bool)
     graph = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
@@ -672,7 +683,8 @@ def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
                              np.arange(1, objects.size + 1, dtype=np.int32), gain)
     fitted = _fitted_wings(band, objects, segmap, cen.x, cen.y, settings)
     x, y, x_err, y_err = _saturated_centres(cen.x, cen.y, cen.x_err, cen.y_err, fitted)
-    keep = _merge_twins(objects, segmap, x, y)
+    keep = _merge_twins(objects, segmap, x, y, settings.deblend_twin_fwhm * band.seeing_arcsec
+                        / band.pixel_scale_arcsec)
     objects = objects[keep]
     x, y, x_err, y_err = x[keep], y[keep], x_err[keep], y_err[keep]
     row = np.cumsum(keep) - 1

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import sep
 from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
@@ -739,6 +740,24 @@ def test_deblended_pieces_on_one_centroid_become_one_detection():
     apart = np.array([[1, 2]], dtype=np.int32)
     assert _merge_twins(objects[:2], apart, np.array([0.0, 5.0]), np.zeros(2)).all()
     assert apart.tolist() == [[1, 2]]
+
+
+def test_deblended_pieces_closer_than_the_resolution_become_one_detection():
+    """Pieces 2 px apart are one source within ``deblended_px`` = 2.5 when sep split them from
+    one blend (OBJ_MERGED), whatever their fluxes; not when one was never deblended, and not
+    beyond the radius (piece 3, 4 px away)."""
+    from ks4release.reduction.photometry import _merge_twins
+
+    objects = np.zeros(4, dtype=[("flux", float), ("flag", np.int16)])
+    objects["flux"] = [50.0, 80.0, 30.0, 60.0]
+    objects["flag"] = sep.OBJ_MERGED
+    x, y = np.array([10.0, 12.0, 12.0, 16.0]), np.array([10.0, 10.0, 12.0, 10.0])
+    segmap = np.array([[0, 1, 2, 3, 4]], dtype=np.int32)
+    keep = _merge_twins(objects, segmap.copy(), x, y, 2.5)
+    assert keep.tolist() == [False, True, False, True]
+    assert _merge_twins(objects, segmap.copy(), x, y, 0.0).all()
+    objects["flag"][0] = 0  # piece 0 was never part of a blend: it stays
+    assert _merge_twins(objects, segmap.copy(), x, y, 2.5).tolist() == [True, True, False, True]
 
 
 def test_coverage_leaves_out_an_exposure_where_its_data_left_the_median():
