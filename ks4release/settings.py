@@ -952,8 +952,8 @@ class PhotometrySettings:
         "Deblended pieces of one blend whose centres end closer than this many times the "
         "co-add's SEEING are one source (kept: the brightest, with the others' footprint). "
         "A noiseless image of two equal point sources shows two peaks only beyond 0.85 FWHM, "
-        "so pieces this close are noise splitting a faint galaxy: on a 1/8-scale survey every detection pair closer than "
-        "1.0\" was two pieces of one true source (58 pairs; 9 left with 0.5), while the "
+        "so pieces this close are noise splitting a faint galaxy: on a 1/8-scale survey "
+        "every detection pair closer than 1.0\" was two pieces of one true source (58 pairs; 9 left with 0.5), while the "
         "detections of real pairs came no closer than 1.18\". Ours (DR1's SExtractor keeps "
         "them); 0: only pieces within 0.5 px of each other.", default=0.5)
     clean: bool = documented("CLEAN: remove spurious detections in the wings of bright ones.",

@@ -197,7 +197,8 @@ def test_blockwise_noise_factors_equal_the_whole_coadds(tiny_coadds):
 
 def test_blockwise_noise_factors_keep_the_whole_coadds_sparser_lattice(monkeypatch):
     """Beyond _NOISE_MAX_SAMPLES the blocks sample every k-th pixel of the whole co-add's
-    lattice (here k = 3, and the cores start at multiples of 256), not of their own: the factors equal the whole co-add's on it."""
+    lattice (here k = 3; the cores start at multiples of 256), not of their own: the factors
+    equal the whole co-add's on it."""
     from ks4release.reduction import photometry
 
     rng = np.random.default_rng(5)
