@@ -18,13 +18,14 @@ survey pipelines cut a sky tessellation into patches:
   block's measurement of it is kept: an object whose footprint fits in the margin is measured
   from all its pixels, with the neighbours it has on the whole co-add.
 
-What each block estimates on its own pixels rather than over the whole co-add: the noise factors
-per NDITH (:func:`~ks4release.reduction.photometry.coverage_noise_factors`), the typical PSF
-that normalises the seeing map (:func:`~ks4release.reduction.photometry.local_seeing`) and the
-background level that SATURATE is taken above. With the default cores of 4096 pixels these
-rest on millions of pixels and thousands of detections; they are local estimates of the same
-quantities, not different rules. An object whose footprint reaches an inner block edge (larger
-than the margin) is truncated like one at the co-add's border and carries FLAGS bit 8.
+The RMS map's factors per NDITH are the whole co-add's, from a first pass over the blocks'
+cores (:func:`~ks4release.reduction.photometry.blockwise_noise_factors`): measured per block
+they came out 2-3% off. What each block estimates on its own pixels: the typical PSF that
+normalises the seeing map (:func:`~ks4release.reduction.photometry.local_seeing`) and the
+background level that SATURATE is taken above; with the default cores of 4096 pixels these
+rest on thousands of detections and millions of pixels. An object whose footprint reaches an
+inner block edge (larger than the margin) is truncated like one at the co-add's border and
+carries FLAGS bit 8.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from astropy.table import Table, vstack
 __all__ = ["Block", "crop_excluded", "crop_header", "measure_in_blocks", "plan_blocks"]
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Block:
