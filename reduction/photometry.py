@@ -1443,7 +1443,6 @@ class _Coadd:
         return (image.astype(np.float32, copy=False), mask, crop_header(self.header, block),
                 ndith, crop_excluded(self.excluded, self.shape, block))
 
-
     def noise_factors(self, blocks: list[Block], settings: PhotometrySettings
                       ) -> np.ndarray | None:
         """The whole co-add's RMS factors per NDITH when it is measured in several blocks
