@@ -1436,10 +1436,9 @@ class _Coadd:
         """Image (float32), mask, header, NDITH (native byte order) and excluded pixels of
         ``block``, read from the files."""
         rows, cols = block.slices
-        image, mask, ndith = (np.array(self.arrays[k][rows, cols])
+        image, mask, ndith = (np.asarray(self.arrays[k][rows, cols],
+                                         dtype=self.arrays[k].dtype.newbyteorder("="))
                               for k in ("coadd", "mask", "ndith"))
-        image, mask, ndith = (a.astype(a.dtype.newbyteorder("="), copy=False)
-                              for a in (image, mask, ndith))
         return (image.astype(np.float32, copy=False), mask, crop_header(self.header, block),
                 ndith, crop_excluded(self.excluded, self.shape, block))
 
