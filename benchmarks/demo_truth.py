@@ -62,6 +62,7 @@ from scipy.spatial import cKDTree
 from ks4release.camera import COADD_PIXEL_SCALE_ARCSEC
 from ks4release.layout import coadd_exposures_path, coadd_path
 from ks4release.projection import chord, unit_vectors
+from ks4release.publish.aggregate import weighted_median
 from ks4release.reduction.calibration_maps import map_bin_px
 from ks4release.reduction.median_stack import point_source_factors
 from ks4release.reduction.photometry import exposure_psf_widths, exposure_sky_sigmas
@@ -807,7 +808,7 @@ def master_checks(ctx: dict) -> list[dict]:
                                                     detections, linked),
                              missing=_missing(ctx, sel & (times == 0), master_xyz, detections)))
         out.append(_merged_pairs(ctx, master, detections, linked))
-        out.extend(_magnitude_agreement(ctx, master, table, owner))
+        out.extend(_magnitude_agreement(ctx, master, table, owner, settings))
     return out
 
 
@@ -927,47 +928,71 @@ def _merged_pairs(ctx: dict, master: str, detections: pd.DataFrame, linked: np.n
                  detection_blends=blends)
 
 
-def _magnitude_agreement(ctx: dict, master: str, table: pd.DataFrame, owner: np.ndarray
-                         ) -> list[dict]:
-    """Median and robust scatter of mag - true for stars of true S/N > 20, master vs tiles."""
+def _median_and_sigma(values: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """Weighted median and 1.4826 x the weighted median absolute deviation (the midpoint rule
+    of the masters' aggregation, weights ``1/sigma**2``)."""
+    if not len(values):
+        return math.nan, math.nan
+    sigmas, group = 1.0 / np.sqrt(weights), np.zeros(len(values), int)
+    median = float(weighted_median(values, sigmas, group, 1)[0][0])
+    return median, 1.4826 * float(weighted_median(np.abs(values - median), sigmas, group, 1)[0][0])
+
+
+def _magnitude_agreement(ctx: dict, master: str, table: pd.DataFrame, owner: np.ndarray,
+                         settings: MasterSettings) -> list[dict]:
+    """Median and robust scatter of mag - true for stars of true S/N > 20, master vs tiles.
+
+    Both samples hold the same stars with the same weight. The tiles' sample is the detections
+    the master is made of (its S/N and FLAGS cuts in the detection band: I for idual_master,
+    each band for single_master; the tile catalogs' brightest stars are saturated in I and
+    never enter idual_master), each weighted by one over the number of detections of its star
+    (a star of a tile overlap counts once, as in the master, not once per tile).
+    """
     out = []
     sources = ctx["sources"]
     for band in BANDS:
         b = band.lower()
+        cut = "i" if master == "idual_master" else b
         maglims = [t.maglim for (tile, bb), t in ctx["coadds"].items() if bb == band]
         bright = (ctx["star"] & (5.0 * 10 ** (-0.4 * (sources[f"mag_{band}"].to_numpy()
                                                       - np.median(maglims))) > 20))
         for aperture in ("auto", "aper5"):
-            stats = {}
             rows = np.flatnonzero((owner >= 0) & (table[f"flags_{b}"].fillna(99) < 4).to_numpy())
             rows = rows[bright[owner[rows]]]
             delta = table[f"mag_{aperture}_{b}"].to_numpy()[rows] - \
                 sources[f"mag_{band}"].to_numpy()[owner[rows]]
-            stats["master"] = delta[np.isfinite(delta)]
-            tile_deltas = []
+            master_delta = delta[np.isfinite(delta)]
+            tile_deltas, tile_sources = [], []
             for tile in ctx["tiles"]:
                 if (tile, band) not in ctx["coadds"]:
                     continue
                 cat = tile_catalog(ctx["release"], tile,
                                    "dual" if master == "idual_master" else "single", band)
                 r, src = matched_rows(ctx, cat)
-                keep = bright[src] & (cat[f"flags_{b}"].to_numpy()[r] < 4)
+                keep = (bright[src] & (cat[f"flags_{b}"].to_numpy()[r] < 4)
+                        & (cat[f"snr_{cut}"].to_numpy()[r] > settings.snr_min)
+                        & (cat[f"flags_{cut}"].to_numpy()[r] < settings.flags_max))
                 tile_deltas.append(cat[f"mag_{aperture}_{b}"].to_numpy()[r[keep]]
                                    - sources[f"mag_{band}"].to_numpy()[src[keep]])
-            d = np.concatenate(tile_deltas)
-            stats["tiles"] = d[np.isfinite(d)]
-            med = {k: float(np.median(v)) if len(v) else math.nan for k, v in stats.items()}
-            sig = {k: robust_sigma(v) for k, v in stats.items()}
+                tile_sources.append(src[keep])
+            d, src = np.concatenate(tile_deltas), np.concatenate(tile_sources)
+            d, src = d[np.isfinite(d)], src[np.isfinite(d)]
+            per_source = np.bincount(src, minlength=len(sources))[src]
+            med, sig = {}, {}
+            med["master"], sig["master"] = _median_and_sigma(master_delta,
+                                                             np.ones(len(master_delta)))
+            med["tiles"], sig["tiles"] = _median_and_sigma(d, 1.0 / per_source)
             passed = (abs(med["master"] - med["tiles"]) <= 0.005
                       and sig["master"] <= 1.05 * sig["tiles"] + 0.002)
             out.append(entry(6, "master magnitudes agree with truth as well as the tile catalogs",
                              f"{master} mag_{aperture}: median / robust sigma of (mag - true), "
-                             "stars of true S/N > 20, FLAGS < 4",
+                             "stars of true S/N > 20, FLAGS < 4; tiles: the detections passing "
+                             "the master's cuts, each star weighted once",
                              {"master": [rounded(med["master"]), rounded(sig["master"])],
                               "tiles": [rounded(med["tiles"]), rounded(sig["tiles"])]},
                              "|median diff| <= 0.005 and sigma <= 1.05 x tiles' + 0.002",
-                             bool(passed), band=band, n_master=len(stats["master"]),
-                             n_tiles=len(stats["tiles"])))
+                             bool(passed), band=band, n_master=len(master_delta),
+                             n_tiles=len(d), n_tile_stars=len(np.unique(src))))
     return out
 
 
