@@ -734,7 +734,7 @@ _TILE_ZP_RULE = (
     "is not an aperture's zero point). nstar = 0: the tile has no usable star and zp = 30, "
     "zperr = 0. spatial_rms: the RMS of the true bin-to-bin variation of the zero point that "
     "the ZP-map bins show beyond their stars' noise (0 when Cochran's Q test finds none at "
-    "99%; null: not estimated); each zp_map bin is "
+    f"{HETEROGENEITY_LEVEL:.0%}; null: not estimated); each zp_map bin is "
     "the tile's zp plus its median's departure times spatial_rms**2 / (spatial_rms**2 + "
     "noise**2). reference_fwhm_arcsec and psf_beta (APER apertures; null: not done): the "
     "zero points hold for a point source under a Moffat PSF of that FWHM and index; a source "
