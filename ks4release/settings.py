@@ -1106,6 +1106,12 @@ class MapSettings:
         default=2.0)
     class_star_min: float = documented(
         "Stars used have class_star above this (DR1: 0.8).", default=0.8)
+    star_mask_bits_allowed: int = documented(
+        "IMAFLAGS_ISO bits a map star may carry (DR1: 0, none). 1 (ours) lets in stars whose "
+        "footprint holds an exposure's cosmic-ray or crosstalk pixels, which stayed out of "
+        "the median co-add: on the demo they sit 0.0005 mag from the other stars' zero point "
+        "with a scatter of 0.017 mag against 0.014, and add 45% to the stars of a tile.",
+        default=1)
     ref_mag_min: float = documented(
         "Brightest Gaia XP reference magnitude used, AB mag (DR1: 14).", default=14.0)
     ref_mag_max: float = documented(
@@ -1155,6 +1161,9 @@ class MapSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.class_star_min < 1.0:
             raise ValueError(f"class_star_min must be in [0, 1), got {self.class_star_min}")
+        if not 0 <= self.star_mask_bits_allowed <= 255:
+            raise ValueError(f"star_mask_bits_allowed must be a mask of bits in 0-255, got "
+                             f"{self.star_mask_bits_allowed}")
         if not self.ref_mag_min < self.ref_mag_max:
             raise ValueError(f"ref_mag_min must be < ref_mag_max, got {self.ref_mag_min} and "
                              f"{self.ref_mag_max}")

@@ -28,8 +28,9 @@ alignment bins (110 x 110); a co-add of another size keeps the number of bins:
 alignment bins, 114 x 114).
 
 Zero-point map (DR1 / toolkit rule): detections matched one-to-one to Gaia XP stars within
-``match_radius_arcsec``; stars with ``class_star > 0.8``, ``flags == 0``, ``imaflags_iso == 0``,
-positive flux and AB reference magnitude (``m_Vega + VEGA_TO_AB``) in 14-19. Each bin's value is
+``match_radius_arcsec``; stars with ``class_star > 0.8``, ``flags == 0``, ``imaflags_iso == 0``
+(ours: bit 1, an exposure's cosmic rays or crosstalk left out of the median, allowed by
+``star_mask_bits_allowed``), positive flux and AB reference magnitude (``m_Vega + VEGA_TO_AB``) in 14-19. Each bin's value is
 the median of ``m_ref - m_inst`` (``m_inst = -2.5 log10(flux)``) after 2-sigma clipping around the
 median until nothing changes, ``zperr`` the standard deviation of the kept values, ``pstar`` their
 number; a bin without stars holds 30 and 0 (and 0 stars), exactly as DR1 publishes it. The
@@ -314,8 +315,8 @@ def _column(table: Table, name: str, what: str) -> np.ndarray:
     if name not in table.colnames:
         raise ValueError(f"{what} has no column {name!r}")
     col = table[name]
-    if hasattr(col, "filled"):
-        return np.asarray(col.filled(np.nan), dtype=float)
+    if hasattr(col, "filled"):  # masked: NaN there (as float first, for integer columns)
+        return np.asarray(col.astype(float).filled(np.nan), dtype=float)
     return np.asarray(col, dtype=float)
 
 
@@ -347,12 +348,16 @@ def _match(ra: np.ndarray, dec: np.ndarray, ref_ra: np.ndarray, ref_dec: np.ndar
     return ok_det[nearest[keep]], ok_ref[keep], sep[keep]
 
 
-def _clean_stars(table: Table, b: str, class_star_min: float) -> np.ndarray:
-    """Booleans: class_star above the cut, flags == 0, imaflags_iso == 0 in band ``b``."""
+def _clean_stars(table: Table, b: str, settings: MapSettings) -> np.ndarray:
+    """Booleans: class_star above the cut, flags == 0 and no IMAFLAGS_ISO bit but the allowed
+    ones (``star_mask_bits_allowed``) in band ``b``."""
     what = "the measurement table"
-    return ((_column(table, f"class_star_{b}", what) > class_star_min)
-            & (_column(table, f"flags_{b}", what) == 0)
-            & (_column(table, f"imaflags_iso_{b}", what) == 0))
+    imaflags = _column(table, f"imaflags_iso_{b}", what)
+    known = np.isfinite(imaflags)
+    allowed = np.zeros(imaflags.shape, dtype=bool)
+    allowed[known] = (imaflags[known].astype(np.int64) & ~settings.star_mask_bits_allowed) == 0
+    return ((_column(table, f"class_star_{b}", what) > settings.class_star_min)
+            & (_column(table, f"flags_{b}", what) == 0) & allowed)
 
 
 def _check_band(band: str) -> str:
@@ -405,7 +410,7 @@ def zp_maps(table: Table, xp: Table, band: str, *, bin_px: int, shape: tuple[int
                              np.where(usable, _column(xp, "ra", "the Gaia XP table"), np.nan),
                              _column(xp, "dec", "the Gaia XP table"),
                              settings.match_radius_arcsec)
-    clean = _clean_stars(table, b, settings.class_star_min)[i_det]
+    clean = _clean_stars(table, b, settings)[i_det]
     i_det, i_ref = i_det[clean], i_ref[clean]
     x = _column(table, "x_image", "the measurement table")[i_det]
     y = _column(table, "y_image", "the measurement table")[i_det]
@@ -586,7 +591,7 @@ def align_maps(table: Table, gaia: Table, *, band: str, bin_px: int, shape: tupl
         snr = np.where(fluxerr > 0, flux / fluxerr, np.nan)
     x = _column(table, "x_image", "the measurement table")[i_det]
     y = _column(table, "y_image", "the measurement table")[i_det]
-    keep = (_clean_stars(table, b, settings.class_star_min)[i_det]
+    keep = (_clean_stars(table, b, settings)[i_det]
             & (snr >= settings.align_snr_min) & np.isfinite(x) & np.isfinite(y))
     x, y, sep = x[keep], y[keep], sep[keep]
     n_x, n_y = _n_bins(shape, bin_px)

@@ -243,7 +243,8 @@ def test_zp_map_follows_dr1_rule():
                        flags=np.array([0] * 7 + [2, 0, 0, 0], np.int16),
                        imaflags_iso=np.array([0] * 8 + [1, 0, 0], np.int16))
     xp["v_jkc_flag"][10] = 0
-    zmap = zp_maps(t, xp, "V", bin_px=10, shape=(20, 30), settings=MapSettings())["APER5"]
+    dr1 = MapSettings(star_mask_bits_allowed=0)
+    zmap = zp_maps(t, xp, "V", bin_px=10, shape=(20, 30), settings=dr1)["APER5"]
     assert zmap.zp.shape == (3, 2)
     assert zmap.pstar[0, 0] == 5 and zmap.zp[0, 0] == pytest.approx(29.94)
     assert zmap.zperr[0, 0] == pytest.approx(np.std([29.90, 29.92, 29.94, 29.96, 29.98]))
@@ -253,6 +254,21 @@ def test_zp_map_follows_dr1_rule():
     # the tile-wide value: same cuts and clipping over all the tile's stars (outlier dropped)
     assert zmap.tile_nstar == 5 and zmap.tile_zp == pytest.approx(29.94)
     assert zmap.tile_zperr == pytest.approx(zmap.zperr[0, 0])
+
+
+def test_stars_may_carry_the_allowed_mask_bits_only():
+    """By default a star whose footprint holds cosmic-ray pixels (bit 1, left out of the
+    median) calibrates; one with any other bit (here 2, a bleed trail; 5 = 1 + 4) does not, nor
+    one without IMAFLAGS_ISO; with DR1's rule only the clean star counts."""
+    t, xp = _synthetic([5.0, 15.0, 25.0, 35.0, 45.0], [5.0] * 5, [29.5] * 5,
+                       imaflags_iso=np.ma.masked_array([0, 1, 2, 5, 0], [0, 0, 0, 0, 1]))
+    ours = zp_maps(t, xp, "V", bin_px=10, shape=(10, 50), settings=MapSettings())["AUTO"]
+    dr1 = zp_maps(t, xp, "V", bin_px=10, shape=(10, 50),
+                  settings=MapSettings(star_mask_bits_allowed=0))["AUTO"]
+    np.testing.assert_array_equal(ours.pstar[:, 0], [1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(dr1.pstar[:, 0], [1, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="star_mask_bits_allowed"):
+        MapSettings(star_mask_bits_allowed=-1)
 
 
 def test_tile_zero_point_leaves_the_maps_in_dr1_format():
