@@ -30,15 +30,16 @@ alignment bins, 114 x 114).
 Zero-point map (DR1 / toolkit rule): detections matched one-to-one to Gaia XP stars within
 ``match_radius_arcsec``; stars with ``class_star > 0.8``, ``flags == 0``, ``imaflags_iso == 0``
 (ours: bit 1, an exposure's cosmic rays or crosstalk left out of the median, allowed by
-``star_mask_bits_allowed``), positive flux and AB reference magnitude (``m_Vega + VEGA_TO_AB``) in 14-19. Each bin's value is
-the median of ``m_ref - m_inst`` (``m_inst = -2.5 log10(flux)``) after 2-sigma clipping around the
-median until nothing changes, ``zperr`` the standard deviation of the kept values, ``pstar`` their
-number; a bin without stars holds 30 and 0 (and 0 stars), exactly as DR1 publishes it. The
-tile-wide zero point of an aperture is the same rule applied to all the selected stars of the
-tile at once (``tile_zp``, ``tile_zperr`` = standard deviation of the kept values, ``tile_nstar``;
-30, 0 and 0 when the tile has none). Alignment map: detections matched to
-Gaia DR3 (G 14-20) with the same star cuts and S/N >= 21.7 (the toolkit's ``MAGERR_AUTO < 0.05``),
-median and standard deviation of the separations in arcsec without clipping; empty bins hold 0.
+``star_mask_bits_allowed``), positive flux and AB reference magnitude (``m_Vega + VEGA_TO_AB``)
+in 14-19. Each bin's value is the median of ``m_ref - m_inst`` (``m_inst = -2.5 log10(flux)``)
+after 2-sigma clipping around the median until nothing changes, ``zperr`` the standard deviation
+of the kept values, ``pstar`` their number; a bin without stars holds 30 and 0 (and 0 stars),
+exactly as DR1 publishes it. The tile-wide zero point of an aperture is the same rule applied to
+all the selected stars of the tile at once (``tile_zp``, ``tile_zperr`` = standard deviation of
+the kept values, ``tile_nstar``; 30, 0 and 0 when the tile has none). Alignment map: detections
+matched to Gaia DR3 (G 14-20) with the same star cuts and S/N >= 21.7 (the toolkit's
+``MAGERR_AUTO < 0.05``), median and standard deviation of the separations in arcsec without
+clipping; empty bins hold 0.
 
 Shrinkage (``[maps] zp_shrinkage``, on by default; ours): a bin's median of 1-3 stars carries
 each star's colour term, blend or XP error, 0.01-0.03 mag and up to 0.3 mag for a star blended
