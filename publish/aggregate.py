@@ -53,6 +53,11 @@ def group_starts(group: np.ndarray, n_groups: int) -> np.ndarray:
     if len(group) and (np.any(np.diff(group) < 0) or np.any(counts == 0)
                        or counts.size != n_groups):
         raise ValueError("rows must be sorted by group and every group 0..n_groups-1 present")
+    return _starts(counts)
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Row where each group starts in rows sorted by group, from the groups' row counts."""
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
@@ -96,7 +101,7 @@ def weighted_median(values: np.ndarray, sigmas: np.ndarray, group: np.ndarray,
     if v.size == 0:
         return median, error
     counts = np.bincount(g, minlength=n_groups)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = _starts(counts)
     total = np.bincount(g, weights=w, minlength=n_groups)
     centre = _cumulative_in_group(w, g, starts) - 0.5 * w
     half = 0.5 * total[g]
