@@ -35,10 +35,15 @@ SExtractor:
   fit 0.07". Deblended pieces whose centres then end within 0.5 px of each other are one
   source, listed once (:func:`_merge_twins`): faint galaxies split by the deblending, and the
   pieces of a saturated star that all fit its wings; so are pieces of one blend closer than
-  ``deblend_twin_fwhm`` times the co-add's SEEING (not in DR1: unresolved, noise splitting a
-  faint galaxy; each such split in one tile but not in its neighbour lists the galaxy twice
-  in the master catalogs). (On the demo co-adds the median offset
-  from the truth of S/N >= 10 sources is 0.08-0.09" against 0.10-0.11" for the barycentre.)
+  ``deblend_twin_fwhm`` times the co-add's SEEING, and touching pieces closer than
+  ``deblend_dip_fwhm`` SEEING between which the filtered image dips by less than
+  ``deblend_dip_sigma`` of its noise (:func:`_shallow_splits`; neither in DR1: noise
+  splitting a faint galaxy, and each such split in one tile but not in its neighbour lists
+  the galaxy twice in the master catalogs). A merged source is measured as one object: the
+  moments of its pieces' union (:func:`.sep_objects.combined_pieces`) and a windowed
+  centroid started from their barycentre (:func:`_recentred`). (On the demo co-adds the
+  median offset from the truth of S/N >= 10 sources is 0.08-0.09" against 0.10-0.11" for
+  the barycentre.)
 * **Fluxes** in every band: circular apertures of 3, 5 and 10 arcsec diameter (radius from the
   WCS pixel scale, 3.75/6.25/12.5 px at 0.4 arcsec/px), ``sum_circle(subpix=5)``; MAG_AUTO as
   SExtractor: ``kron_radius`` on the detection image with neighbours masked through the
@@ -163,10 +168,14 @@ from ks4release.reduction.photometry_blocks import (
 from ks4release.reduction.sep_objects import (
     CONV_KERNEL,
     WingFit,
+    combined_pieces,
+    dip_significance,
     ellipse,
     footprint_max,
+    psf_half_light_radius,
     set_extraction_limits,
     sky_background,
+    touching_pieces,
     windowed_centroids,
     wing_fits,
 )
@@ -530,17 +539,19 @@ _TWIN_PX = 0.5
 
 
 def _merge_twins(objects: np.ndarray, segmap: np.ndarray, x: np.ndarray, y: np.ndarray,
-                 deblended_px: float = 0.0) -> np.ndarray:
-    """Rows to keep when deblended pieces of one source converged on one centroid, in place.
+                 deblended_px: float = 0.0, also: np.ndarray | None = None) -> np.ndarray:
+    """The row each detection is merged into when deblended pieces of one source converged on
+    one centroid (its own row for a detection that stays); ``segmap`` relabelled in place.
 
     DEBLEND_MINCONT 0.00005 splits some faint galaxies into pieces whose windowed centroids
     then slide onto the same peak: the catalog would list the source twice at one position
     (12 such pairs on the demo co-adds, 0.2" or closer, none between 0.2" and 0.5"). Pieces of
     one blend (both flagged deblended by sep) closer than ``deblended_px`` are one source too:
     two peaks closer than about half the PSF's FWHM are not resolved, and such pieces are
-    noise splitting one galaxy (``deblend_twin_fwhm``). Of each group the piece of largest flux
-    stays and takes the others' footprint (``segmap`` relabelled; the kept rows' segment
-    numbers become 1..n in order).
+    noise splitting one galaxy (``deblend_twin_fwhm``). So are the pairs of rows ``also``
+    (:func:`_shallow_splits`). Of each group the piece of largest flux
+    owns the others and takes their footprint (the owners' segment numbers become 1..n in
+    order); :func:`.sep_objects.combined_pieces` then describes the group as one object.
     """
     n = objects.size
     tree = cKDTree(np.c_[x, y])
@@ -549,8 +560,10 @@ def _merge_twins(objects: np.ndarray, segmap: np.ndarray, x: np.ndarray, y: np.n
         close = tree.query_pairs(deblended_px, output_type="ndarray")
         split = (np.asarray(objects["flag"]) & sep.OBJ_MERGED) != 0
         pairs = np.concatenate([pairs, close[split[close[:, 0]] & split[close[:, 1]]]])
+    if also is not None:
+        pairs = np.concatenate([pairs, np.asarray(also, dtype=pairs.dtype).reshape(-1, 2)])
     if len(pairs) == 0:
-        return np.ones(n, dtype=bool)
+        return np.arange(n)
     graph = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, group = connected_components(graph, directed=False)
     by_flux = np.lexsort((-np.asarray(objects["flux"], dtype=np.float64), group))
@@ -560,7 +573,7 @@ def _merge_twins(objects: np.ndarray, segmap: np.ndarray, x: np.ndarray, y: np.n
     label = np.zeros(n + 1, dtype=segmap.dtype)
     label[1:] = (np.cumsum(keep) * keep)[owner]
     segmap[...] = label[segmap]
-    return keep
+    return owner
 
 
 #: Moffat index of the wing fit when the co-add header has no PSFBETA (Trujillo et al. 2001:
@@ -677,18 +690,25 @@ def _restored_cores(band: _Band, det: _Detection, settings: PhotometrySettings,
 def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
                settings: PhotometrySettings) -> _Detection:
     """Positions, ellipses and Kron radii from the detection image (converged deblending
-    pieces merged, :func:`_merge_twins`)."""
+    pieces merged, :func:`_merge_twins`, and measured as one object: the union's moments and
+    a windowed centroid started from its barycentre, :func:`_recentred`)."""
     gain = band.gain if band.gain > 0 else None
     cen = windowed_centroids(band.image, objects, band.rms, band.masked, segmap,
                              np.arange(1, objects.size + 1, dtype=np.int32), gain)
     fitted = _fitted_wings(band, objects, segmap, cen.x, cen.y, settings)
     x, y, x_err, y_err = _saturated_centres(cen.x, cen.y, cen.x_err, cen.y_err, fitted)
-    keep = _merge_twins(objects, segmap, x, y, settings.deblend_twin_fwhm * band.seeing_arcsec
-                        / band.pixel_scale_arcsec)
-    objects = objects[keep]
+    seeing_px = band.seeing_arcsec / band.pixel_scale_arcsec
+    owner = _merge_twins(objects, segmap, x, y, settings.deblend_twin_fwhm * seeing_px,
+                         _shallow_splits(band, objects, segmap, x, y, settings))
+    keep = owner == np.arange(objects.size)
+    grouped = (np.bincount(owner, minlength=objects.size) > 1)[keep]
+    psf_r_half = psf_half_light_radius(objects, cen.r_half, band.rms)
+    objects = combined_pieces(objects, owner, band.image, segmap, band.rms)[keep]
     x, y, x_err, y_err = x[keep], y[keep], x_err[keep], y_err[keep]
     row = np.cumsum(keep) - 1
     wings = tuple((int(row[k]), fit) for k, fit in fitted if keep[k])
+    grouped[[k for k, _ in wings]] = False  # a saturated star keeps its wing fit's centre
+    _recentred(band, objects, segmap, grouped, (x, y, x_err, y_err), gain, psf_r_half)
     n = objects.size
     seg_id = np.arange(1, n + 1, dtype=np.int32)
     a, b, theta = ellipse(objects)
@@ -700,6 +720,35 @@ def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
                       y_err=y_err, a=a, b=b, theta=theta,
                       kron=kron, seg_id=seg_id, dilated=grey_dilation(segmap, size=3),
                       wings=wings)
+
+
+def _shallow_splits(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarray,
+                    y: np.ndarray, settings: PhotometrySettings) -> np.ndarray:
+    """Pairs of touching deblended pieces (rows) that the data do not show to be two sources:
+    centres closer than ``deblend_dip_fwhm`` times the SEEING and a dip between them below
+    ``deblend_dip_sigma`` (:func:`.sep_objects.dip_significance`). None when that is 0."""
+    if settings.deblend_dip_sigma <= 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = touching_pieces(objects, segmap)
+    apart = np.hypot(x[pairs[:, 0]] - x[pairs[:, 1]], y[pairs[:, 0]] - y[pairs[:, 1]])
+    pairs = pairs[apart < settings.deblend_dip_fwhm * band.seeing_arcsec
+                  / band.pixel_scale_arcsec]
+    significance = dip_significance(band.image, band.rms, band.masked | band.touched, segmap,
+                                    pairs)
+    return pairs[significance < settings.deblend_dip_sigma]
+
+
+def _recentred(band: _Band, objects: np.ndarray, segmap: np.ndarray, rows: np.ndarray,
+               position: tuple[np.ndarray, ...], gain: float | None, psf_r_half: float) -> None:
+    """Windowed centroids (x, y and their errors, ``position``, updated in place) of the merged
+    objects ``rows`` (a mask), started from their union's barycentre with the PSF's window:
+    the piece the merge kept was centred on its own part of the source."""
+    if not rows.any():
+        return
+    cen = windowed_centroids(band.image, objects[rows], band.rms, band.masked, segmap,
+                             (np.flatnonzero(rows) + 1).astype(np.int32), gain, psf_r_half)
+    for values, new in zip(position, (cen.x, cen.y, cen.x_err, cen.y_err)):
+        values[rows] = new
 
 
 def _aperture_radii_px(diameters: tuple[float, ...], pixel_scale: float) -> list[float]:

@@ -734,11 +734,10 @@ def test_deblended_pieces_on_one_centroid_become_one_detection():
     objects["flux"] = [50.0, 80.0, 30.0, 10.0]
     x, y = np.array([10.0, 10.3, 13.0, 10.0]), np.array([10.0, 10.0, 10.0, 10.25])
     segmap = np.array([[0, 1, 2, 3, 4, 4]], dtype=np.int32)
-    keep = _merge_twins(objects, segmap, x, y)
-    assert keep.tolist() == [False, True, True, False]
+    assert _merge_twins(objects, segmap, x, y).tolist() == [1, 1, 2, 1]
     assert segmap.tolist() == [[0, 1, 1, 2, 1, 1]]
     apart = np.array([[1, 2]], dtype=np.int32)
-    assert _merge_twins(objects[:2], apart, np.array([0.0, 5.0]), np.zeros(2)).all()
+    assert _merge_twins(objects[:2], apart, np.array([0.0, 5.0]), np.zeros(2)).tolist() == [0, 1]
     assert apart.tolist() == [[1, 2]]
 
 
@@ -753,11 +752,131 @@ def test_deblended_pieces_closer_than_the_resolution_become_one_detection():
     objects["flag"] = sep.OBJ_MERGED
     x, y = np.array([10.0, 12.0, 12.0, 16.0]), np.array([10.0, 10.0, 12.0, 10.0])
     segmap = np.array([[0, 1, 2, 3, 4]], dtype=np.int32)
-    keep = _merge_twins(objects, segmap.copy(), x, y, 2.5)
-    assert keep.tolist() == [False, True, False, True]
-    assert _merge_twins(objects, segmap.copy(), x, y, 0.0).all()
+    assert _merge_twins(objects, segmap.copy(), x, y, 2.5).tolist() == [1, 1, 1, 3]
+    assert _merge_twins(objects, segmap.copy(), x, y, 0.0).tolist() == [0, 1, 2, 3]
     objects["flag"][0] = 0  # piece 0 was never part of a blend: it stays
-    assert _merge_twins(objects, segmap.copy(), x, y, 2.5).tolist() == [True, True, False, True]
+    assert _merge_twins(objects, segmap.copy(), x, y, 2.5).tolist() == [0, 1, 1, 3]
+    # pairs found otherwise (a shallow dip between them) join whatever their distance
+    also = np.array([[0, 3]])
+    assert _merge_twins(objects, segmap.copy(), x, y, 2.5, also).tolist() == [3, 1, 1, 3]
+
+
+@given(dx=st.floats(3.0, 6.0), ratio=st.floats(0.3, 1.0), angle=st.floats(0.0, math.pi),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_combined_pieces_describe_the_blend_as_sep_does_unsplit(dx, ratio, angle, seed):
+    """Two overlapping Gaussians (sigma 1.5 px, 3-6 px apart, any flux ratio and direction,
+    noise) deblended into pieces and merged back: the combined object has the barycentre,
+    second moments, ellipse, errors, flux, pixel count, bounding box and peak that sep gives
+    the blend when it does not deblend (same pixels above the same threshold)."""
+    from ks4release.reduction.photometry import _merge_twins
+    from ks4release.reduction.sep_objects import combined_pieces
+
+    yy, xx = np.mgrid[0:40, 0:40].astype(np.float64)
+    image = np.random.default_rng(seed).normal(0.0, 0.5, (40, 40))
+    for sign, amplitude in ((-1, 100.0), (1, 100.0 * ratio)):
+        cx, cy = 20.0 + sign * 0.5 * dx * math.cos(angle), 20.0 + sign * 0.5 * dx * math.sin(angle)
+        image += amplitude * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 1.5**2))
+    rms = np.full_like(image, 0.5)
+    kwargs = {"thresh": 3.0, "err": rms, "minarea": 3, "filter_kernel": None,
+              "segmentation_map": True}
+    pieces, segmap = sep.extract(image, deblend_cont=1e-5, **kwargs)
+    assume(pieces.size == 2)
+    whole, _ = sep.extract(image, deblend_cont=1.0, **kwargs)
+    assert whole.size == 1
+    owner = _merge_twins(pieces, segmap, pieces["x"], pieces["y"], 2 * dx)
+    one = combined_pieces(pieces, owner, image, segmap, rms)[owner[0]]
+    for key in ("x", "y", "x2", "y2", "xy", "a", "b", "cxx", "cyy", "cxy", "errx2", "erry2",
+                "errxy", "flux", "peak"):
+        assert one[key] == pytest.approx(whole[key][0], rel=1e-4, abs=1e-6), key
+    assert math.cos(2 * (one["theta"] - whole["theta"][0])) == pytest.approx(1.0, abs=1e-6)
+    for key in ("npix", "xmin", "xmax", "ymin", "ymax", "xpeak", "ypeak"):
+        assert one[key] == whole[key][0], key
+    assert (one["flag"] & sep.OBJ_MERGED) != 0
+    unmerged = combined_pieces(pieces, np.arange(2), image, segmap, rms)
+    assert unmerged.tobytes() == pieces.tobytes()
+
+
+def _two_sources(amplitude: float, sigma: float, apart: float, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """96 x 96 px of unit white noise plus two equal round Gaussians ``apart`` px apart on row
+    48; also the noiseless dip between them on the filtered image in sigmas (white noise: the
+    3 x 3 kernel's factor 0.375) and the noise image."""
+    from scipy import ndimage
+
+    from ks4release.reduction.sep_objects import CONV_KERNEL
+
+    yy, xx = np.mgrid[0:96, 0:96].astype(np.float64)
+    model = sum(amplitude * np.exp(-((xx - cx) ** 2 + (yy - 48.0) ** 2) / (2 * sigma**2))
+                for cx in (48.0 - apart / 2, 48.0 + apart / 2))
+    row = ndimage.convolve(model, CONV_KERNEL / CONV_KERNEL.sum(), mode="constant")[48]
+    between = row[int(48 - apart / 2):int(48 + apart / 2) + 1]
+    image = model + np.random.default_rng(seed).normal(0.0, 1.0, model.shape)
+    return image, between, (row.max() - between.min()) / 0.375
+
+
+@pytest.mark.parametrize("amplitude, sigma, apart, tolerance", [
+    (30.0, 1.5, 8.0, 6.0),   # two stars: a dip of ~58 sigma
+    (6.0, 3.0, 8.0, 1.5),    # a shallow split: ~2.6 sigma, within the noise of one realisation
+])
+def test_dip_significance_follows_the_noiseless_dip(amplitude, sigma, apart, tolerance):
+    """Two sources split by sep's deblending (DEBLEND_MINCONT 0.00005), 10 noise realisations:
+    the pair of touching deblended pieces is found, and its dip in sigmas of the filtered image
+    scatters about the noiseless value (the median within ``tolerance``)."""
+    from ks4release.reduction.sep_objects import (
+        CONV_KERNEL,
+        dip_significance,
+        touching_pieces,
+    )
+
+    found = []
+    for seed in range(10):
+        image, _, expected = _two_sources(amplitude, sigma, apart, seed)
+        rms = np.ones_like(image)
+        objects, segmap = sep.extract(image.astype(np.float32), 1.3, err=rms.astype(np.float32),
+                                      minarea=9, filter_kernel=CONV_KERNEL, filter_type="conv",
+                                      deblend_cont=5e-5, segmentation_map=True)
+        pairs = touching_pieces(objects, segmap)
+        mine = [k for k, (i, j) in enumerate(pairs)
+                if max(abs(objects["y"][[i, j]] - 48.0)) < 3
+                and max(abs(objects["x"][[i, j]] - 48.0)) < apart]
+        if mine:
+            found.append(dip_significance(image, rms, np.zeros(image.shape, bool), segmap,
+                                          pairs[mine])[0])
+    assert len(found) >= 7
+    assert np.median(found) == pytest.approx(expected, abs=tolerance)
+
+
+def test_saddle_is_the_highest_connecting_path_not_the_highest_contact():
+    """Pieces one (left) and two (right) touch at 2 (top row), 1 and 6 (bottom row); the 6s
+    reach neither peak above 1, so the peaks connect at 2 (the highest contact, 6, is not the
+    saddle)."""
+    from ks4release.reduction.sep_objects import _saddle
+
+    values = np.array([[9.0, 2.0, 2.0, 8.0],
+                       [1.0, 1.0, 1.0, 1.0],
+                       [1.0, 6.0, 6.0, 1.0]])
+    one = np.zeros(values.shape, bool)
+    one[:, :2] = True
+    assert _saddle(values, one, ~one) == 2.0
+    values[1, :] = 7.0  # a middle row of 7s joins the peaks
+    assert _saddle(values, one, ~one) == 7.0
+    assert _saddle(values, one, ~one & (values > 1.5)) == 7.0  # two's own pixels only
+
+
+def test_touching_pieces_are_deblended_and_share_an_edge():
+    """Pairs of deblended (OBJ_MERGED) objects whose footprints share an edge; a diagonal
+    contact is no edge and an object that was never deblended pairs with nothing."""
+    from ks4release.reduction.sep_objects import touching_pieces
+
+    objects = np.zeros(4, dtype=[("flag", np.int16)])
+    objects["flag"] = [sep.OBJ_MERGED, sep.OBJ_MERGED, sep.OBJ_MERGED, 0]
+    segmap = np.array([[1, 1, 2, 0],
+                       [0, 0, 0, 3],
+                       [4, 4, 0, 0]], dtype=np.int32)
+    assert touching_pieces(objects, segmap).tolist() == [[0, 1]]
+    segmap[1, 2] = 3
+    assert touching_pieces(objects, segmap).tolist() == [[0, 1], [1, 2]]
 
 
 def test_coverage_leaves_out_an_exposure_where_its_data_left_the_median():
