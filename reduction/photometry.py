@@ -549,9 +549,9 @@ def _merge_twins(objects: np.ndarray, segmap: np.ndarray, x: np.ndarray, y: np.n
     one blend (both flagged deblended by sep) closer than ``deblended_px`` are one source too:
     two peaks closer than about half the PSF's FWHM are not resolved, and such pieces are
     noise splitting one galaxy (``deblend_twin_fwhm``). So are the pairs of rows ``also``
-    (:func:`_shallow_splits`). Of each group the piece of largest flux
-    owns the others and takes their footprint (the owners' segment numbers become 1..n in
-    order); :func:`.sep_objects.combined_pieces` then describes the group as one object.
+    (:func:`_shallow_splits`). Of each group the piece of largest flux owns the others and
+    takes their footprint (the owners' segment numbers become 1..n in order);
+    :func:`.sep_objects.combined_pieces` then describes the group as one object.
     """
     n = objects.size
     tree = cKDTree(np.c_[x, y])
@@ -730,9 +730,9 @@ def _shallow_splits(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.
     if settings.deblend_dip_sigma <= 0:
         return np.zeros((0, 2), dtype=np.int64)
     pairs = touching_pieces(objects, segmap)
-    apart = np.hypot(x[pairs[:, 0]] - x[pairs[:, 1]], y[pairs[:, 0]] - y[pairs[:, 1]])
-    pairs = pairs[apart < settings.deblend_dip_fwhm * band.seeing_arcsec
-                  / band.pixel_scale_arcsec]
+    apart_px = np.hypot(x[pairs[:, 0]] - x[pairs[:, 1]], y[pairs[:, 0]] - y[pairs[:, 1]])
+    pairs = pairs[apart_px * band.pixel_scale_arcsec
+                  < settings.deblend_dip_fwhm * band.seeing_arcsec]
     significance = dip_significance(band.image, band.rms, band.masked | band.touched, segmap,
                                     pairs)
     return pairs[significance < settings.deblend_dip_sigma]

@@ -127,9 +127,9 @@ def combined_pieces(objects: np.ndarray, owner: np.ndarray, image: np.ndarray,
     barycentre's errors from ``rms``, the bounding box, the peak; the filtered peak is the
     highest piece's and the flags their OR. (sep's deblended pieces do not carry moments of
     their own pixels, so these cannot be combined from them.) Without this the merged object
-    kept its brightest piece's centre and shape: 0.3-0.6" from a split galaxy's centre, enough
-    to miss its detection in a neighbouring tile at the masters' 0.5" linking radius. Returns a
-    copy; other rows unchanged.
+    kept its brightest piece's centre and shape: on the demo the pieces of split galaxies lie
+    0.3-0.9" from the galaxy's centre, enough to miss its detection in a neighbouring tile at
+    the masters' 0.5" linking radius. Returns a copy; other rows unchanged.
     """
     out = objects.copy()
     n = objects.size
