@@ -172,7 +172,6 @@ from ks4release.reduction.sep_objects import (
     dip_significance,
     ellipse,
     footprint_max,
-    psf_half_light_radius,
     set_extraction_limits,
     sky_background,
     touching_pieces,
@@ -702,13 +701,12 @@ def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
                          _shallow_splits(band, objects, segmap, x, y, settings))
     keep = owner == np.arange(objects.size)
     grouped = (np.bincount(owner, minlength=objects.size) > 1)[keep]
-    psf_r_half = psf_half_light_radius(objects, cen.r_half, band.rms)
     objects = combined_pieces(objects, owner, band.image, segmap, band.rms)[keep]
     x, y, x_err, y_err = x[keep], y[keep], x_err[keep], y_err[keep]
     row = np.cumsum(keep) - 1
     wings = tuple((int(row[k]), fit) for k, fit in fitted if keep[k])
     grouped[[k for k, _ in wings]] = False  # a saturated star keeps its wing fit's centre
-    _recentred(band, objects, segmap, grouped, (x, y, x_err, y_err), gain, psf_r_half)
+    _recentred(band, objects, segmap, grouped, (x, y, x_err, y_err), gain, cen.psf_r_half)
     n = objects.size
     seg_id = np.arange(1, n + 1, dtype=np.int32)
     a, b, theta = ellipse(objects)

@@ -278,13 +278,15 @@ _ERROR_BLOCK_PIXELS = 4_000_000
 
 @dataclass(frozen=True)
 class Centroids:
-    """Windowed centroids (0-based pixels) with their 1-sigma errors and half-light radii."""
+    """Windowed centroids (0-based pixels) with their 1-sigma errors and half-light radii, and
+    the PSF's half-light radius the windows used (pixels)."""
 
     x: np.ndarray
     y: np.ndarray
     x_err: np.ndarray
     y_err: np.ndarray
     r_half: np.ndarray
+    psf_r_half: float
 
 
 def windowed_centroids(image: np.ndarray, objects: np.ndarray, rms: np.ndarray,
@@ -318,7 +320,7 @@ def windowed_centroids(image: np.ndarray, objects: np.ndarray, rms: np.ndarray,
     by = np.sqrt(np.maximum(objects["erry2"], 0.0))
     use = ok & np.isfinite(ex) & np.isfinite(ey)
     return Centroids(x=x, y=y, x_err=np.where(use, ex, bx), y_err=np.where(use, ey, by),
-                     r_half=r_half)
+                     r_half=r_half, psf_r_half=float(psf_r_half))
 
 
 def windowed_errors(image: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: np.ndarray,
