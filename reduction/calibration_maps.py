@@ -536,10 +536,10 @@ def _between_bin_variance(offset: np.ndarray, noise_var: np.ndarray,
     keeps the single stars' errors in the map: on the demo release the B maps went from
     0.007-0.013 to 0.005 mag RMS about the injected residual (itself 0.005) with the test; a
     tile of DR1's size, with hundreds of bins, finds real structure significant. Bins more
-    than ``z_max`` standard deviations (``sqrt(tau**2 +
-    noise_var)``) from the tile are left out of the estimate, iterated until the set is stable
-    from ``tau**2 = 0``: one blended star must not pass for structure (starting from all bins
-    would let it inflate ``tau`` enough to keep itself). Returns ``tau**2`` and which bins
+    than ``z_max`` standard deviations (``sqrt(tau**2 + noise_var)``) from the tile are left
+    out of the estimate, iterated until the set is stable from ``tau**2 = 0``: one blended
+    star must not pass for structure (starting from all bins would let it inflate ``tau``
+    enough to keep itself). Returns ``tau**2`` and which bins
     were consistent with it (the others are outliers of the model, e.g. a bin whose one star
     is blended, and :func:`_shrink_towards_tile` gives them the tile's value).
     """
