@@ -35,6 +35,11 @@ Definitions (shared with the tests; the helpers named are where the same rule li
 * Per-amplifier zero point (issue 4): per live amplifier of every exposure, the RMS over Y of
   ``zp_fit(y) - zp_true(y) - c_true * pivot``; per site, the quadratic mean over its
   amplifiers.
+* Colour dependence (informational, issue 5's photometry; DR1's site colour terms): isolated
+  true stars of refined S/N > 50, FLAGS == 0, not EDGE, in the dual-mode tile catalogs: the
+  least-squares slope of (MAG_APER5 - true) against the true (V-I)_AB over all tiles, the
+  largest |slope| of a tile (the sites' mix differs by co-add) and the robust sigma of
+  (MAG_APER5 - true) less its median per tile.
 * Median-stack model (informational, issue 5's photometry): isolated true stars of refined S/N
   > 20 where every exposure of the co-add entered the median; circular aperture sums at their
   true positions on the co-add less the photometry's background; per co-add and S/N bin
@@ -535,6 +540,46 @@ def photometry(ctx: dict) -> list[dict]:
                                      overall_median=rounded(
                                          np.median(delta[good]) if good.any() else math.nan),
                                      bins=bins))
+    return out
+
+
+def colour_dependence(ctx: dict) -> list[dict]:
+    """Informational: the colour slope and scatter of bright stars' MAG_APER5 (definitions)."""
+    sources = ctx["sources"]
+    colour = (sources.mag_V - sources.mag_I).to_numpy()
+    out = []
+    for band in BANDS:
+        b = band.lower()
+        delta, colours, scatter, slopes = [], [], [], []
+        for tile in ctx["tiles"]:
+            truth = ctx["coadds"].get((tile, band))
+            if truth is None:
+                continue
+            table = tile_catalog(ctx["release"], tile, "dual", band)
+            rows, src = matched_rows(ctx, table)
+            keep = (ctx["star"][src] & truth.usable[src] & (truth.snr_refined[src] > 50)
+                    & (table[f"flags_{b}"].to_numpy()[rows] == 0)
+                    & ~table[f"edge_{b}"].to_numpy()[rows].astype(bool))
+            d = (table[f"mag_aper5_{b}"].to_numpy()[rows[keep]]
+                 - sources[f"mag_{band}"].to_numpy()[src[keep]])
+            good = np.isfinite(d)
+            delta.append(d[good])
+            colours.append(colour[src[keep]][good])
+            if good.any():
+                scatter.append(d[good] - np.median(d[good]))
+            if good.sum() >= 5 and np.ptp(colours[-1]) > 0:
+                slopes.append(abs(float(np.polyfit(colours[-1], d[good], 1)[0])))
+        if not delta or not np.concatenate(delta).size:
+            continue
+        d, c = np.concatenate(delta), np.concatenate(colours)
+        slope = float(np.polyfit(c, d, 1)[0]) if np.ptp(c) > 0 else math.nan
+        out.append(entry(5, "colour dependence of the photometry (site colour terms)",
+                         "dual mag_aper5 of isolated stars, refined S/N > 50: [slope against "
+                         "true V-I, largest |slope| of a tile, robust sigma about the tiles' "
+                         "medians]",
+                         [rounded(slope), rounded(max(slopes, default=math.nan)),
+                          rounded(robust_sigma(np.concatenate(scatter)))],
+                         "informational", None, band=band, n=int(d.size)))
     return out
 
 
@@ -1064,7 +1109,7 @@ def measure(release: Path, work: Path) -> dict:
                       for tile in tiles for band in bands_of(release, tile)}}
     entries = []
     for step in (amplifier_zeropoints, completeness, spurious_cleaning, photometry,
-                 median_stack_model, zp_maps, class_star, coverage_columns, master_checks):
+                 colour_dependence, median_stack_model, zp_maps, class_star, coverage_columns, master_checks):
         entries.extend(step(ctx))
     return {"release": str(release), "work_dir": str(work), "tiles": tiles,
             "n_true_sources": len(sources), "entries": entries,
