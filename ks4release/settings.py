@@ -1153,6 +1153,27 @@ class MapSettings:
         "for the co-add's SEEING, and give it back to every source by its own PSF when "
         "calibrating. False = DR1's maps, whose values mix the zero point with the local PSF.",
         default=True)
+    site_colour_correction: bool = documented(
+        "Take each site's colour term out of every source before the ZP maps are measured and "
+        "applied (ours; reduction/site_colour.py): the mean over the exposures covering the "
+        "source of their flux factors 10**(0.4 colour_term ((V-I) - pivot)), with the source's "
+        "(V-I) from the dual-mode table. False = DR1's catalogs, whose co-adds mix the sites' "
+        "photometric systems.",
+        default=True)
+    colour_match_arcsec: float = documented(
+        "Largest separation of a single-mode detection from the dual-mode detection whose "
+        "(V-I) it takes for the site colour correction, arcsec.",
+        default=1.0)
+    colour_min_snr: float = documented(
+        "Least S/N of the 5\" aperture in V and in I for a (V-I) used by the site colour "
+        "correction; sources below it are not corrected.",
+        default=5.0)
+    colour_min: float = documented(
+        "Bluest (V-I)_AB the site colour correction uses, mag (bluer colours are clipped).",
+        default=-0.5)
+    colour_max: float = documented(
+        "Reddest (V-I)_AB the site colour correction uses, mag (redder colours are clipped).",
+        default=4.0)
     align_window_bins: float = documented(
         "Side of the square window, in bins, centred on an alignment-map bin, whose stars give "
         "the bin's value (the toolkit: 1000 px around 200 px bins = 5).",
@@ -1167,7 +1188,8 @@ class MapSettings:
         default=21.7)
 
     def __post_init__(self) -> None:
-        for name in ("match_radius_arcsec", "align_match_radius_arcsec", "clip_sigma"):
+        for name in ("match_radius_arcsec", "align_match_radius_arcsec", "clip_sigma",
+                     "colour_match_arcsec"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("zp_window_bins", "align_window_bins"):
@@ -1186,3 +1208,8 @@ class MapSettings:
                              f"{self.align_gaia_g_min} and {self.align_gaia_g_max}")
         if not self.align_snr_min >= 0:
             raise ValueError(f"align_snr_min must be >= 0, got {self.align_snr_min}")
+        if not self.colour_min_snr >= 0:
+            raise ValueError(f"colour_min_snr must be >= 0, got {self.colour_min_snr}")
+        if not self.colour_min < self.colour_max:
+            raise ValueError(f"colour_min must be < colour_max, got {self.colour_min} and "
+                             f"{self.colour_max}")

@@ -442,14 +442,21 @@ def _plan_maps(ctx: ReleaseContext) -> list[Task]:
     """Zero-point and alignment maps per tile, band and mode."""
     rd = ctx.release_dir
     tasks = []
-    for tile, mode, bands in _modes(ctx):
+    modes = _modes(ctx)
+    duals = {tile: _measured(rd, tile, mode, bands) for tile, mode, bands in modes
+             if mode == "dual"}
+    for tile, mode, bands in modes:
         measured = _measured(rd, tile, mode, bands)
+        dual = duals.get(tile)
         for band in bands:
             tasks.append(Task(
                 stage="maps", key=f"{tile}/{mode}/{band}", func=run_maps,
                 kwargs={"release_dir": rd, "tile": tile, "band": band, "mode": mode,
-                        "measured_path": measured, "settings": ctx.config.maps},
+                        "measured_path": measured, "settings": ctx.config.maps,
+                        "dual_path": dual},
                 inputs=(measured, coadd_path(rd, tile, band, "coadd"),
+                        coadd_exposures_path(rd, tile, band),
+                        *((dual,) if dual is not None and dual != measured else ()),
                         tile_refcat_path(rd, tile, "gaia_xp"),
                         tile_refcat_path(rd, tile, "gaia_dr3")),
                 outputs=tuple(map_paths(rd, tile, band, mode)), tile=tile, band=band))
@@ -461,16 +468,20 @@ def _plan_tile_catalogs(ctx: ReleaseContext) -> list[Task]:
     rd = ctx.release_dir
     detection = ctx.config.master.detection_band.upper()
     tasks = []
-    for tile, mode, bands in _modes(ctx):
+    modes = _modes(ctx)
+    duals = {tile for tile, mode, _ in modes if mode == "dual"}
+    for tile, mode, bands in modes:
         single = mode == "single"
         out = (single_catalog_path(rd, tile, bands[0].lower()) if single
                else dual_catalog_path(rd, tile))
         refs = tuple(tile_refcat_path(rd, tile, c) for c in _TILE_REFCATS)
+        dual = (measured_path(rd, tile, "dual"),) if single and tile in duals else ()
         tasks.append(Task(
             stage="catalogs", key=out.stem, func=run_tile_catalog,
             kwargs={"release_dir": rd, "tile": tile, "mode": mode, "bands": bands,
-                    "settings": ctx.config.postprocess, "detection_band": detection},
-            inputs=(_measured(rd, tile, mode, bands), *refs,
+                    "settings": ctx.config.postprocess, "detection_band": detection,
+                    "map_settings": ctx.config.maps},
+            inputs=(_measured(rd, tile, mode, bands), *dual, *refs,
                     *(p for band in bands for p in map_paths(rd, tile, band, mode)),
                     *(coadd_exposures_path(rd, tile, band) for band in bands)),
             outputs=(out, summary_path(rd, tile, mode, bands[0] if single else None)),

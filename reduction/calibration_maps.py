@@ -69,6 +69,13 @@ bin of MAG_APER5 - true of S/N > 20 stars from 0.016-0.043 to 0.013-0.035 mag. A
 alone (the catalog stage corrects its Kron loss). The sidecar JSON says which PSF the maps
 hold for (``reference_fwhm_arcsec``, ``psf_beta``).
 
+Site colour terms (``[maps] site_colour_correction``, on by default; ours): before the maps are
+measured, every source's fluxes have the sites' colour terms taken out by its (V-I) colour
+(:mod:`.site_colour`), so that the maps hold for Gaia XP's system rather than for the median
+colour of their few stars; the sidecar JSON records it (``site_colour_correction``) and the
+catalog stage corrects the sources the same way before it calibrates them. DR1 left the sites'
+colour terms in its co-adds and names them its primary photometric limitation.
+
 Calibration (:func:`apply_zp_maps`): a source takes the zero point and error of its bin when the bin
 holds stars (``pstar > 0``), and the tile-wide zero point and error of the aperture otherwise (for
 the error see the end of this paragraph). An empty bin's 30 is the co-adds' nominal zero point,
@@ -121,7 +128,11 @@ from scipy.stats import chi2
 
 from ks4release.atomic import atomic_path, atomic_write_text, ensure_inside
 from ks4release.errors import InputError, StageError
-from ks4release.layout import coadd_path, tile_refcat_path
+from ks4release.layout import coadd_exposures_path, coadd_path, tile_refcat_path
+from ks4release.reduction.coadd_maps import coadd_wcs
+from ks4release.reduction.median_stack import moffat_enclosed_fraction
+from ks4release.reduction.photometry import read_measured
+from ks4release.reduction.site_colour import site_colour_correction
 from ks4release.reduction.zeropoint import VEGA_TO_AB
 from ks4release.refcat.formats import read_refcat
 from ks4release.settings import MapSettings
@@ -185,6 +196,8 @@ class ZpMap:
     estimated). ``reference_fwhm_arcsec`` and ``psf_beta``: the PSF (Moffat) the zero points
     hold for when the stars' local aperture losses were taken out (:func:`aperture_loss_mag`;
     NaN: they were not, the values hold for each star's own PSF as DR1's).
+    ``colour_corrected``: the maps were measured on fluxes with the sites' colour terms taken
+    out (:mod:`.site_colour`); the sources they calibrate need the same correction first.
     """
 
     zp: np.ndarray
@@ -197,6 +210,7 @@ class ZpMap:
     spatial_rms: float = math.nan
     reference_fwhm_arcsec: float = math.nan
     psf_beta: float = math.nan
+    colour_corrected: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.tile_zp) and math.isfinite(self.tile_zperr)
@@ -437,7 +451,7 @@ def aperture_loss_mag(fwhm_arcsec: np.ndarray, reference_fwhm_arcsec: float, bet
     """How much fainter a point source's magnitude in a circle of ``diameter_arcsec`` is under
     a Moffat PSF of FWHM ``fwhm_arcsec`` than under one of ``reference_fwhm_arcsec`` (same
     index ``beta``): ``-2.5 log10(EE(fwhm) / EE(reference))`` with the enclosed fraction
-    ``EE = 1 - (1 + r**2 / alpha**2) ** (1 - beta)``. 0 where the FWHM is not positive.
+    :func:`moffat_enclosed_fraction`. 0 where the FWHM is not positive.
 
     A median co-add's PSF changes with the exposures that made each pixel (chip gaps, dithers
     of other seeing, masked data): on the demo the 3" aperture's loss scatters 0.03-0.16 mag
@@ -449,14 +463,10 @@ def aperture_loss_mag(fwhm_arcsec: np.ndarray, reference_fwhm_arcsec: float, bet
                          f"got {reference_fwhm_arcsec}, {beta} and {diameter_arcsec}")
     fwhm = np.asarray(fwhm_arcsec, dtype=np.float64)
     usable = np.isfinite(fwhm) & (fwhm > 0)
-
-    def enclosed(width: np.ndarray) -> np.ndarray:
-        alpha = width / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-        return 1.0 - (1.0 + (0.5 * diameter_arcsec / alpha) ** 2) ** (1.0 - beta)
-
     loss = np.zeros(fwhm.shape)
-    loss[usable] = -2.5 * np.log10(enclosed(fwhm[usable])
-                                   / enclosed(np.float64(reference_fwhm_arcsec)))
+    loss[usable] = -2.5 * np.log10(
+        moffat_enclosed_fraction(fwhm[usable], beta, diameter_arcsec)
+        / moffat_enclosed_fraction(np.float64(reference_fwhm_arcsec), beta, diameter_arcsec))
     return loss
 
 
@@ -746,16 +756,24 @@ _TILE_ZP_RULE = (
     "zero points hold for a point source under a Moffat PSF of that FWHM and index; a source "
     "under a PSF of FWHM f (the catalog stage's psf_fwhm) is calibrated with zp + 2.5 "
     "log10(EE(f) / EE(reference_fwhm)), EE(f) = 1 - (1 + (D/2)**2 / alpha(f)**2)**(1 - "
-    "psf_beta) for the aperture's diameter D, alpha(f) = f / (2 sqrt(2**(1/psf_beta) - 1)).")
+    "psf_beta) for the aperture's diameter D, alpha(f) = f / (2 sqrt(2**(1/psf_beta) - 1)). "
+    "site_colour_correction.applied true: the zero points hold for fluxes with each site's "
+    "colour term taken out (flux * 10**(-0.4 * delta), delta = 2.5 log10 of the mean over the "
+    "exposures covering the source of 10**(0.4 colour_terms[exposure] ((V-I)_AB - pivot)); "
+    "ks4release reduction/site_colour.py), and a source must be corrected so before it is "
+    "calibrated.")
 
 
 def write_maps(release_dir: Path, tile: str, band: str, mode: str,
-               zp: Mapping[str, ZpMap], align: AlignMap) -> list[Path]:
+               zp: Mapping[str, ZpMap], align: AlignMap,
+               colour_correction: Mapping | None = None) -> list[Path]:
     """Write the maps of one tile, band and mode, each file atomically.
 
     The arrays with ``np.save`` in DR1's format, the tile-wide zero points as JSON
     (:func:`zp_tile_path`: ``{"tile", "band", "mode", "description", "apertures": {aperture:
-    {"zp", "zperr", "nstar"}}}``). ``zp`` must hold every aperture of :data:`APERTURES`.
+    {"zp", "zperr", "nstar"}}, "site_colour_correction"}``), the last being what
+    :mod:`.site_colour` did to the fluxes the maps were measured on (``{"applied": false}``
+    when ``colour_correction`` is None). ``zp`` must hold every aperture of :data:`APERTURES`.
     Returns the written paths (the order of :func:`map_paths`).
     """
     missing = [a for a in APERTURES if a not in zp]
@@ -773,7 +791,8 @@ def write_maps(release_dir: Path, tile: str, band: str, mode: str,
                                  **{key: (float(getattr(zp[a], key))
                                           if math.isfinite(getattr(zp[a], key)) else None)
                                     for key in _OPTIONAL_TILE_VALUES}}
-                             for a in APERTURES}}
+                             for a in APERTURES},
+               "site_colour_correction": dict(colour_correction or {"applied": False})}
     atomic_write_text(paths[-1], json.dumps(payload, indent=1, allow_nan=False) + "\n")
     return paths
 
@@ -840,7 +859,19 @@ def _load_tile_zp(path: Path, expected: dict[str, str]) -> dict[str, dict[str, f
                 raise InputError(path, f"apertures.{aperture}.{key} must be null or a number "
                                        f">= 0, got {value!r}", key=aperture)
             result[aperture][key] = math.nan if value is None else float(value)
+        result[aperture]["colour_corrected"] = _colour_corrected(path, payload)
     return result
+
+
+def _colour_corrected(path: Path, payload: dict) -> bool:
+    """Whether the sidecar says the maps were measured on colour-corrected fluxes (a file from
+    before the correction existed has no ``site_colour_correction``: not corrected)."""
+    record = payload.get("site_colour_correction", {"applied": False})
+    applied = record.get("applied") if isinstance(record, dict) else None
+    if not isinstance(applied, bool):
+        raise InputError(path, f"site_colour_correction must be an object with a boolean "
+                               f"'applied', got {record!r}", key="site_colour_correction")
+    return applied
 
 
 def _load(path: Path, expected: tuple[int, int]) -> np.ndarray:
@@ -859,13 +890,16 @@ def _load(path: Path, expected: tuple[int, int]) -> np.ndarray:
 
 
 def run_maps(*, release_dir: Path, tile: str, band: str, mode: str, measured_path: Path,
-             settings: MapSettings) -> None:
+             settings: MapSettings, dual_path: Path | None = None) -> None:
     """Measure and write the ZP and alignment maps of one tile, band and mode.
 
     Reads the measurement table ``measured_path`` (Parquet), the co-add header
-    (``coadd_path(release, tile, band, "coadd")``, for its size) and the tile's ``gaia_xp`` and
-    ``gaia_dr3`` reference catalogs (``tile_refcat_path``); writes the 16 files of
-    :func:`map_paths` atomically (15 ``.npy`` maps and the tile-wide zero points' JSON).
+    (``coadd_path(release, tile, band, "coadd")``, for its size and WCS) and the tile's
+    ``gaia_xp`` and ``gaia_dr3`` reference catalogs (``tile_refcat_path``); with
+    ``settings.site_colour_correction`` also the co-add's exposures JSON and the tile's
+    dual-mode measurement table ``dual_path`` (None: the tile has none, no correction), see
+    :mod:`.site_colour`. Writes the 16 files of :func:`map_paths` atomically (15 ``.npy`` maps
+    and the tile-wide zero points' JSON).
     """
     _check_mode(mode)
     _check_band(band)
@@ -875,13 +909,18 @@ def run_maps(*, release_dir: Path, tile: str, band: str, mode: str, measured_pat
         shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
     except (OSError, KeyError) as exc:
         raise InputError(coadd, f"cannot read the co-add size (NAXIS1, NAXIS2): {exc}") from exc
-    try:
-        table = Table.read(measured_path)
-    except (OSError, ValueError) as exc:
-        raise InputError(measured_path, f"cannot read the measurement table ({exc})") from exc
+    table = read_measured(measured_path)
     xp = read_refcat(tile_refcat_path(release_dir, tile, "gaia_xp"), "gaia_xp")
     gaia = read_refcat(tile_refcat_path(release_dir, tile, "gaia_dr3"), "gaia_dr3")
     size = max(shape)
+    colour = None
+    if settings.site_colour_correction:
+        dual = None if dual_path is None else (
+            table if Path(dual_path) == Path(measured_path) else read_measured(dual_path))
+        table, done = site_colour_correction(
+            table, band, dual=dual, wcs=coadd_wcs(header), settings=settings,
+            exposures_path=coadd_exposures_path(release_dir, tile, band))
+        colour = done.as_dict()
     try:
         zp = zp_maps(table, xp, band, bin_px=map_bin_px(size, FULL_ZP_BIN_PX), shape=shape,
                      settings=settings)
@@ -890,4 +929,4 @@ def run_maps(*, release_dir: Path, tile: str, band: str, mode: str, measured_pat
     except ValueError as exc:
         raise StageError(str(exc), stage="maps", tile=tile, band=band,
                          path=os.fspath(measured_path)) from exc
-    write_maps(release_dir, tile, band, mode, zp, align)
+    write_maps(release_dir, tile, band, mode, zp, align, colour)

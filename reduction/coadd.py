@@ -909,11 +909,18 @@ def _footprint(exp: _Exposure) -> dict:
     of [ra, dec] vertices) of every CCD used, through its fitted WCS, and ``psf_r50_arcsec``,
     the median over those CCDs of the stars' half-light radius (``PSFR50``, from the
     zero-point photometry) in arcsec, and ``sky_sigma``, the median over those CCDs of the
-    per-pixel sky noise in scaled counts (:func:`_sky_sigma`); None when no CCD has it."""
-    outlines, r50, sky = {}, [], []
+    per-pixel sky noise in scaled counts (:func:`_sky_sigma`); None when no CCD has it. Also
+    ``colour_term`` (``ZPCOLT``, the site's colour term in (V-I)_AB that the scaling left in,
+    median over the CCDs) and ``colour_pivot`` (``ZPCOLPIV``, the colour its zero points hold
+    for), None when the scaled exposure has no such card: the maps and catalogs take the site
+    colour terms out of each source with them (:mod:`.site_colour`)."""
+    outlines, r50, sky, colour_terms = {}, [], [], []
     with fits.open(exp.path, memmap=True) as hdul:
+        pivot = hdul[0].header.get("ZPCOLPIV")
         for name in exp.ok_ccds:
             header = hdul[name].header
+            if isinstance(header.get("ZPCOLT"), (int, float)):
+                colour_terms.append(float(header["ZPCOLT"]))
             shape = (int(header["NAXIS2"]), int(header["NAXIS1"]))
             wcs = _ccd_wcs(header)
             outlines[name] = ccd_footprint_deg(wcs, shape)
@@ -925,7 +932,9 @@ def _footprint(exp: _Exposure) -> dict:
     return {"stem": exp.stem, "mjd": exp.mjd, "site": exp.site, "ok": bool(exp.ok_ccds),
             "ccds": outlines, "excluded_ccds": exp.excluded,
             "psf_r50_arcsec": float(np.median(r50)) if r50 else None,
-            "sky_sigma": float(np.median(sky)) if sky else None}
+            "sky_sigma": float(np.median(sky)) if sky else None,
+            "colour_term": float(np.median(colour_terms)) if colour_terms else None,
+            "colour_pivot": float(pivot) if isinstance(pivot, (int, float)) else None}
 
 
 def _sky_sigma(header: fits.Header) -> float | None:

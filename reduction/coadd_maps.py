@@ -18,15 +18,19 @@ the catalog's NDITH, EDGE and MJD columns (the exposures JSON of the co-add).
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.wcs import WCS
+from astropy.wcs import WCS, FITSFixedWarning
 from matplotlib.path import Path as PolygonPath
 from scipy.interpolate import RectBivariateSpline
+
+from ks4release.errors import InputError
 
 __all__ = [
     "FOOTPRINT_VERTICES_PER_SIDE",
@@ -34,12 +38,14 @@ __all__ = [
     "accumulate_mask",
     "ccd_bbox",
     "ccd_footprint_deg",
+    "coadd_wcs",
     "exposure_coverage",
     "exposure_footprints",
     "frame_box",
     "grid_slices",
     "ndith_from_weights",
     "project_ccd",
+    "read_exposures_json",
 ]
 
 # Output rows handled at once when interpolating the pixel mapping (bounds memory).
@@ -245,6 +251,24 @@ def accumulate_mask(projections: list[CcdProjection], mask_map: np.ndarray) -> N
     the data at each output pixel, whether or not it entered the median)."""
     for p in projections:
         mask_map[p.y0:p.y1, p.x0:p.x1] |= p.bits
+
+
+def coadd_wcs(header: fits.Header) -> WCS:
+    """The celestial WCS of a co-add header, without astropy's notes on the cards it fixes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header).celestial
+
+
+def read_exposures_json(path: Path) -> dict:
+    """A co-add's exposures JSON, with an InputError naming the file when unreadable."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"cannot read the co-add's exposures ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise InputError(path, "expected a JSON object with 'exposures'")
+    return payload
 
 
 def exposure_footprints(exposures_json: dict, wcs: WCS, origin: int

@@ -197,6 +197,7 @@ __all__ = [
     "measured_path",
     "median_psf_fwhm",
     "psf_beta",
+    "read_measured",
     "run_photometry",
 ]
 
@@ -314,6 +315,15 @@ class _Band:
     wcs: WCS
     tile: str
     shape: tuple[int, int]
+
+
+
+def read_measured(path: Path) -> Table:
+    """A measurement table (Parquet), with an InputError naming the file when unreadable."""
+    try:
+        return Table.read(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read the measurement table ({exc})") from exc
 
 
 def _quiet_wcs(header: fits.Header) -> WCS:

@@ -83,6 +83,7 @@ __all__ = [
     "bias_curve",
     "catalog_boundary_mask",
     "coverage_columns",
+    "covering_exposures",
     "flag_spurious",
     "kron_loss_correction",
     "moffat_kron_fraction",
@@ -261,19 +262,26 @@ def _neighbour_counts(vectors: np.ndarray, others: np.ndarray, radius_arcsec: fl
 # 3.2.2 exposure contributions
 
 
-def _exposure_polygons(exposures_json: dict, wcs: WCS) -> list[tuple[float, list[PolygonPath]]]:
-    """(MJD, CCD polygons in 1-based co-add pixels) of every usable exposure.
+def covering_exposures(points: np.ndarray, exposures_json: dict, wcs: WCS
+                       ) -> tuple[list[dict], list[list[PolygonPath]], np.ndarray]:
+    """Which usable exposure of a co-add covers each point.
 
-    Exposures with ``ok`` false are skipped; excluded CCDs are not in ``ccds``. The vertices
-    are joined by straight lines on the co-add grid: a TAN projection maps great circles to
-    straight lines, so four corners would be exact for undistorted CCD edges, but the field
-    distortion bows a CCD's edges (by up to 1.6 co-add px between the corners of a demo chip,
-    25 px on the full-size camera); the co-add stage writes
-    ``coadd_maps.FOOTPRINT_VERTICES_PER_SIDE`` vertices per side, which follow the bow to
-    0.1 px or better. Any polygon of >= 3 vertices is accepted.
+    ``points`` (n, 2) are 1-based co-add pixels. Returns the exposures-JSON entries of the
+    usable exposures (``ok`` true, at least one CCD), their CCD polygons in 1-based co-add
+    pixels and a boolean matrix (exposures, points), true where a CCD footprint of the exposure
+    contains the point. Excluded CCDs are not in ``ccds``. The vertices are joined by straight
+    lines on the co-add grid: a TAN projection maps great circles to straight lines, so four
+    corners would be exact for undistorted CCD edges, but the field distortion bows a CCD's
+    edges (by up to 1.6 co-add px between the corners of a demo chip, 25 px on the full-size
+    camera); the co-add stage writes ``coadd_maps.FOOTPRINT_VERTICES_PER_SIDE`` vertices per
+    side, which follow the bow to 0.1 px or better. Any polygon of >= 3 vertices is accepted.
     """
-    return [(float(exposure["mjd"]), paths)
-            for exposure, paths in exposure_footprints(exposures_json, wcs, origin=1) if paths]
+    usable = [(exposure, paths) for exposure, paths
+              in exposure_footprints(exposures_json, wcs, origin=1) if paths]
+    covering = np.zeros((len(usable), len(points)), dtype=bool)
+    for k, (_, paths) in enumerate(usable):
+        covering[k] = _covered_by(paths, points)
+    return [e for e, _ in usable], [p for _, p in usable], covering
 
 
 def _covered_by(paths: list[PolygonPath], points: np.ndarray) -> np.ndarray:
@@ -336,13 +344,10 @@ def coverage_columns(table: Table, exposures_json: dict, band: str, *, edge_px: 
         raise ValueError(f"edge_px must be >= 0, got {edge_px}")
     x, y = _float(table, "x_image"), _float(table, "y_image")
     points = np.column_stack([x, y])
-    exposures = _exposure_polygons(exposures_json, wcs)
-    covering = np.zeros((len(exposures), len(table)), dtype=bool)
-    for k, (_, paths) in enumerate(exposures):
-        covering[k] = _covered_by(paths, points)
-    mjd = np.array([m for m, _ in exposures], dtype=float)
+    exposures, polygons, covering = covering_exposures(points, exposures_json, wcs)
+    mjd = np.array([float(e["mjd"]) for e in exposures], dtype=float)
     ndith = covering.sum(axis=0)
-    edge = _near_edge(points, [p for _, paths in exposures for p in paths], edge_px, shape)
+    edge = _near_edge(points, [p for paths in polygons for p in paths], edge_px, shape)
     out = table.copy()
     out[f"ndith_{b}"] = np.where(edge, 1, ndith).astype(np.int16)
     out[f"edge_{b}"] = edge

@@ -3,7 +3,9 @@
 DR1 section 3.2 in the order the paper gives it. For one tile and detection mode the task
 :func:`run_tile_catalog` reads the measurement table of :mod:`reduction.photometry` and
 
-1. turns fluxes into AB magnitudes with the zero-point maps of every band
+1. takes the sites' colour terms out of every band's fluxes when the maps were made so
+   (:mod:`reduction.site_colour`; the colours from the tile's dual-mode measurement table) and
+   turns the fluxes into AB magnitudes with the zero-point maps of every band
    (:func:`reduction.calibration_maps.apply_zp_maps`);
 2. removes spurious detections against every reference catalog of the tile (Gaia DR3 and
    DELVE DR2; :func:`reduction.postprocess.flag_spurious`), their stars moved by their proper
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,14 +38,15 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.time import Time
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS
 
 from ks4release.atomic import atomic_write_text
 from ks4release.errors import InputError
 from ks4release.layout import coadd_exposures_path, coadd_path, tile_refcat_path
 from ks4release.reduction.astrometric_floor import AstrometricFloor, astrometric_floor
 from ks4release.reduction.calibration_maps import apply_zp_maps, read_maps
-from ks4release.reduction.photometry import measured_path, psf_beta
+from ks4release.reduction.coadd_maps import coadd_wcs, read_exposures_json
+from ks4release.reduction.photometry import measured_path, psf_beta, read_measured
 from ks4release.reduction.postprocess import (
     PostprocessSettings,
     auto_bias_correction,
@@ -53,8 +55,10 @@ from ks4release.reduction.postprocess import (
     kron_loss_correction,
     point_source_targets,
 )
+from ks4release.reduction.site_colour import site_colour_correction
 from ks4release.refcat.formats import read_refcat
 from ks4release.refcat.propagate import propagate_positions
+from ks4release.settings import MapSettings
 from ks4release.tile_catalogs import (
     BANDS,
     dual_catalog_path,
@@ -91,9 +95,7 @@ def _coadd_geometry(release_dir: Path, tile: str, band: str
     """Shape, celestial WCS, pixel scale (arcsec) and mean epoch (Julian year, from the header's
     MJD-MEAN; None without it) of a tile's co-add."""
     header = fits.getheader(coadd_path(release_dir, tile, band, "coadd"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        wcs = WCS(header).celestial
+    wcs = coadd_wcs(header)
     scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
     mjd = header.get("MJD-MEAN")
     epoch = float(Time(float(mjd), format="mjd").jyear) if mjd is not None else None
@@ -181,25 +183,33 @@ def _calibration(references: dict[str, Table], band: str, settings: PostprocessS
 
 def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode: str,
                   shape: tuple[int, int], wcs: WCS, pixel_scale_arcsec: float,
-                  references: dict[str, Table], settings: PostprocessSettings
-                  ) -> tuple[Table, dict]:
-    """Steps 1, 3 and 4 of the module docstring for one band (upper-case ``band``)."""
+                  references: dict[str, Table], settings: PostprocessSettings,
+                  dual: Table | None, map_settings: MapSettings) -> tuple[Table, dict]:
+    """Steps 1, 3 and 4 of the module docstring for one band (upper-case ``band``); ``dual``
+    is the tile's dual-mode measurement table as measured (the colours of the site colour
+    correction), None when the tile has none."""
     b = band.lower()
     header = fits.getheader(coadd_path(release_dir, tile, band, "coadd"))
     seeing_arcsec = float(header["SEEING"])
     zp, _ = read_maps(release_dir, tile, band, mode, shape=shape)
+    exposures_path = coadd_exposures_path(release_dir, tile, band)
+    exposures = read_exposures_json(exposures_path)
+    summary: dict = {}
+    if any(m.colour_corrected for m in zp.values()):
+        table, colour = site_colour_correction(table, band, dual=dual, wcs=wcs,
+                                               exposures_path=exposures_path,
+                                               settings=map_settings)
+        summary["site_colour_correction"] = colour.as_dict()
     table = apply_zp_maps(table, zp, band)
-    exposures = json.loads(coadd_exposures_path(release_dir, tile, band).read_text())
     table = coverage_columns(table, exposures, b, edge_px=settings.edge_px, shape=shape,
                              wcs=wcs)
     calibration = _calibration(references, b, settings)
     if calibration is None:
         reason = f"no {settings.bias_reference} catalog for tile {tile}"
         logger.warning("MAG_AUTO bias correction %s: not applied (%s)", b, reason)
-        return table, {"bias_curve": None, "reason": reason}
+        return table, {**summary, "bias_curve": None, "reason": reason}
     gaia = references.get("gaia_dr3")
     gaia_positions = None if gaia is None else _positions(gaia)
-    summary: dict = {}
     if settings.kron_loss_correction:
         targets = point_source_targets(table, b, settings, gaia_positions)
         table, summary["kron_loss"] = kron_loss_correction(
@@ -237,14 +247,17 @@ def _jsonable(value: object) -> object:
 
 
 def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[str, ...],
-                     settings: PostprocessSettings, detection_band: str = "I") -> None:
+                     settings: PostprocessSettings, detection_band: str = "I",
+                     map_settings: MapSettings | None = None) -> None:
     """Make the tile catalog of one tile and mode (task function).
 
     ``bands`` (upper case): in dual mode every band with a co-add of the tile, in single mode
     the one band. Reads the measurement table, the maps (``read_maps``), the co-adds'
     headers and exposures JSON, the tile's reference catalogs (Gaia DR3, Gaia XP, DELVE
-    DR2); writes the tile catalog (``dual_catalog_path`` / ``single_catalog_path``) and
-    :func:`summary_path`, each atomically.
+    DR2) and, in single mode, the tile's dual-mode measurement table when there is one (the
+    colours of the site colour correction, done with ``map_settings`` when the maps were
+    made with it); writes the tile catalog (``dual_catalog_path`` / ``single_catalog_path``)
+    and :func:`summary_path`, each atomically.
     """
     release_dir = Path(release_dir)
     single = mode == "single"
@@ -254,7 +267,10 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
     source = measured_path(release_dir, tile, mode, band)
     if not source.is_file():
         raise InputError(source, f"tile {tile}: no {mode}-mode measurement table")
-    table = Table.read(source)
+    table = read_measured(source)
+    dual_source = measured_path(release_dir, tile, "dual")
+    dual = (table if not single else
+            read_measured(dual_source) if dual_source.is_file() else None)
     detection = band if single else detection_band
     shape, wcs, scale, epoch = _coadd_geometry(release_dir, tile, detection)
     references = _read_references(release_dir, tile)
@@ -267,7 +283,8 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
     for b in bands:
         table, summary["bands"][b] = _process_band(
             table, release_dir=release_dir, tile=tile, band=b, mode=mode, shape=shape,
-            wcs=wcs, pixel_scale_arcsec=scale, references=matching, settings=settings)
+            wcs=wcs, pixel_scale_arcsec=scale, references=matching, settings=settings,
+            dual=dual, map_settings=map_settings or MapSettings())
     band_letter = band.lower() if single else None
     cols = tile_catalog_columns(table, mode=mode, band=band_letter, pixel_scale_arcsec=scale)
     if single:

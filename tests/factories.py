@@ -13,12 +13,18 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.time import Time
+from astropy.wcs import WCS
 
 from ks4release.camera import Camera
 from ks4release.survey import DITHER_OFFSETS_ARCMIN
 
 __all__ = [
-    "DEMO_SCALE", "DELETE", "write_exposure", "write_garbage", "write_truncated", "amp_sections",
+    "DELETE",
+    "DEMO_SCALE",
+    "amp_sections",
+    "write_exposure",
+    "write_garbage",
+    "write_truncated",
 ]
 
 #: Camera scale of the test exposures (144 x 144 px CCDs).
@@ -133,3 +139,25 @@ def write_garbage(path: str | Path) -> Path:
 def _isot(mjd: float) -> str:
     return Time(mjd, format="mjd", scale="utc").isot
 
+
+def grid_wcs(n: int) -> WCS:
+    """A TAN co-add grid of n x n 0.4" pixels centred on (0, 0)."""
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [0.0, 0.0]
+    wcs.wcs.crpix = [(n + 1) / 2, (n + 1) / 2]
+    wcs.wcs.cd = [[-0.4 / 3600, 0.0], [0.0, 0.4 / 3600]]
+    return wcs
+
+
+def rectangle_vertices(wcs: WCS, x0: float, y0: float, x1: float, y1: float,
+                       per_side: int) -> list[list[float]]:
+    """[ra, dec] vertices, ``per_side`` per side, of a pixel rectangle on the TAN grid ``wcs``
+    (1-based pixels)."""
+    t = np.arange(per_side) / per_side
+    xs = np.concatenate([x0 + t * (x1 - x0), np.full(per_side, x1), x1 - t * (x1 - x0),
+                         np.full(per_side, x0)])
+    ys = np.concatenate([np.full(per_side, y0), y0 + t * (y1 - y0), np.full(per_side, y1),
+                         y1 - t * (y1 - y0)])
+    ra, dec = wcs.wcs_pix2world(xs, ys, 1)
+    return np.column_stack([ra % 360.0, dec]).tolist()

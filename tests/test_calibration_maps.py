@@ -593,6 +593,29 @@ def test_read_maps_names_a_bad_file(tmp_path):
     paths[-1].write_text("{not json")
     with pytest.raises(InputError, match=paths[-1].name):
         read_maps(tmp_path, TILE, "I", "single", shape=(300, 300))
+    paths[-1].write_text(json.dumps({**sidecar, "site_colour_correction": {"applied": "yes"}}))
+    with pytest.raises(InputError, match="site_colour_correction"):
+        read_maps(tmp_path, TILE, "I", "single", shape=(300, 300))
+
+
+def test_sidecar_says_whether_the_maps_hold_for_colour_corrected_fluxes(tmp_path):
+    """The maps' JSON records the site colour correction; read back, every aperture's map
+    carries it, and a sidecar from before the correction existed reads as not corrected."""
+    zp, align = _maps_for((300, 300), 2)
+    record = {"applied": True, "colour": "V-I", "n_sources": 10, "n_corrected": 8,
+              "median_abs_mag": 0.01, "colour_terms": {"e1": 0.02}}
+    paths = write_maps(tmp_path, TILE, "R", "dual", zp, align, record)
+    assert json.loads(paths[-1].read_text())["site_colour_correction"] == record
+    read = read_maps(tmp_path, TILE, "R", "dual", shape=(300, 300))[0]
+    assert all(m.colour_corrected for m in read.values())
+    write_maps(tmp_path, TILE, "R", "dual", zp, align)
+    assert not any(m.colour_corrected for m in
+                   read_maps(tmp_path, TILE, "R", "dual", shape=(300, 300))[0].values())
+    sidecar = json.loads(paths[-1].read_text())
+    del sidecar["site_colour_correction"]
+    paths[-1].write_text(json.dumps(sidecar))
+    assert not any(m.colour_corrected for m in
+                   read_maps(tmp_path, TILE, "R", "dual", shape=(300, 300))[0].values())
 
 
 # --- truth ------------------------------------------------------------------------------------

@@ -923,6 +923,9 @@ def test_products_headers_and_exposures_json(built):
         # PSFR50 of the scaled CCDs (here the true Moffat's, beta 3: r50 = 0.6312 FWHM)
         assert entry["psf_r50_arcsec"] == pytest.approx(0.6312 * exp.seeing_fwhm_arcsec,
                                                         rel=0.01)
+        # the scaled exposures' colour term and pivot (ZPCOLT, ZPCOLPIV), for site_colour
+        assert entry["colour_term"] == pytest.approx(site(exp.site).colour_term)
+        assert entry["colour_pivot"] == 0.0
     # the dead amplifier (bit 8) shows in the mask map wherever only it covers a pixel
     assert np.any(built["mask"] & 8)
 

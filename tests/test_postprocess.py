@@ -24,6 +24,7 @@ from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
+from factories import grid_wcs, rectangle_vertices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import maximum_filter
@@ -338,15 +339,6 @@ def _square_json(k: int, half_deg: float, mjd0: float) -> dict:
                 "excluded_ccds": {}}]}
 
 
-def _grid_wcs(n: int) -> WCS:
-    wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.crval = [0.0, 0.0]
-    wcs.wcs.crpix = [(n + 1) / 2, (n + 1) / 2]
-    wcs.wcs.cd = [[-0.4 / 3600, 0.0], [0.0, 0.4 / 3600]]
-    return wcs
-
-
 @settings(max_examples=30, deadline=None)
 @given(k=st.integers(0, 6), x=st.floats(1.0, 400.0), y=st.floats(1.0, 400.0),
        mjd0=st.floats(50000.0, 60000.0))
@@ -354,7 +346,7 @@ def test_point_inside_k_identical_polygons_has_ndith_k(k, x, y, mjd0):
     """Square footprints larger than the 400 px co-add: NDITH = k inside, EDGE near the border."""
     table = Table({"x_image": [x], "y_image": [y]})
     out = coverage_columns(table, _square_json(k, 0.1, mjd0), "R", edge_px=10.0,
-                           shape=(400, 400), wcs=_grid_wcs(400))
+                           shape=(400, 400), wcs=grid_wcs(400))
     border = min(x - 0.5, 400.5 - x, y - 0.5, 400.5 - y) < 10.0
     assert bool(out["edge_r"][0]) == (border or k == 0)
     assert out["ndith_r"][0] == (1 if border or k == 0 else k)
@@ -366,19 +358,6 @@ def test_point_inside_k_identical_polygons_has_ndith_k(k, x, y, mjd0):
         assert out["mean_mjd_r"].mask[0]
 
 
-def _rectangle_vertices(wcs: WCS, x0: float, y0: float, x1: float, y1: float,
-                        per_side: int) -> list[list[float]]:
-    """[ra, dec] vertices, ``per_side`` per side, of a pixel rectangle on the TAN grid ``wcs``
-    (1-based pixels)."""
-    t = np.arange(per_side) / per_side
-    xs = np.concatenate([x0 + t * (x1 - x0), np.full(per_side, x1), x1 - t * (x1 - x0),
-                         np.full(per_side, x0)])
-    ys = np.concatenate([np.full(per_side, y0), y0 + t * (y1 - y0), np.full(per_side, y1),
-                         y1 - t * (y1 - y0)])
-    ra, dec = wcs.wcs_pix2world(xs, ys, 1)
-    return np.column_stack([ra % 360.0, dec]).tolist()
-
-
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), per_side=st.sampled_from([1, 4, 16]))
 def test_ndith_counts_the_exposures_whose_ccds_hold_the_source(seed, per_side):
@@ -386,14 +365,14 @@ def test_ndith_counts_the_exposures_whose_ccds_hold_the_source(seed, per_side):
     source's NDITH and MJDs are those of the exposures with a CCD holding it, EDGE (NDITH 1)
     where none does; the CCDs' vertices per side do not matter for straight sides."""
     rng = np.random.default_rng(seed)
-    wcs = _grid_wcs(400)
+    wcs = grid_wcs(400)
     exposures, boxes, mjds = [], [], []
     for i in range(int(rng.integers(1, 6))):
         ccds, mine = {}, []
         for name in CCD_NAMES[:int(rng.integers(1, 5))]:
             x0, y0 = rng.uniform(-50.0, 350.0, 2)
             x1, y1 = x0 + rng.uniform(20.0, 200.0), y0 + rng.uniform(20.0, 200.0)
-            ccds[name] = _rectangle_vertices(wcs, x0, y0, x1, y1, per_side)
+            ccds[name] = rectangle_vertices(wcs, x0, y0, x1, y1, per_side)
             mine.append((x0, y0, x1, y1))
         exposures.append({"stem": f"e{i}", "mjd": 58000.0 + 10 * i, "ok": True, "ccds": ccds,
                           "excluded_ccds": {}})
@@ -424,7 +403,7 @@ def test_end_of_coverage_is_edge():
     table = Table({"x_image": [200.5, 200.5 + 95.0, 200.5 + 120.0],
                    "y_image": [200.5, 200.5, 200.5]})
     out = coverage_columns(table, _square_json(3, half, 58000.0), "B", edge_px=10.0,
-                           shape=(400, 400), wcs=_grid_wcs(400))
+                           shape=(400, 400), wcs=grid_wcs(400))
     assert list(out["edge_b"]) == [False, True, True]
     assert list(out["ndith_b"]) == [3, 1, 1]
     assert list(out["min_mjd_b"].mask) == [False, False, True]

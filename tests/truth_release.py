@@ -5,7 +5,8 @@ scale and mask stages would write, straight from the truth: raw data minus the t
 ``10**(0.4 * (30 - zp(y)))`` per amplifier, with the true TAN-SIP WCS and the DR1 bits (1, 2, 4,
 8) of the truth masks, saturated cores (truth bit 64) as bit 2 as the mask stage marks them, and
 each CCD's ``PSFR50`` from the exposure's true seeing (the simulator's Moffat, beta 3), and the
-scale stage's ``GAIN`` (e- per scaled count), ``RDNOISE`` and ``SKYLEVEL`` (the true sky, scaled).
+scale stage's ``GAIN`` (e- per scaled count), ``RDNOISE`` and ``SKYLEVEL`` (the true sky, scaled),
+and the true colour term (``ZPCOLT``) at the pivot colour 0 (``ZPCOLPIV``) of the true zero points.
 Tests of the co-add and of what follows it then start from exact inputs and measure their own
 stage alone.
 """
@@ -57,6 +58,7 @@ def write_scaled_from_truth(survey: Path, release: Path, band: str) -> list[str]
         with fits.open(survey / exp.file) as raw, \
                 fits.open(survey / "truth" / "masks" / f"{exp.stem}_mask.fits") as truth:
             scaled = fits.HDUList([fits.PrimaryHDU(header=raw[0].header.copy())])
+            scaled[0].header["ZPCOLPIV"] = 0.0
             masks = fits.HDUList([fits.PrimaryHDU()])
             for name in CCD_NAMES:
                 data = raw[name].data.astype(np.float64) - exp[f"sky_adu_{name}"]
@@ -76,6 +78,7 @@ def write_scaled_from_truth(survey: Path, release: Path, band: str) -> list[str]
                 header["SKYLEVEL"] = exp[f"sky_adu_{name}"] * factor
                 header["SATURATE"] = raw[name].header["SATURATE"]
                 header["PSFR50"] = moffat_r50_px(exp.seeing_fwhm_arcsec, header)
+                header["ZPCOLT"] = float(zps[zps.file == exp.file].colour_term.iloc[0])
                 scaled.append(fits.ImageHDU(data.astype(np.float32), header))
                 masks.append(fits.ImageHDU(dr1_bits(truth[name].data),
                                            fits.Header([("EXTNAME", name)])))
