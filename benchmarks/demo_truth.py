@@ -1109,7 +1109,8 @@ def measure(release: Path, work: Path) -> dict:
                       for tile in tiles for band in bands_of(release, tile)}}
     entries = []
     for step in (amplifier_zeropoints, completeness, spurious_cleaning, photometry,
-                 colour_dependence, median_stack_model, zp_maps, class_star, coverage_columns, master_checks):
+                 colour_dependence, median_stack_model, zp_maps, class_star, coverage_columns,
+                 master_checks):
         entries.extend(step(ctx))
     return {"release": str(release), "work_dir": str(work), "tiles": tiles,
             "n_true_sources": len(sources), "entries": entries,

@@ -444,7 +444,7 @@ def _plan_maps(ctx: ReleaseContext) -> list[Task]:
     tasks = []
     modes = _modes(ctx)
     duals = {tile: _measured(rd, tile, mode, bands) for tile, mode, bands in modes
-             if mode == "dual"}
+             if mode == "dual"} if ctx.config.maps.site_colour_correction else {}
     for tile, mode, bands in modes:
         measured = _measured(rd, tile, mode, bands)
         dual = duals.get(tile)
@@ -469,7 +469,8 @@ def _plan_tile_catalogs(ctx: ReleaseContext) -> list[Task]:
     detection = ctx.config.master.detection_band.upper()
     tasks = []
     modes = _modes(ctx)
-    duals = {tile for tile, mode, _ in modes if mode == "dual"}
+    duals = {tile for tile, mode, _ in modes
+             if mode == "dual"} if ctx.config.maps.site_colour_correction else set()
     for tile, mode, bands in modes:
         single = mode == "single"
         out = (single_catalog_path(rd, tile, bands[0].lower()) if single

@@ -128,10 +128,8 @@ of issue 5: M's zero-point maps and Q's post-processing read it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -144,7 +142,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.stats import mad_std
 from astropy.table import Table
-from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY, FITSFixedWarning
+from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY
 from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy import sparse
 from scipy.ndimage import binary_dilation, distance_transform_edt, grey_dilation
@@ -156,7 +154,7 @@ from ks4release.atomic import atomic_path
 from ks4release.errors import InputError, StageError
 from ks4release.layout import coadd_excluded_path, coadd_exposures_path, coadd_path
 from ks4release.reduction.coadd import fill_masked_pixels, read_excluded
-from ks4release.reduction.coadd_maps import exposure_footprints
+from ks4release.reduction.coadd_maps import coadd_wcs, exposure_footprints, read_exposures_json
 from ks4release.reduction.median_stack import point_source_factors
 from ks4release.reduction.photometry_blocks import (
     Block,
@@ -317,20 +315,12 @@ class _Band:
     shape: tuple[int, int]
 
 
-
 def read_measured(path: Path) -> Table:
     """A measurement table (Parquet), with an InputError naming the file when unreadable."""
     try:
         return Table.read(path)
     except (OSError, ValueError) as exc:
         raise InputError(path, f"cannot read the measurement table ({exc})") from exc
-
-
-def _quiet_wcs(header: fits.Header) -> WCS:
-    """The celestial WCS of a co-add header (astropy's notes on fixed keywords silenced)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(header).celestial
 
 
 @dataclass(frozen=True, eq=False)
@@ -387,7 +377,7 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
         if noise_factors is None:
             noise_factors = coverage_noise_factors(sky.sub, rms, np.asarray(ndith), ~sky.missing)
         rms *= noise_factors[depth]
-    wcs = _quiet_wcs(header)
+    wcs = coadd_wcs(header)
     scale = float(np.mean(proj_plane_pixel_scales(wcs)) * 3600.0)  # deg -> arcsec
     saturate = float(header["SATURATE"]) - sky.globalback if "SATURATE" in header else math.inf
     gain = float(header.get("GAIN", settings.gain_e_per_adu))
@@ -1370,10 +1360,10 @@ def _check_grid(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
                 detection_band: str) -> None:
     """Raise when the co-adds of a tile are not all on the detection band's pixel grid."""
     image, _, header = images[detection_band]
-    shape, wcs = np.shape(image), _quiet_wcs(header)
+    shape, wcs = np.shape(image), coadd_wcs(header)
     tile = header.get("TILE", "?")
     for band, (other, _, other_header) in images.items():
-        if np.shape(other) != shape or not _quiet_wcs(other_header).wcs.compare(
+        if np.shape(other) != shape or not coadd_wcs(other_header).wcs.compare(
                 wcs.wcs, cmp=WCSCOMPARE_ANCILLARY, tolerance=1e-9):
             raise ValueError(f"tile {tile}: band {band} co-add (shape {np.shape(other)}) is not "
                              f"on the pixel grid of detection band {detection_band} (shape "
@@ -1468,12 +1458,7 @@ class _Coadd:
                                        f"{None if data is None else data.shape}")
             self.arrays[kind] = data
         self.shape = self.arrays["coadd"].shape
-        path = coadd_exposures_path(release_dir, tile, band)
-        try:
-            self.exposures = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(path, f"cannot read the exposure list of tile {tile} band {band}: "
-                                   f"{exc}") from None
+        self.exposures = read_exposures_json(coadd_exposures_path(release_dir, tile, band))
         self.excluded = read_excluded(coadd_excluded_path(release_dir, tile, band), self.shape)
 
     def __enter__(self) -> Self:

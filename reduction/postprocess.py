@@ -85,6 +85,7 @@ __all__ = [
     "coverage_columns",
     "covering_exposures",
     "flag_spurious",
+    "float_column",
     "kron_loss_correction",
     "moffat_kron_fraction",
     "point_source_targets",
@@ -124,7 +125,7 @@ def _require(table: Table, columns: Sequence[str], what: str) -> None:
         raise ValueError(f"{what}: the table lacks column(s) {', '.join(missing)}")
 
 
-def _float(table: Table, name: str) -> np.ndarray:
+def float_column(table: Table, name: str) -> np.ndarray:
     """Column ``name`` as float64 with masked entries as NaN."""
     column = table[name]
     values = np.asarray(column, dtype=float).copy()
@@ -342,7 +343,7 @@ def coverage_columns(table: Table, exposures_json: dict, band: str, *, edge_px: 
     _require(table, ("x_image", "y_image"), f"coverage_columns band {band}")
     if edge_px < 0:
         raise ValueError(f"edge_px must be >= 0, got {edge_px}")
-    x, y = _float(table, "x_image"), _float(table, "y_image")
+    x, y = float_column(table, "x_image"), float_column(table, "y_image")
     points = np.column_stack([x, y])
     exposures, polygons, covering = covering_exposures(points, exposures_json, wcs)
     mjd = np.array([float(e["mjd"]) for e in exposures], dtype=float)
@@ -524,13 +525,13 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
         else float(psf_beta)
     if not beta > 1.0:
         raise ValueError(f"kron_loss_correction band {band}: PSF beta must be > 1, got {beta}")
-    fraction = moffat_kron_fraction(_float(table, f"a_image_{b}"), _float(table, f"b_image_{b}"),
-                                    _float(table, f"theta_image_{b}"),
-                                    _float(table, f"kron_radius_{b}"),
+    fraction = moffat_kron_fraction(float_column(table, f"a_image_{b}"), float_column(table, f"b_image_{b}"),
+                                    float_column(table, f"theta_image_{b}"),
+                                    float_column(table, f"kron_radius_{b}"),
                                     fwhm_arcsec / pixel_scale_arcsec, beta)
-    reference = ((_float(table, f"snr_{b}") >= settings.kron_reference_snr)
-                 & (_float(table, f"class_star_{b}") >= settings.bias_class_star_min)
-                 & (_float(table, f"flags_{b}") <= settings.bias_flags_max)
+    reference = ((float_column(table, f"snr_{b}") >= settings.kron_reference_snr)
+                 & (float_column(table, f"class_star_{b}") >= settings.bias_class_star_min)
+                 & (float_column(table, f"flags_{b}") <= settings.bias_flags_max)
                  & np.isfinite(fraction))
     out = table.copy()
     if reference.sum() < settings.bias_min_stars:
@@ -539,7 +540,7 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
         logger.info("Kron loss correction %s: not applied (%s)", b, reason)
         return out, {"applied": False, "reason": reason, "psf_beta": beta}
     f_ref = float(np.median(fraction[reference]))
-    mag_auto = _float(table, f"mag_auto_{b}")
+    mag_auto = float_column(table, f"mag_auto_{b}")
     shrunk = np.isfinite(fraction) & (fraction < f_ref)
     apply = (targets | (shrunk & settings.kron_loss_compact)) & np.isfinite(fraction) \
         & np.isfinite(mag_auto)
@@ -563,7 +564,7 @@ def point_source_targets(table: Table, band: str, settings: PostprocessSettings,
     and sources with CLASS_STAR >= ``bias_apply_class_star_min`` (DR1: "high-confidence point
     sources"; the setting documents our choice); extended sources keep their MAG_AUTO."""
     b = _band(band)
-    confident = _float(table, f"class_star_{b}") >= settings.bias_apply_class_star_min
+    confident = float_column(table, f"class_star_{b}") >= settings.bias_apply_class_star_min
     if gaia is None:
         return confident
     on_gaia = _matched(unit_vectors(table["ra"], table["dec"]), unit_vectors(*gaia),
@@ -616,13 +617,13 @@ def auto_bias_correction(table: Table, calibration: tuple[np.ndarray, np.ndarray
     reference = unit_vectors(*calibration)
     on_reference = _matched(vectors, reference, settings.bias_match_radius_arcsec)
     isolated = _neighbour_counts(vectors, vectors, settings.bias_isolation_arcsec) <= 1
-    class_star, mag_auto = _float(table, star), _float(table, auto)
-    flag_values = _float(table, flags)  # masked -> NaN, never <= bias_flags_max
+    class_star, mag_auto = float_column(table, star), float_column(table, auto)
+    flag_values = float_column(table, flags)  # masked -> NaN, never <= bias_flags_max
     sample = (on_reference & isolated & (class_star >= settings.bias_class_star_min)
               & (flag_values <= settings.bias_flags_max))
     if settings.bias_max_aperture_err > 0:
-        sample &= _float(table, aper_err) <= settings.bias_max_aperture_err
-    curve = bias_curve(mag_auto[sample], _float(table, aper)[sample], b, settings)
+        sample &= float_column(table, aper_err) <= settings.bias_max_aperture_err
+    curve = bias_curve(mag_auto[sample], float_column(table, aper)[sample], b, settings)
     out = table.copy()
     if not curve.applied:
         logger.info("MAG_AUTO bias correction %s: not applied (%s)", b, curve.reason)

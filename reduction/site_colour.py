@@ -21,8 +21,8 @@ the true V-I of isolated S/N > 50 stars, per co-add, against its error): uncorre
 up to 0.038 mag/mag and a chi-square of 189 for 16 slopes; the median of the offsets left 59
 (co-add 0001 R, three exposures at -0.035 and one at +0.030: -0.0225 +- 0.0036), the mean
 24.5 (largest slope 0.017, of a single-site co-add whose fitted colour term is 0.011 off).
-Each flux and flux error of the band is divided by that mean factor, ``delta = 2.5
-log10(mean_e 10**(0.4 o_e))`` mag.
+The AUTO and aperture fluxes of the band and their errors are divided by that mean factor,
+``delta = 2.5 log10(mean_e 10**(0.4 o_e))`` mag (FLUX_MAX, a pixel value, stays as measured).
 
 Colour. ``c`` is the source's (V-I)_AB in the tile's dual-mode measurement table (V measured at
 the I detection's position in the same aperture): the 5" aperture fluxes at ZP 30, each divided
@@ -30,8 +30,13 @@ by its Moffat enclosed fraction at the source's PSF FWHM (``psf_fwhm_{v,i}``, ``
 meta), so that the two co-adds' different seeing does not enter the colour. A single-mode source
 takes the colour of the nearest dual-mode detection within ``colour_match_arcsec``. Colours
 with a V or I aperture S/N below ``colour_min_snr`` are not used, the others are clipped to
-``[colour_min, colour_max]`` (the range of the calibration stars). A source without a colour is
-not corrected (it keeps the pivot colour's zero point).
+``[colour_min, colour_max]`` (-0.5 to 4 by default: stars from B to late M, and galaxies). A
+source without a colour is not corrected (it keeps the pivot colour's zero point). The colour
+is measured on fluxes that still carry the V and I co-adds' own colour terms, so it is off by
+their difference, ``o_V - o_I``; the correction changes with colour by at most ``max |k_e|``
+per magnitude of colour, so this costs at most ``max |k_e| |o_V - o_I|``. On the demo the mean
+colour terms of a tile's V and I co-adds differ by up to 0.01, so ``|o_V - o_I| <= 0.01 (c -
+p)``: below 0.0005 mag for typical stars, about 0.001 for the reddest (V-I = 3).
 
 Where. The maps stage corrects the fluxes before it measures the ZP maps against Gaia XP, so
 that the maps hold for the reference system and not for the median colour of the few stars in
@@ -57,7 +62,7 @@ from ks4release.errors import InputError
 from ks4release.projection import chord, unit_vectors
 from ks4release.reduction.coadd_maps import read_exposures_json
 from ks4release.reduction.median_stack import moffat_enclosed_fraction
-from ks4release.reduction.postprocess import covering_exposures
+from ks4release.reduction.postprocess import covering_exposures, float_column
 from ks4release.settings import MapSettings
 
 __all__ = [
@@ -103,22 +108,15 @@ class ColourCorrection:
                 "colour_terms": self.colour_terms}
 
 
-def _column(table: Table, name: str) -> np.ndarray:
-    """A column as float64 with masked entries as NaN."""
-    values = table[name]
-    filled = values.filled(np.nan) if hasattr(values, "filled") else values
-    return np.asarray(filled, dtype=np.float64)
-
-
 def _total_flux(dual: Table, b: str, settings: MapSettings) -> tuple[np.ndarray, np.ndarray]:
     """Aperture flux of band ``b`` divided by its Moffat enclosed fraction, and its S/N."""
     name = COLOUR_APERTURE.lower()
-    flux = _column(dual, f"flux_{name}_{b}")
+    flux = float_column(dual, f"flux_{name}_{b}")
     with np.errstate(divide="ignore", invalid="ignore"):
-        snr = flux / _column(dual, f"fluxerr_{name}_{b}")
+        snr = flux / float_column(dual, f"fluxerr_{name}_{b}")
     beta = dual.meta.get(f"psf_beta_{b}")
     if f"psf_fwhm_{b}" in dual.colnames and isinstance(beta, (int, float)) and beta > 1:
-        fwhm = _column(dual, f"psf_fwhm_{b}")
+        fwhm = float_column(dual, f"psf_fwhm_{b}")
         fraction = np.ones(len(dual))
         known = np.isfinite(fwhm) & (fwhm > 0)
         fraction[known] = moffat_enclosed_fraction(
@@ -142,18 +140,24 @@ def dual_colours(dual: Table, settings: MapSettings) -> np.ndarray:
 
 def source_colours(table: Table, dual: Table, settings: MapSettings) -> np.ndarray:
     """The colour of each row of ``table``: that of the nearest row of the dual-mode table
-    ``dual`` within ``colour_match_arcsec`` (the same row for the dual table itself), NaN
-    where there is none."""
+    ``dual`` within ``colour_match_arcsec`` (each row's own for the dual table itself), NaN
+    where there is none or where that row has no colour (it does not borrow a neighbour's).
+    Rows without a finite position match nothing."""
     colours = dual_colours(dual, settings)
-    known = np.flatnonzero(np.isfinite(colours))
+    if table is dual:
+        return colours
     out = np.full(len(table), np.nan)
-    if known.size == 0 or len(table) == 0:
+    ra, dec = float_column(dual, "ra"), float_column(dual, "dec")
+    placed = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
+    ra_t, dec_t = float_column(table, "ra"), float_column(table, "dec")
+    asked = np.flatnonzero(np.isfinite(ra_t) & np.isfinite(dec_t))
+    if placed.size == 0 or asked.size == 0:
         return out
-    tree = cKDTree(unit_vectors(_column(dual, "ra")[known], _column(dual, "dec")[known]))
-    distance, index = tree.query(unit_vectors(_column(table, "ra"), _column(table, "dec")),
+    tree = cKDTree(unit_vectors(ra[placed], dec[placed]))
+    distance, index = tree.query(unit_vectors(ra_t[asked], dec_t[asked]),
                                  distance_upper_bound=chord(settings.colour_match_arcsec))
     found = np.isfinite(distance)
-    out[found] = colours[known[index[found]]]
+    out[asked[found]] = colours[placed[index[found]]]
     return out
 
 
@@ -221,13 +225,14 @@ def site_colour_correction(table: Table, band: str, *, dual: Table | None,
         co-add from before the terms were recorded).
     """
     if dual is None:
-        return table, ColourCorrection(False, "no dual-mode measurement table (no I co-add)")
+        return table, ColourCorrection(False, "no dual-mode measurement table (the tile has no "
+                                              "co-add in the detection band)")
     missing = [f"flux_{COLOUR_APERTURE.lower()}_{b}" for b in ("v", "i")
                if f"flux_{COLOUR_APERTURE.lower()}_{b}" not in dual.colnames]
     if missing:
         return table, ColourCorrection(False, f"the dual-mode table has no {missing}")
     colours = source_colours(table, dual, settings)
-    points = np.column_stack([_column(table, "x_image"), _column(table, "y_image")])
+    points = np.column_stack([float_column(table, "x_image"), float_column(table, "y_image")])
     try:
         delta, terms = colour_offsets(points, colours, read_exposures_json(exposures_path), wcs)
     except ValueError as exc:

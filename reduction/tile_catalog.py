@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from ks4release.atomic import atomic_write_text
 from ks4release.errors import InputError
 from ks4release.layout import coadd_exposures_path, coadd_path, tile_refcat_path
 from ks4release.reduction.astrometric_floor import AstrometricFloor, astrometric_floor
-from ks4release.reduction.calibration_maps import apply_zp_maps, read_maps
+from ks4release.reduction.calibration_maps import apply_zp_maps, read_maps, zp_tile_path
 from ks4release.reduction.coadd_maps import coadd_wcs, read_exposures_json
 from ks4release.reduction.photometry import measured_path, psf_beta, read_measured
 from ks4release.reduction.postprocess import (
@@ -52,6 +53,7 @@ from ks4release.reduction.postprocess import (
     auto_bias_correction,
     coverage_columns,
     flag_spurious,
+    float_column,
     kron_loss_correction,
     point_source_targets,
 )
@@ -129,15 +131,6 @@ def _at_epoch(references: dict[str, Table], epoch: float | None, tile: str
     return {name: propagate_positions(table, epoch) for name, table in references.items()}
 
 
-def _float_column(table: Table, name: str) -> np.ndarray:
-    """A column as float64 with NaN for masked values."""
-    column = table[name]
-    values = np.asarray(column, dtype=np.float64)
-    if hasattr(column, "mask"):
-        values = np.where(np.ma.getmaskarray(column), np.nan, values)
-    return values
-
-
 def tile_catalog_columns(table: Table, *, mode: str, band: str | None,
                          pixel_scale_arcsec: float) -> dict[str, np.ndarray]:
     """The columns of the tile-catalog schema from a processed table (NaN for null).
@@ -151,12 +144,12 @@ def tile_catalog_columns(table: Table, *, mode: str, band: str | None,
     cols: dict[str, np.ndarray] = {}
     for spec in schema.columns:
         if spec.name in table.colnames:
-            cols[spec.name] = _float_column(table, spec.name)
+            cols[spec.name] = float_column(table, spec.name)
         elif spec.name.startswith(("ndith_", "edge_")):
             cols[spec.name] = np.zeros(n)  # not observed in this band
         elif spec.name in ("raerr", "decerr"):
             axis = "x" if spec.name == "raerr" else "y"
-            cols[spec.name] = np.sqrt(_float_column(table, f"err{axis}2win_image")) \
+            cols[spec.name] = np.sqrt(float_column(table, f"err{axis}2win_image")) \
                 * pixel_scale_arcsec
         else:
             cols[spec.name] = np.full(n, np.nan)
@@ -177,17 +170,18 @@ def _calibration(references: dict[str, Table], band: str, settings: PostprocessS
     if table is None:
         return None
     if settings.bias_reference == "gaia_xp":
-        return _positions(table, np.isfinite(_float_column(table, f"{band}_jkc_mag")))
+        return _positions(table, np.isfinite(float_column(table, f"{band}_jkc_mag")))
     return _positions(table)
 
 
 def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode: str,
                   shape: tuple[int, int], wcs: WCS, pixel_scale_arcsec: float,
                   references: dict[str, Table], settings: PostprocessSettings,
-                  dual: Table | None, map_settings: MapSettings) -> tuple[Table, dict]:
+                  dual: Callable[[], Table | None], map_settings: MapSettings
+                  ) -> tuple[Table, dict]:
     """Steps 1, 3 and 4 of the module docstring for one band (upper-case ``band``); ``dual``
-    is the tile's dual-mode measurement table as measured (the colours of the site colour
-    correction), None when the tile has none."""
+    gives the tile's dual-mode measurement table as measured (the colours of the site colour
+    correction; read only when the maps ask for it), None when the tile has none."""
     b = band.lower()
     header = fits.getheader(coadd_path(release_dir, tile, band, "coadd"))
     seeing_arcsec = float(header["SEEING"])
@@ -196,9 +190,13 @@ def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode
     exposures = read_exposures_json(exposures_path)
     summary: dict = {}
     if any(m.colour_corrected for m in zp.values()):
-        table, colour = site_colour_correction(table, band, dual=dual, wcs=wcs,
+        table, colour = site_colour_correction(table, band, dual=dual(), wcs=wcs,
                                                exposures_path=exposures_path,
                                                settings=map_settings)
+        if not colour.applied:
+            raise InputError(zp_tile_path(release_dir, tile, band, mode),
+                             f"tile {tile} band {band}: the maps hold for colour-corrected "
+                             f"fluxes but the sources cannot be corrected ({colour.reason})")
         summary["site_colour_correction"] = colour.as_dict()
     table = apply_zp_maps(table, zp, band)
     table = coverage_columns(table, exposures, b, edge_px=settings.edge_px, shape=shape,
@@ -235,6 +233,19 @@ def _position_floor(cols: dict[str, np.ndarray], b: str, gaia: Table | None,
                              gaia, epoch=epoch, min_stars=settings.astrometric_floor_min_stars)
 
 
+def _dual_reader(measured: Table | None, path: Path) -> Callable[[], Table | None]:
+    """The tile's dual-mode measurement table when asked for, read once: ``measured`` itself in
+    dual mode, else the file at ``path`` (None when there is none)."""
+    cache: list[Table | None] = [] if measured is None else [measured]
+
+    def read() -> Table | None:
+        if not cache:
+            cache.append(read_measured(path) if path.is_file() else None)
+        return cache[0]
+
+    return read
+
+
 def _jsonable(value: object) -> object:
     """numpy scalars and arrays of a summary as plain JSON values."""
     if isinstance(value, dict):
@@ -254,10 +265,11 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
     ``bands`` (upper case): in dual mode every band with a co-add of the tile, in single mode
     the one band. Reads the measurement table, the maps (``read_maps``), the co-adds'
     headers and exposures JSON, the tile's reference catalogs (Gaia DR3, Gaia XP, DELVE
-    DR2) and, in single mode, the tile's dual-mode measurement table when there is one (the
-    colours of the site colour correction, done with ``map_settings`` when the maps were
-    made with it); writes the tile catalog (``dual_catalog_path`` / ``single_catalog_path``)
-    and :func:`summary_path`, each atomically.
+    DR2) and, in single mode when the maps were made on colour-corrected fluxes, the tile's
+    dual-mode measurement table (the colours of the site colour correction, done with
+    ``map_settings``; an InputError when it is missing); writes the tile catalog
+    (``dual_catalog_path`` / ``single_catalog_path``) and :func:`summary_path`, each
+    atomically.
     """
     release_dir = Path(release_dir)
     single = mode == "single"
@@ -268,9 +280,7 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
     if not source.is_file():
         raise InputError(source, f"tile {tile}: no {mode}-mode measurement table")
     table = read_measured(source)
-    dual_source = measured_path(release_dir, tile, "dual")
-    dual = (table if not single else
-            read_measured(dual_source) if dual_source.is_file() else None)
+    dual = _dual_reader(table if not single else None, measured_path(release_dir, tile, "dual"))
     detection = band if single else detection_band
     shape, wcs, scale, epoch = _coadd_geometry(release_dir, tile, detection)
     references = _read_references(release_dir, tile)

@@ -20,8 +20,12 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from ks4release.cli import cli, main
+from ks4release.errors import InputError
 from ks4release.layout import mask_path, scaled_path
 from ks4release.projection import unit_vectors
+from ks4release.reduction.postprocess import PostprocessSettings
+from ks4release.reduction.tile_catalog import run_tile_catalog
+from ks4release.settings import MapSettings
 from ks4release.simulate.sky import positions_at
 
 #: A survey small enough for end-to-end tests: one tile, two bands, 1/16-size chips (the
@@ -119,6 +123,15 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
                              .read_text())
         assert summary["bands"][band]["kron_loss"]["psf_beta"] == header["PSFBETA"]
         _check_position_errors(release, tile, band.lower(), summary["astrometric_floor"])
+        # the sites' colour terms came out of the sources, for the maps and the catalog alike
+        exposures_json = json.loads((release / "images" / tile / f"{tile}_{band}_exposures.json")
+                                    .read_text())
+        terms = {e["stem"]: e["colour_term"] for e in exposures_json["exposures"] if e["ok"]}
+        sidecar = json.loads((release / "maps" / tile / f"zp_tile_{tile}_{band}_single.json")
+                             .read_text())["site_colour_correction"]
+        done = summary["bands"][band]["site_colour_correction"]
+        assert sidecar["applied"] and done["applied"] and done["colour_terms"] == terms
+        assert done["n_corrected"] > 0.5 * done["n_sources"]
     for catalog in ("idual_master", "single_master"):
         assert (release / "catalogs" / f"{catalog}.parquet").is_file()
         assert (release / "export" / catalog / "READY").is_file()
@@ -138,6 +151,12 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
     assert "build OK" in capsys.readouterr().err
     assert digests(moved / "work" / "stamps", skip=()) == stamps
     assert len(list((moved / "logs").glob("build-*.log"))) == 2
+    # maps made on colour-corrected fluxes cannot calibrate sources that cannot be corrected
+    dual = moved / "work" / "catalog" / f"{tile}_dual_measured.parquet"
+    dual.rename(dual.with_suffix(".moved"))
+    with pytest.raises(InputError, match=f"zp_tile_{tile}_V_single.json.*cannot be corrected"):
+        run_tile_catalog(release_dir=moved, tile=tile, mode="single", bands=("V",),
+                         settings=PostprocessSettings(), map_settings=MapSettings())
 
 
 def _check_position_errors(release: Path, tile: str, b: str, floor: dict) -> None:

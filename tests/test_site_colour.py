@@ -50,6 +50,12 @@ def _survey(rng: np.random.Generator, n_exposures: int) -> tuple[dict, list[tupl
     return {"exposures": exposures}, boxes, terms, pivots
 
 
+def _with_terms(exposures: dict, terms: np.ndarray) -> dict:
+    """The same exposures with other colour terms (another band's co-add of the same dithers)."""
+    return {"exposures": [dict(e, colour_term=float(t))
+                          for e, t in zip(exposures["exposures"], terms, strict=True)]}
+
+
 def _covering(boxes: list[tuple], x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(exposures, sources): the rectangles holding each point, all where none does."""
     cover = np.array([(x > b[0]) & (x < b[2]) & (y > b[1]) & (y < b[3]) for b in boxes])
@@ -59,17 +65,19 @@ def _covering(boxes: list[tuple], x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _measured(rng: np.random.Generator, boxes, terms, pivots, n: int) -> tuple[Table, dict]:
     """A dual-mode measurement table of ``n`` sources as the co-add of the exposures shows them
-    (noiseless), and their truth (``mag_v``, ``mag_i``, ``colour``)."""
+    (noiseless), and their truth (``mag_v``, ``mag_i``, ``colour``). ``terms``: the exposures'
+    colour terms, one array for both bands or a dict per band letter."""
     x, y = rng.uniform(5.0, SIZE - 5.0, n), rng.uniform(5.0, SIZE - 5.0, n)
     mag_i = rng.uniform(15.0, 21.0, n)
     colour = rng.uniform(-0.3, 3.0, n)
     mag_v = mag_i + colour
     cover = _covering(boxes, x, y)
-    offsets = np.where(cover, terms[:, None] * (colour[None, :] - pivots[:, None]), np.nan)
+    terms = terms if isinstance(terms, dict) else {"v": terms, "i": terms}
     fwhm = {"v": rng.uniform(1.0, 2.2, n), "i": rng.uniform(1.0, 2.2, n)}
     ra, dec = grid_wcs(SIZE).wcs_pix2world(x, y, 1)
     table = Table({"x_image": x, "y_image": y, "ra": ra % 360.0, "dec": dec})
     for b, mag in (("v", mag_v), ("i", mag_i)):
+        offsets = np.where(cover, terms[b][:, None] * (colour[None, :] - pivots[:, None]), np.nan)
         total = np.nanmean(10 ** (-0.4 * (mag[None, :] - 30.0 - offsets)), axis=0)
         table[f"psf_fwhm_{b}"] = fwhm[b]
         table.meta[f"psf_beta_{b}"] = BETA
@@ -83,22 +91,29 @@ def _measured(rng: np.random.Generator, boxes, terms, pivots, n: int) -> tuple[T
 
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**31 - 1), n_exposures=st.integers(1, 7))
-def test_correction_gives_back_the_reference_magnitudes(seed, n_exposures, tmp_path):
-    """The corrected V and I magnitudes are the true ones, and every flux column and its error
-    are scaled alike."""
+@given(seed=st.integers(0, 2**31 - 1), n_exposures=st.integers(1, 7), same=st.booleans())
+def test_correction_gives_back_the_reference_magnitudes(seed, n_exposures, same, tmp_path):
+    """The corrected V and I magnitudes are the true ones when the V and I co-adds carry the
+    same colour terms; with other terms in I the measured colour is off by the difference of
+    the two co-adds' offsets, and the magnitudes by at most the largest term times that. Every
+    flux column and its error are scaled alike."""
     rng = np.random.default_rng(seed)
     exposures, boxes, terms, pivots = _survey(rng, n_exposures)
-    path = tmp_path / "exposures.json"  # rewritten for every example
-    path.write_text(json.dumps(exposures))
+    terms = {"v": terms, "i": terms if same else rng.uniform(-0.05, 0.05, n_exposures)}
     table, truth = _measured(rng, boxes, terms, pivots, 200)
+    total = {b: table[f"flux_auto_{b}"] / 0.95 for b in ("v", "i")}
+    colour_error = np.abs(-2.5 * np.log10(total["v"] / total["i"]) - truth["colour"])
     for b in ("v", "i"):
+        path = tmp_path / f"exposures_{b}.json"  # rewritten for every example
+        path.write_text(json.dumps(_with_terms(exposures, terms[b])))
         out, done = site_colour_correction(table, b.upper(), dual=table, exposures_path=path,
                                            wcs=grid_wcs(SIZE), settings=MapSettings())
         assert done.applied and done.n_corrected == len(table)
-        assert done.colour_terms == {f"e{i}": pytest.approx(t) for i, t in enumerate(terms)}
-        got = 30.0 - 2.5 * np.log10(out[f"flux_auto_{b}"] / 0.95)
-        assert np.allclose(got, truth[f"mag_{b}"], rtol=0, atol=1e-9)
+        assert done.colour_terms == {f"e{i}": pytest.approx(t) for i, t in enumerate(terms[b])}
+        error = np.abs(30.0 - 2.5 * np.log10(out[f"flux_auto_{b}"] / 0.95) - truth[f"mag_{b}"])
+        assert np.all(error <= np.max(np.abs(terms[b])) * colour_error + 1e-9)
+        if same:
+            assert np.all(error < 1e-9)
         for kind in ("auto", "aper3", "aper5", "aper10"):
             ratio = out[f"flux_{kind}_{b}"] / table[f"flux_{kind}_{b}"]
             assert np.allclose(ratio, out[f"flux_auto_{b}"] / table[f"flux_auto_{b}"])
@@ -140,6 +155,23 @@ def test_colours_take_out_the_seeing_and_respect_snr_and_range():
     assert colour[:2] == pytest.approx([0.8, 0.8], abs=1e-9)
     assert np.isnan(colour[2])
     assert colour[3:] == pytest.approx([4.0, -0.5])
+
+
+def test_a_dual_row_without_colour_lends_none_and_no_position_matches_nothing():
+    """The nearest dual row decides, even without a colour of its own (V too faint): its
+    neighbour 0.6" away does not lend one; rows without a finite position match nothing."""
+    wcs = grid_wcs(SIZE)
+    ra, dec = wcs.wcs_pix2world([100.0, 101.5, 300.0], [100.0, 100.0, 300.0], 1)
+    dual = Table({"ra": [ra[0] % 360, ra[1] % 360, np.nan], "dec": [dec[0], dec[1], dec[2]],
+                  "flux_aper5_v": [10.0, 100.0, 100.0], "flux_aper5_i": [100.0, 100.0, 100.0],
+                  "fluxerr_aper5_v": [5.0, 1.0, 1.0], "fluxerr_aper5_i": [1.0, 1.0, 1.0]})
+    single = Table({"ra": [ra[0] % 360, ra[1] % 360, np.nan, ra[2] % 360],
+                    "dec": [dec[0], dec[1], 0.0, dec[2]]})
+    colour = source_colours(single, dual, MapSettings())
+    assert np.isnan(colour[0]) and colour[1] == pytest.approx(0.0)
+    assert np.isnan(colour[2]) and np.isnan(colour[3])
+    assert np.array_equal(source_colours(dual, dual, MapSettings()), dual_colours(
+        dual, MapSettings()), equal_nan=True)
 
 
 def test_single_mode_sources_take_the_nearest_dual_colour():
