@@ -108,7 +108,7 @@ class ColourCorrection:
                 "colour_terms": self.colour_terms}
 
 
-def _total_flux(dual: Table, b: str, settings: MapSettings) -> tuple[np.ndarray, np.ndarray]:
+def _total_flux(dual: Table, b: str) -> tuple[np.ndarray, np.ndarray]:
     """Aperture flux of band ``b`` divided by its Moffat enclosed fraction, and its S/N."""
     name = COLOUR_APERTURE.lower()
     flux = float_column(dual, f"flux_{name}_{b}")
@@ -128,8 +128,8 @@ def _total_flux(dual: Table, b: str, settings: MapSettings) -> tuple[np.ndarray,
 def dual_colours(dual: Table, settings: MapSettings) -> np.ndarray:
     """(V-I)_AB of every row of a dual-mode measurement table (module docstring), NaN where a
     band's flux is missing, not positive or below ``colour_min_snr``."""
-    v, snr_v = _total_flux(dual, "v", settings)
-    i, snr_i = _total_flux(dual, "i", settings)
+    v, snr_v = _total_flux(dual, "v")
+    i, snr_i = _total_flux(dual, "i")
     usable = (v > 0) & (i > 0) & (snr_v >= settings.colour_min_snr) \
         & (snr_i >= settings.colour_min_snr)
     colour = np.full(len(dual), np.nan)
