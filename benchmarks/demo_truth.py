@@ -35,6 +35,9 @@ Definitions (shared with the tests; the helpers named are where the same rule li
 * Per-amplifier zero point (issue 4): per live amplifier of every exposure, the RMS over Y of
   ``zp_fit(y) - zp_true(y) - c_true * pivot``; per site, the quadratic mean over its
   amplifiers.
+* Colour terms (informational, issue 4): per site and band, the median over its exposures of
+  the fitted colour term (``work/photometry/<stem>_zp.ecsv``) less the true one
+  (truth/zeropoints.parquet).
 * Colour dependence (informational, issue 5's photometry; DR1's site colour terms): isolated
   true stars of refined S/N > 50, FLAGS == 0, not EDGE, in the dual-mode tile catalogs: the
   least-squares slope of (MAG_APER5 - true) against the true (V-I)_AB over all tiles, the
@@ -296,6 +299,24 @@ def robust_sigma(values: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Issue 4
+
+
+def colour_terms(ctx: dict) -> list[dict]:
+    """Informational: per site and band, the fitted colour term of its exposures (median over
+    them) against the true one; the site colour correction inherits the difference."""
+    if not (ctx["work"] / "photometry").is_dir():
+        return []
+    exposures = pd.read_parquet(ctx["release"] / "truth" / "exposures.parquet")
+    true = ctx["zeropoints"].groupby("stem").colour_term.first()
+    fitted = defaultdict(list)
+    for row in exposures.itertuples():
+        table, _ = _fitted_zeropoints(ctx["work"], row.stem)
+        fitted[row.site, row.band].append(float(table.colour_term.iloc[0]) - true[row.stem])
+    return [entry(4, "colour term per band and site (site colour correction)",
+                  f"{site} {band}: median fitted - true colour term", rounded(float(
+                      np.median(values))), "informational", None, band=band, site=site,
+                  n_exposures=len(values))
+            for (site, band), values in sorted(fitted.items())]
 
 
 def amplifier_zeropoints(ctx: dict) -> list[dict]:
@@ -1108,7 +1129,7 @@ def measure(release: Path, work: Path) -> dict:
            "coadds": {(tile, band): coadd_truth(release, tile, band, sources)
                       for tile in tiles for band in bands_of(release, tile)}}
     entries = []
-    for step in (amplifier_zeropoints, completeness, spurious_cleaning, photometry,
+    for step in (amplifier_zeropoints, colour_terms, completeness, spurious_cleaning, photometry,
                  colour_dependence, median_stack_model, zp_maps, class_star, coverage_columns,
                  master_checks):
         entries.extend(step(ctx))
