@@ -85,17 +85,15 @@ def moffat_profile(radius: np.ndarray, alpha: np.ndarray, beta: float) -> np.nda
     return (beta - 1.0) / (np.pi * a2) * (1.0 + r2 / a2) ** -beta
 
 
-def moffat_enclosed_fraction(fwhm_arcsec: np.ndarray, beta: float,
-                             diameter_arcsec: float) -> np.ndarray:
-    """Share of a point source's light inside a centred circle of ``diameter_arcsec`` under a
-    Moffat PSF of FWHM ``fwhm_arcsec`` and index ``beta``: ``1 - (1 + r**2 / alpha**2) ** (1 -
-    beta)`` with ``r = diameter / 2`` and ``alpha = fwhm / (2 sqrt(2**(1/beta) - 1))``."""
-    if not (beta > 1 and diameter_arcsec > 0):
-        raise ValueError(f"need beta > 1 and a positive diameter, got {beta} and "
-                         f"{diameter_arcsec}")
-    alpha = np.asarray(fwhm_arcsec, dtype=np.float64) / (2.0 * math.sqrt(2.0 ** (1.0 / beta)
-                                                                          - 1.0))
-    return 1.0 - (1.0 + (0.5 * diameter_arcsec / alpha) ** 2) ** (1.0 - beta)
+def moffat_enclosed_fraction(fwhm: np.ndarray, beta: float, diameter: float) -> np.ndarray:
+    """Share of a point source's light inside a centred circle of ``diameter`` under a Moffat
+    PSF of FWHM ``fwhm`` (the same unit, arcsec or px) and index ``beta``: ``1 - (1 + r**2 /
+    alpha**2) ** (1 - beta)`` with ``r = diameter / 2`` and ``alpha = fwhm / (2 sqrt(2**(1/beta)
+    - 1))``."""
+    if not (beta > 1 and diameter > 0):
+        raise ValueError(f"need beta > 1 and a positive diameter, got {beta} and {diameter}")
+    alpha = np.asarray(fwhm, dtype=np.float64) / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    return 1.0 - (1.0 + (0.5 * diameter / alpha) ** 2) ** (1.0 - beta)
 
 
 def _count_below(p: np.ndarray) -> np.ndarray:

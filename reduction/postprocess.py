@@ -73,6 +73,7 @@ from sklearn.cluster import DBSCAN
 
 from ks4release.projection import chord, gnomonic, unit_vectors
 from ks4release.reduction.coadd_maps import exposure_footprints
+from ks4release.reduction.median_stack import moffat_enclosed_fraction
 from ks4release.settings import PostprocessSettings
 
 __all__ = [
@@ -488,7 +489,7 @@ def moffat_kron_fraction(a: np.ndarray, b: np.ndarray, theta_deg: np.ndarray,
     psf = ((1.0 + r2 / alpha ** 2) ** (-beta)).reshape(2 * half + 1, sub, 2 * half + 1,
                                                          sub).sum(axis=(1, 3))
     # normalised to the total light: the stamp misses (1 + (half/alpha)^2)^(1 - beta) of it
-    psf *= (1.0 - (1.0 + (half / alpha) ** 2) ** (1.0 - beta)) / psf.sum()
+    psf *= moffat_enclosed_fraction(fwhm_px, beta, 2.0 * half) / psf.sum()
     ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(kron) & (a > 0) & (b > 0) & (kron > 0)
     out = np.full(a.size, np.nan)
     if ok.any():

@@ -62,6 +62,7 @@ from ks4release.errors import InputError
 from ks4release.projection import chord, unit_vectors
 from ks4release.reduction.coadd_maps import read_exposures_json
 from ks4release.reduction.median_stack import moffat_enclosed_fraction
+from ks4release.reduction.photometry import APERTURE_DIAMETERS_ARCSEC
 from ks4release.reduction.postprocess import covering_exposures, float_column
 from ks4release.settings import MapSettings
 
@@ -75,11 +76,12 @@ __all__ = [
     "source_colours",
 ]
 
-#: Aperture whose fluxes give the colour, and its diameter (DR1's MAG_APER5, 5").
-COLOUR_APERTURE = "APER5"
+#: Diameter of the aperture whose fluxes give the colour (DR1's MAG_APER5), and its name.
 _COLOUR_DIAMETER_ARCSEC = 5.0
-#: Flux columns of a measurement table, per band letter, that the correction scales.
-_FLUX_KINDS = ("auto", "aper3", "aper5", "aper10")
+COLOUR_APERTURE = f"APER{_COLOUR_DIAMETER_ARCSEC:g}"
+#: Flux columns of a measurement table, per band letter, that the correction scales (as the
+#: photometry names them).
+_FLUX_KINDS = ("auto", *(f"aper{d:g}" for d in APERTURE_DIAMETERS_ARCSEC))
 
 
 @dataclass(frozen=True)
