@@ -34,7 +34,12 @@ Definitions (shared with the tests; the helpers named are where the same rule li
   pivot colour, the true ones for colour 0).
 * Per-amplifier zero point (issue 4): per live amplifier of every exposure, the RMS over Y of
   ``zp_fit(y) - zp_true(y) - c_true * pivot``; per site, the quadratic mean over its
-  amplifiers.
+  amplifiers. Its error budget (informational): the same difference split into each
+  exposure's mean, the site pattern's error (the rest averaged per amplifier over the site's
+  exposures) and each exposure's departure from it; their squares add up to the total's.
+* Reference offsets (informational, issue 4): per band and tile, the inverse-variance weighted
+  mean of (Gaia XP AB magnitude - true) over the XP stars on the co-add with an error below
+  ``max_ref_err_mag``: how far the anchors themselves set a tile's level.
 * Colour terms (informational, issue 4): per site and band, the median over its exposures of
   the fitted colour term (``work/photometry/<stem>_zp.ecsv``) less the true one
   (truth/zeropoints.parquet).
@@ -78,7 +83,8 @@ from ks4release.reduction.calibration_maps import map_bin_px
 from ks4release.reduction.median_stack import point_source_factors
 from ks4release.reduction.photometry import exposure_psf_widths, exposure_sky_sigmas
 from ks4release.reduction.sep_objects import sky_background
-from ks4release.settings import MasterSettings, PhotometrySettings
+from ks4release.reduction.zeropoint_tile import reference_stars
+from ks4release.settings import MasterSettings, PhotometrySettings, ZeropointSettings
 from ks4release.simulate.sky import positions_at
 
 BANDS = ("B", "V", "R", "I")
@@ -319,19 +325,23 @@ def colour_terms(ctx: dict) -> list[dict]:
             for (site, band), values in sorted(fitted.items())]
 
 
-def amplifier_zeropoints(ctx: dict) -> list[dict]:
-    """Per site: RMS over Y of (fitted - true) zero point of every live amplifier of every
-    exposure (dead amplifiers excluded), judged by their quadratic mean (the RMS over the
-    site's amplifiers and Y), with the median, the fraction within 0.01 mag and the 90th
-    percentile."""
-    must = "per-amplifier zero point within 0.01 mag RMS along Y of truth, every site"
-    if not (ctx["work"] / "photometry").is_dir():
-        return [entry(4, must, "skipped", None, "<= 0.01", None,
-                      reason=f"{ctx['work'] / 'photometry'} is missing")]
+@dataclass(frozen=True)
+class AmplifierDifferences:
+    """(fitted - true) zero point along Y of the live amplifiers of one exposure."""
+
+    stem: str
+    site: str
+    amplifiers: list[tuple[str, int]]   # (CCD, amplifier number) per row of ``diff``
+    diff: np.ndarray                    # (n_amplifiers, n_y) mag, at the pivot colour
+
+
+def amplifier_differences(ctx: dict) -> list[AmplifierDifferences]:
+    """Per exposure, ``zp_fit(y) - zp_true(y) - c_true * pivot`` of every live amplifier on 101
+    rows from y = 0 to ny (dead amplifiers excluded)."""
     exposures = pd.read_parquet(ctx["release"] / "truth" / "exposures.parquet")
     truth = ctx["zeropoints"]
     y = np.linspace(0.0, 1.0, 101)
-    per_site = defaultdict(list)
+    out = []
     for row in exposures.itertuples():
         fitted, pivot = _fitted_zeropoints(ctx["work"], row.stem)
         merged = fitted.merge(truth[truth.stem == row.stem], on=["ccd", "amp"],
@@ -341,18 +351,99 @@ def amplifier_zeropoints(ctx: dict) -> list[dict]:
                 - (merged.zp_y0_true.to_numpy()[:, None]
                    + merged.zp_slope_true.to_numpy()[:, None] * y)
                 - merged.colour_term_true.to_numpy()[:, None] * pivot)
-        per_site[row.site].append(np.sqrt(np.mean(diff ** 2, axis=1)))
+        out.append(AmplifierDifferences(row.stem, row.site,
+                                        list(zip(merged.ccd, merged.amp.astype(int))), diff))
+    return out
+
+
+def amplifier_zeropoints(ctx: dict) -> list[dict]:
+    """Per site: RMS over Y of (fitted - true) zero point of every live amplifier of every
+    exposure (dead amplifiers excluded), judged by their quadratic mean (the RMS over the
+    site's amplifiers and Y), with the median, the fraction within 0.01 mag and the 90th
+    percentile; and, for information, where that error comes from (:func:`error_budget`)."""
+    must = "per-amplifier zero point within 0.01 mag RMS along Y of truth, every site"
+    if not (ctx["work"] / "photometry").is_dir():
+        return [entry(4, must, "skipped", None, "<= 0.01", None,
+                      reason=f"{ctx['work'] / 'photometry'} is missing")]
+    per_site = defaultdict(list)
+    for exposure in amplifier_differences(ctx):
+        per_site[exposure.site].append(exposure)
     out = []
-    for site, values in sorted(per_site.items()):
-        rms = np.concatenate(values)
+    for site, exposures in sorted(per_site.items()):
+        rms = np.concatenate([np.sqrt(np.mean(e.diff ** 2, axis=1)) for e in exposures])
         quadratic_mean = float(np.sqrt(np.mean(rms ** 2)))
         out.append(entry(4, must, "quadratic mean over amplifiers", rounded(quadratic_mean),
                          "<= 0.01", quadratic_mean <= 0.01, site=site,
-                         n_amplifiers=int(rms.size), n_exposures=len(values),
+                         n_amplifiers=int(rms.size), n_exposures=len(exposures),
                          median=rounded(float(np.median(rms))),
                          fraction_within_001=rounded(float(np.mean(rms <= 0.01)), 3),
                          p90=rounded(float(np.percentile(rms, 90)))))
+        out.append(entry(4, must, "error budget: quadratic means of [exposure offset, site "
+                         "pattern, exposure's departure from the pattern]",
+                         [rounded(v) for v in error_budget(exposures)], "informational", None,
+                         site=site, n_exposures=len(exposures)))
     return out
+
+
+def reference_offsets(ctx: dict) -> list[dict]:
+    """Informational, per band: how far the Gaia XP reference itself sets each tile's level,
+    the inverse-variance weighted mean of (XP AB magnitude - true) over the XP stars with an
+    error below ``max_ref_err_mag`` on the tile's co-add (the zero points' anchors). Tile
+    offsets of the zero points well beyond these come from the measurement, not the
+    reference."""
+    path = ctx["release"] / "refcat" / "gaia_xp.parquet"
+    if not path.is_file():
+        return []
+    settings = ZeropointSettings()
+    out = []
+    for band in BANDS:
+        reference = reference_stars(path, band)
+        true = nearest(unit_vectors(reference["ra"], reference["dec"]), ctx["truth_xyz"])
+        err = np.asarray(reference["mag_err"])
+        usable = ((true >= 0) & (err < settings.max_ref_err_mag)
+                  & np.isfinite(np.asarray(reference["mag"])))
+        err = np.hypot(err, settings.error_floor_mag)  # the zero-point fit's weights
+        delta = np.asarray(reference["mag"]) - ctx["sources"][f"mag_{band}"].to_numpy()[true]
+        means, errors = {}, []
+        for tile in ctx["tiles"]:
+            if (tile, band) not in ctx["coadds"]:
+                continue
+            header = fits.getheader(coadd_path(ctx["release"], tile, band, "coadd"))
+            x, y = quiet_wcs(header).wcs_world2pix(reference["ra"], reference["dec"], 0)
+            on = usable & (x > -0.5) & (y > -0.5) & (x < header["NAXIS1"] - 0.5) & (
+                y < header["NAXIS2"] - 0.5)
+            weight = err[on] ** -2
+            if weight.size:
+                means[tile] = rounded(float(np.sum(weight * delta[on]) / np.sum(weight)))
+                errors.append(float(np.sum(weight) ** -0.5))
+        if means:
+            out.append(entry(4, "per-amplifier zero point within 0.01 mag RMS along Y of truth, "
+                             "every site", "Gaia XP - true, weighted mean over a tile's anchors, "
+                             "largest |value| of a tile", max(abs(v) for v in means.values()),
+                             "informational", None, band=band, per_tile=means,
+                             median_standard_error=rounded(float(np.median(errors)))))
+    return out
+
+
+def error_budget(exposures: list[AmplifierDifferences]) -> tuple[float, float, float]:
+    """Split one site's (fitted - true) zero points into three parts, each as the quadratic
+    mean over the amplifiers and Y: the exposure's offset (its mean over amplifiers and Y: the
+    Gaia XP anchoring, aperture correction, colour term at the stars' colours), the error of
+    the site's amplifier pattern (what is left, averaged per amplifier over the exposures) and
+    each exposure's departure from it (the rest). Their squares add up to the total's."""
+    offset = sum(len(e.amplifiers) * float(e.diff.mean()) ** 2 for e in exposures)
+    by_amplifier = defaultdict(list)
+    for e in exposures:
+        for key, row in zip(e.amplifiers, e.diff - e.diff.mean()):
+            by_amplifier[key].append(row)
+    pattern, departure, n = 0.0, 0.0, 0
+    for rows in by_amplifier.values():
+        rows = np.asarray(rows)
+        mean = rows.mean(axis=0)
+        pattern += len(rows) * float(np.mean(mean ** 2))
+        departure += float(np.sum(np.mean((rows - mean) ** 2, axis=1)))
+        n += len(rows)
+    return math.sqrt(offset / n), math.sqrt(pattern / n), math.sqrt(departure / n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1129,9 +1220,9 @@ def measure(release: Path, work: Path) -> dict:
            "coadds": {(tile, band): coadd_truth(release, tile, band, sources)
                       for tile in tiles for band in bands_of(release, tile)}}
     entries = []
-    for step in (amplifier_zeropoints, colour_terms, completeness, spurious_cleaning, photometry,
-                 colour_dependence, median_stack_model, zp_maps, class_star, coverage_columns,
-                 master_checks):
+    for step in (amplifier_zeropoints, reference_offsets, colour_terms, completeness,
+                 spurious_cleaning, photometry, colour_dependence, median_stack_model, zp_maps,
+                 class_star, coverage_columns, master_checks):
         entries.extend(step(ctx))
     return {"release": str(release), "work_dir": str(work), "tiles": tiles,
             "n_true_sources": len(sources), "entries": entries,
