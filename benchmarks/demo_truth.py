@@ -38,8 +38,9 @@ Definitions (shared with the tests; the helpers named are where the same rule li
   exposure's mean, the site pattern's error (the rest averaged per amplifier over the site's
   exposures) and each exposure's departure from it; their squares add up to the total's.
 * Reference offsets (informational, issue 4): per band and tile, the inverse-variance weighted
-  mean of (Gaia XP AB magnitude - true) over the XP stars on the co-add with an error below
-  ``max_ref_err_mag``: how far the anchors themselves set a tile's level.
+  mean of (Gaia XP AB magnitude - true) over the XP stars with an error below
+  ``max_ref_err_mag`` whose true source lies on the co-add's data: how far the anchors
+  themselves set a tile's level.
 * Colour terms (informational, issue 4): per site and band, the median over its exposures of
   the fitted colour term (``work/photometry/<stem>_zp.ecsv``) less the true one
   (truth/zeropoints.parquet).
@@ -385,46 +386,6 @@ def amplifier_zeropoints(ctx: dict) -> list[dict]:
     return out
 
 
-def reference_offsets(ctx: dict) -> list[dict]:
-    """Informational, per band: how far the Gaia XP reference itself sets each tile's level,
-    the inverse-variance weighted mean of (XP AB magnitude - true) over the XP stars with an
-    error below ``max_ref_err_mag`` on the tile's co-add (the zero points' anchors). Tile
-    offsets of the zero points well beyond these come from the measurement, not the
-    reference."""
-    path = ctx["release"] / "refcat" / "gaia_xp.parquet"
-    if not path.is_file():
-        return []
-    settings = ZeropointSettings()
-    out = []
-    for band in BANDS:
-        reference = reference_stars(path, band)
-        true = nearest(unit_vectors(reference["ra"], reference["dec"]), ctx["truth_xyz"])
-        err = np.asarray(reference["mag_err"])
-        usable = ((true >= 0) & (err < settings.max_ref_err_mag)
-                  & np.isfinite(np.asarray(reference["mag"])))
-        err = np.hypot(err, settings.error_floor_mag)  # the zero-point fit's weights
-        delta = np.asarray(reference["mag"]) - ctx["sources"][f"mag_{band}"].to_numpy()[true]
-        means, errors = {}, []
-        for tile in ctx["tiles"]:
-            if (tile, band) not in ctx["coadds"]:
-                continue
-            header = fits.getheader(coadd_path(ctx["release"], tile, band, "coadd"))
-            x, y = quiet_wcs(header).wcs_world2pix(reference["ra"], reference["dec"], 0)
-            on = usable & (x > -0.5) & (y > -0.5) & (x < header["NAXIS1"] - 0.5) & (
-                y < header["NAXIS2"] - 0.5)
-            weight = err[on] ** -2
-            if weight.size:
-                means[tile] = rounded(float(np.sum(weight * delta[on]) / np.sum(weight)))
-                errors.append(float(np.sum(weight) ** -0.5))
-        if means:
-            out.append(entry(4, "per-amplifier zero point within 0.01 mag RMS along Y of truth, "
-                             "every site", "Gaia XP - true, weighted mean over a tile's anchors, "
-                             "largest |value| of a tile", max(abs(v) for v in means.values()),
-                             "informational", None, band=band, per_tile=means,
-                             median_standard_error=rounded(float(np.median(errors)))))
-    return out
-
-
 def error_budget(exposures: list[AmplifierDifferences]) -> tuple[float, float, float]:
     """Split one site's (fitted - true) zero points into three parts, each as the quadratic
     mean over the amplifiers and Y: the exposure's offset (its mean over amplifiers and Y: the
@@ -444,6 +405,45 @@ def error_budget(exposures: list[AmplifierDifferences]) -> tuple[float, float, f
         departure += float(np.sum(np.mean((rows - mean) ** 2, axis=1)))
         n += len(rows)
     return math.sqrt(offset / n), math.sqrt(pattern / n), math.sqrt(departure / n)
+
+
+def reference_offsets(ctx: dict) -> list[dict]:
+    """Informational, per band: how far the Gaia XP reference itself sets each tile's level,
+    the inverse-variance weighted mean of (XP AB magnitude - true) over the XP stars with an
+    error below ``max_ref_err_mag`` whose true source falls on the tile's co-add's data (the
+    zero points' anchors). Tile offsets of the zero points well beyond these come from the
+    measurement, not the reference."""
+    path = ctx["release"] / "refcat" / "gaia_xp.parquet"
+    if not path.is_file():
+        return []
+    settings = ZeropointSettings()
+    out = []
+    for band in BANDS:
+        reference = reference_stars(path, band)
+        true = nearest(unit_vectors(reference["ra"], reference["dec"]), ctx["truth_xyz"])
+        err = np.asarray(reference["mag_err"])
+        usable = ((true >= 0) & (err < settings.max_ref_err_mag)
+                  & np.isfinite(np.asarray(reference["mag"])))
+        err = np.hypot(err, settings.error_floor_mag)  # the zero-point fit's weights
+        delta = np.asarray(reference["mag"]) - np.where(
+            usable, ctx["sources"][f"mag_{band}"].to_numpy()[true], np.nan)
+        means, errors = {}, []
+        for tile in ctx["tiles"]:
+            if (tile, band) not in ctx["coadds"]:
+                continue
+            on = usable.copy()
+            on[usable] = ctx["coadds"][tile, band].on_data[true[usable]]
+            weight = err[on] ** -2
+            if weight.size:
+                means[tile] = rounded(float(np.sum(weight * delta[on]) / np.sum(weight)))
+                errors.append(float(np.sum(weight) ** -0.5))
+        if means:
+            out.append(entry(4, "per-amplifier zero point within 0.01 mag RMS along Y of truth, "
+                             "every site", "Gaia XP - true, weighted mean over a tile's anchors, "
+                             "largest |value| of a tile", max(abs(v) for v in means.values()),
+                             "informational", None, band=band, per_tile=means,
+                             median_standard_error=rounded(float(np.median(errors)))))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
