@@ -9,7 +9,7 @@ SExtractor:
   ``back_size_px``, median filter ``back_filter_size``) on the pixels with data, subtracted
   (by default measured a second time without the sources above ``background_mask_sigma``,
   whose wings lift SExtractor's one-pass mesh, nor discs of ``background_mask_wings`` times
-  their footprint radius over the wings beyond; 0 gives SExtractor's single pass);
+  their footprint radius over the bright ones' wings; 0 gives SExtractor's single pass);
   then masked pixels (no data, i.e. NDITH = 0 or not finite, plus any co-add mask bit in
   ``bad_bits``) in runs of at most ``interp_max_gap_px`` along a row are filled by linear
   interpolation (:func:`ks4release.reduction.coadd.fill_masked_pixels`), DR1's "MASK_TYPE

@@ -66,11 +66,11 @@ def source_masked_background(data: np.ndarray, bad: np.ndarray, *, box: int, fil
     second background. On a demo co-add with 8 times the stars the first mesh was 0.70 ADU
     (0.08 sigma) too high, on the demo's own 0.21 ADU.
 
-    A fixed growth leaves the sources' wings in: their footprints end at the ``detect_sigma``
-    isophote, and a galaxy's de Vaucouleurs profile holds much of its light beyond it (a star's
-    Moffat profile falls as r**(-2 beta), so its grown footprint nearly covers it). With
-    ``wing_factor`` > 0 a disc of ``wing_factor`` times each source's footprint radius
-    (``sqrt(npix / pi)``) is masked as well (0 = only the grown footprints).
+    A fixed growth leaves the wings of the bright sources in: their footprints end at the
+    ``detect_sigma`` isophote, and a Moffat profile of index beta falls only as r**(-2 beta)
+    beyond it. With ``wing_factor`` > 0 a disc of ``wing_factor`` times each source's footprint
+    radius (``sqrt(npix / pi)``) is masked as well; at 3 times that radius a beta = 3 star's
+    wings are below 1/700 of the isophote's level (0 = only the grown footprints).
     """
     first = sep.Background(data, mask=bad, bw=box, bh=box, fw=filter_size, fh=filter_size)
     set_extraction_limits(data.size)
