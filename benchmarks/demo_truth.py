@@ -330,7 +330,6 @@ def colour_terms(ctx: dict) -> list[dict]:
 class AmplifierDifferences:
     """(fitted - true) zero point along Y of the live amplifiers of one exposure."""
 
-    stem: str
     site: str
     amplifiers: list[tuple[str, int]]   # (CCD, amplifier number) per row of ``diff``
     diff: np.ndarray                    # (n_amplifiers, n_y) mag, at the pivot colour
@@ -352,8 +351,8 @@ def amplifier_differences(ctx: dict) -> list[AmplifierDifferences]:
                 - (merged.zp_y0_true.to_numpy()[:, None]
                    + merged.zp_slope_true.to_numpy()[:, None] * y)
                 - merged.colour_term_true.to_numpy()[:, None] * pivot)
-        out.append(AmplifierDifferences(row.stem, row.site,
-                                        list(zip(merged.ccd, merged.amp.astype(int))), diff))
+        out.append(AmplifierDifferences(row.site, list(zip(merged.ccd,
+                                                             merged.amp.astype(int))), diff))
     return out
 
 
