@@ -106,8 +106,9 @@ SExtractor:
 * **Large co-adds** (:func:`run_photometry`): a co-add with a side longer than
   ``block_size_px`` is read memory-mapped and measured in overlapping blocks
   (:mod:`ks4release.reduction.photometry_blocks`), each as a whole co-add but with the whole
-  co-add's RMS factors per NDITH (:func:`blockwise_noise_factors`), each detection kept by the
-  block whose core holds it.
+  co-add's RMS factors per NDITH (:func:`blockwise_noise_factors`) and PSF half-light radius
+  (:func:`psf_radius` on its central block), each detection kept by the block whose core
+  holds it.
 
 ``flags_{b}`` (:data:`FLAG_BITS`, SExtractor meanings):
 1 more than ``crowding_fraction`` of the Kron ellipse's pixels belong to other objects or are
@@ -133,6 +134,7 @@ import math
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Self
 
@@ -158,6 +160,7 @@ from ks4release.reduction.coadd_maps import coadd_wcs, exposure_footprints, read
 from ks4release.reduction.median_stack import point_source_factors
 from ks4release.reduction.photometry_blocks import (
     Block,
+    central_block,
     crop_excluded,
     crop_header,
     measure_in_blocks,
@@ -170,6 +173,8 @@ from ks4release.reduction.sep_objects import (
     dip_significance,
     ellipse,
     footprint_max,
+    half_light_radii,
+    psf_half_light_radius,
     set_extraction_limits,
     sky_background,
     touching_pieces,
@@ -313,6 +318,8 @@ class _Band:
     wcs: WCS
     tile: str
     shape: tuple[int, int]
+    psf_r_half: float | None  # the PSF's half-light radius (px) capping the centroid windows;
+    #                           None: the median of the band's own bright compact detections
 
 
 def read_measured(path: Path) -> Table:
@@ -356,10 +363,12 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
              settings: PhotometrySettings, ndith: np.ndarray | None,
              exposures: dict | None = None,
              excluded: dict[str, np.ndarray] | None = None,
-             noise_factors: np.ndarray | None = None) -> _Band:
+             noise_factors: np.ndarray | None = None,
+             psf_r_half: float | None = None) -> _Band:
     """Background, RMS and MASK_TYPE CORRECT-like interpolation of one co-add.
     ``noise_factors`` (index NDITH) replaces the factors measured on this image
-    (:func:`coverage_noise_factors`): a block's are the whole co-add's."""
+    (:func:`coverage_noise_factors`) and ``psf_r_half`` the PSF's half-light radius measured on
+    its detections (:func:`psf_radius`): a block's are the whole co-add's."""
     data = np.asarray(image, dtype=np.float32)
     bits = np.asarray(mask).astype(np.uint8)
     if bits.shape != data.shape or (ndith is not None and np.shape(ndith) != data.shape):
@@ -389,7 +398,7 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
                  saturate=saturate, gain=gain,
                  seeing_arcsec=float(header["SEEING"]), psf_beta=psf_beta(header),
                  pixel_scale_arcsec=scale, wcs=wcs,
-                 tile=str(header.get("TILE", "")), shape=data.shape)
+                 tile=str(header.get("TILE", "")), shape=data.shape, psf_r_half=psf_r_half)
 
 
 #: Fewest sampled pixels of one NDITH value for its noise factor.
@@ -508,6 +517,18 @@ def _detect(band: _Band, settings: PhotometrySettings) -> tuple[np.ndarray, np.n
         raise StageError(f"sep extraction failed: {exc}", stage="photometry",
                          tile=band.tile or None, band=band.name) from exc
     return objects, segmap.astype(np.int32)
+
+
+def _psf_radius(band: _Band, settings: PhotometrySettings) -> float:
+    """The PSF's half-light radius (pixels) on a prepared co-add, as its windowed centroids
+    take it when it is measured whole: the median over its bright, compact, undeblended
+    detections (:func:`.sep_objects.psf_half_light_radius`); inf without three of them."""
+    objects, segmap = _detect(band, settings)
+    if not objects.size:
+        return math.inf
+    r_half = half_light_radii(band.image, objects, band.masked, segmap,
+                              np.arange(1, objects.size + 1, dtype=np.int32))
+    return psf_half_light_radius(objects, r_half, band.rms)
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,7 +714,8 @@ def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
     a windowed centroid started from its barycentre, :func:`_recentred`)."""
     gain = band.gain if band.gain > 0 else None
     cen = windowed_centroids(band.image, objects, band.rms, band.masked, segmap,
-                             np.arange(1, objects.size + 1, dtype=np.int32), gain)
+                             np.arange(1, objects.size + 1, dtype=np.int32), gain,
+                             band.psf_r_half)
     fitted = _fitted_wings(band, objects, segmap, cen.x, cen.y, settings)
     x, y, x_err, y_err = _saturated_centres(cen.x, cen.y, cen.x_err, cen.y_err, fitted)
     seeing_px = band.seeing_arcsec / band.pixel_scale_arcsec
@@ -1310,7 +1332,8 @@ def measure_single(image: np.ndarray, mask: np.ndarray, header: fits.Header, ban
                    settings: PhotometrySettings, network: Network, *,
                    ndith: np.ndarray | None = None, exposures: dict | None = None,
                    excluded: dict[str, np.ndarray] | None = None,
-                   noise_factors: np.ndarray | None = None) -> Table:
+                   noise_factors: np.ndarray | None = None,
+                   psf_r_half: float | None = None) -> Table:
     """Detect and measure one co-add alone (DR1's single mode).
 
     Parameters
@@ -1340,6 +1363,10 @@ def measure_single(image: np.ndarray, mask: np.ndarray, header: fits.Header, ban
         The RMS map's factors per NDITH (index NDITH) to use instead of measuring them on
         ``image`` (:func:`coverage_noise_factors`): a block of a co-add takes the whole
         co-add's (:func:`blockwise_noise_factors`).
+    psf_r_half : float, optional
+        The PSF's half-light radius (pixels) capping the windowed centroids' windows instead
+        of the one measured on ``image`` (:func:`psf_radius`): a block of a co-add takes the
+        whole co-add's.
 
     Returns
     -------
@@ -1347,7 +1374,7 @@ def measure_single(image: np.ndarray, mask: np.ndarray, header: fits.Header, ban
         The measurement table (module docstring), one row per detection.
     """
     prepared = _prepare(image, mask, header, band.upper(), settings, ndith, exposures, excluded,
-                        noise_factors)
+                        noise_factors, psf_r_half)
     return _measure(prepared, [prepared.name], _no_other_band, settings, network, "single")
 
 
@@ -1375,7 +1402,8 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
                  ndith: dict[str, np.ndarray] | None = None,
                  exposures: dict[str, dict] | None = None,
                  excluded: dict[str, dict[str, np.ndarray]] | None = None,
-                 noise_factors: dict[str, np.ndarray] | None = None) -> Table:
+                 noise_factors: dict[str, np.ndarray] | None = None,
+                 psf_r_half: float | None = None) -> Table:
     """Detect on ``detection_band`` and measure every band at the same objects (dual mode).
 
     Parameters
@@ -1395,6 +1423,8 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
         Band letter -> the co-add's excluded pixels per exposure (see :func:`measure_single`).
     noise_factors : dict, optional
         Band letter -> the RMS map's factors per NDITH (see :func:`measure_single`).
+    psf_r_half : float, optional
+        The detection band's PSF half-light radius (see :func:`measure_single`).
 
     Raises
     ------
@@ -1415,7 +1445,8 @@ def measure_dual(images: dict[str, tuple[np.ndarray, np.ndarray, fits.Header]],
 
     def prepare(band: str) -> _Band:
         return _prepare(*upper[band], band, settings, ndith.get(band, ndith.get(band.lower())),
-                        exposures.get(band), excluded.get(band), noise_factors.get(band))
+                        exposures.get(band), excluded.get(band), noise_factors.get(band),
+                        psf_r_half if band == detection_band.upper() else None)
 
     return _measure(prepare(detection_band.upper()), order, prepare, settings, network, "dual")
 
@@ -1498,6 +1529,18 @@ class _Coadd:
 
         return blockwise_noise_factors(pixels, blocks, self.shape, settings)
 
+    def psf_r_half(self, blocks: list[Block], settings: PhotometrySettings) -> float | None:
+        """The whole co-add's PSF half-light radius when it is measured in several blocks:
+        :func:`_psf_radius` on its central block (:func:`.photometry_blocks.central_block`),
+        the whole co-add when that is no larger; None for one block (measured with the
+        image)."""
+        if len(blocks) == 1:
+            return None
+        centre = central_block(self.shape, settings.block_size_px, settings.block_margin_px,
+                               settings.back_size_px)
+        image, mask, header, ndith, _ = self.crop(centre)
+        return _psf_radius(_prepare(image, mask, header, self.band, settings, ndith), settings)
+
 
 def _blocks(shape: tuple[int, int], settings: PhotometrySettings) -> list[Block]:
     """The blocks a co-add of ``shape`` is measured in (one when it is small enough)."""
@@ -1541,14 +1584,17 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
                 blocks = _blocks(coadd.shape, settings)
                 factors = coadd.noise_factors(blocks, settings)
 
-                def measure(block: Block, coadd: _Coadd = coadd, band: str = band,
-                            factors: np.ndarray | None = factors) -> Table:
+                def measure(block: Block, psf_r_half: float | None, coadd: _Coadd = coadd,
+                            band: str = band, factors: np.ndarray | None = factors) -> Table:
                     image, mask, header, ndith, excluded = coadd.crop(block)
                     return measure_single(image, mask, header, band, settings, network,
                                           ndith=ndith, exposures=coadd.exposures,
-                                          excluded=excluded, noise_factors=factors)
+                                          excluded=excluded, noise_factors=factors,
+                                          psf_r_half=psf_r_half)
                 try:
-                    table = measure_in_blocks(measure, blocks, label=f"tile {tile} band {band}")
+                    table = measure_in_blocks(
+                        partial(measure, psf_r_half=coadd.psf_r_half(blocks, settings)), blocks,
+                        label=f"tile {tile} band {band}")
                 except ValueError as exc:  # a co-add that breaks what the measurement needs
                     raise StageError(str(exc), stage="photometry", tile=tile, band=band,
                                      path=coadd_path(release_dir, tile, band, "coadd")) from exc
@@ -1569,13 +1615,13 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
         blocks = _blocks(shape, settings)
         factors: dict[str, np.ndarray] = {}
 
-        def measure_block(block: Block) -> Table:
+        def measure_block(block: Block, psf_r_half: float | None) -> Table:
             crops = {band: coadd.crop(block) for band, coadd in coadds.items()}
             return measure_dual({b: c[:3] for b, c in crops.items()}, settings, network,
                                 detection_band, ndith={b: c[3] for b, c in crops.items()},
                                 exposures={b: coadds[b].exposures for b in crops},
                                 excluded={b: c[4] for b, c in crops.items()},
-                                noise_factors=factors)
+                                noise_factors=factors, psf_r_half=psf_r_half)
 
         try:
             _check_grid({b: (c.arrays["coadd"], None, c.header) for b, c in coadds.items()},
@@ -1584,7 +1630,9 @@ def run_photometry(*, release_dir: Path, tile: str, mode: str, bands: tuple[str,
                 measured = coadd.noise_factors(blocks, settings)
                 if measured is not None:
                     factors[band] = measured
-            table = measure_in_blocks(measure_block, blocks, label=f"tile {tile} (dual)")
+            radius = coadds[detection_band.upper()].psf_r_half(blocks, settings)
+            table = measure_in_blocks(partial(measure_block, psf_r_half=radius), blocks,
+                                      label=f"tile {tile} (dual)")
         except ValueError as exc:  # co-adds on different grids, or a header without SEEING
             raise StageError(str(exc), stage="photometry", tile=tile) from exc
     _write(table, tile, measured_path(release_dir, tile, "dual"))

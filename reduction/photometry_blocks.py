@@ -20,7 +20,10 @@ survey pipelines cut a sky tessellation into patches:
 
 The RMS map's factors per NDITH are the whole co-add's, from a first pass over the blocks'
 cores (:func:`~ks4release.reduction.photometry.blockwise_noise_factors`): measured per block
-they came out 2-3% off. What each block estimates on its own pixels: the typical PSF that
+they came out 2-3% off. So is the PSF's half-light radius that caps the windowed centroids'
+windows, measured once on the co-add's central block (:func:`central_block`): each block's own
+median came out up to 4.6% off, which moved a large galaxy's centroid by 0.065 px. What each
+block estimates on its own pixels: the typical PSF that
 normalises the seeing map (:func:`~ks4release.reduction.photometry.local_seeing`) and the
 background level that SATURATE is taken above; with the default cores of 4096 pixels these
 rest on thousands of detections and millions of pixels. An object whose footprint reaches an
@@ -39,7 +42,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table, vstack
 
-__all__ = ["Block", "crop_excluded", "crop_header", "measure_in_blocks", "plan_blocks"]
+__all__ = ["Block", "central_block", "crop_excluded", "crop_header", "measure_in_blocks",
+           "plan_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +113,20 @@ def plan_blocks(shape: tuple[int, int], size: int, margin: int, mesh: int) -> li
             blocks.append(Block((y0, y1, x0, x1), (max(y0 - pad, 0), min(y1 + pad, ny),
                                                    max(x0 - pad, 0), min(x1 + pad, nx))))
     return blocks
+
+
+def central_block(shape: tuple[int, int], size: int, margin: int, mesh: int) -> Block:
+    """The co-add's central square of one block's outer side (``size`` and ``margin`` rounded
+    up to whole ``mesh`` cells as in :func:`plan_blocks`; the whole co-add along an axis not
+    longer than that), starting at a multiple of ``mesh``: where the properties of the whole
+    co-add that need a detection are measured, with one block's memory."""
+    side = _round_up(size, mesh) + 2 * _round_up(margin, mesh)
+    bounds = []
+    for n in shape:
+        start = 0 if n <= side else (n - side) // 2 // mesh * mesh
+        bounds += [start, min(start + side, n)]
+    y0, y1, x0, x1 = bounds
+    return Block((y0, y1, x0, x1), (y0, y1, x0, x1))
 
 
 def crop_header(header: fits.Header, block: Block) -> fits.Header:

@@ -24,6 +24,7 @@ __all__ = [
     "dip_significance",
     "ellipse",
     "footprint_max",
+    "half_light_radii",
     "psf_half_light_radius",
     "set_extraction_limits",
     "sky_background",
@@ -256,6 +257,17 @@ def _saddle(values: np.ndarray, one: np.ndarray, two: np.ndarray) -> float:
     return float(levels[lo])
 
 
+def half_light_radii(image: np.ndarray, objects: np.ndarray, mask: np.ndarray | None,
+                     segmap: np.ndarray, seg_id: np.ndarray) -> np.ndarray:
+    """Each object's half-light radius (pixels, FLUX_RADIUS 0.5 within 6 A, 3-60 px, its
+    neighbours' footprints left out) at its isophotal barycentre; 1 where it fails."""
+    r_half, _ = sep.flux_radius(image, objects["x"].astype(np.float64),
+                                objects["y"].astype(np.float64),
+                                np.clip(6.0 * objects["a"], 3.0, 60.0), 0.5, normflux=None,
+                                mask=mask, segmap=segmap, seg_id=seg_id, subpix=5)
+    return np.where(np.isfinite(r_half) & (r_half > 0), r_half, 1.0)
+
+
 def psf_half_light_radius(objects: np.ndarray, r_half: np.ndarray, rms: np.ndarray) -> float:
     """Median half-light radius of bright, single, compact sources: the PSF's.
 
@@ -305,10 +317,7 @@ def windowed_centroids(image: np.ndarray, objects: np.ndarray, rms: np.ndarray,
     """
     x0 = objects["x"].astype(np.float64)
     y0 = objects["y"].astype(np.float64)
-    r_half, _ = sep.flux_radius(image, x0, y0, np.clip(6.0 * objects["a"], 3.0, 60.0), 0.5,
-                                normflux=None, mask=mask, segmap=segmap, seg_id=seg_id,
-                                subpix=5)
-    r_half = np.where(np.isfinite(r_half) & (r_half > 0), r_half, 1.0)
+    r_half = half_light_radii(image, objects, mask, segmap, seg_id)
     if psf_r_half is None:
         psf_r_half = psf_half_light_radius(objects, r_half, rms)
     sigma = 2.0 * np.minimum(r_half, psf_r_half) / 2.3548
