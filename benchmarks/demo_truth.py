@@ -807,7 +807,8 @@ def _stack_offsets(ctx: dict, tile: str, band: str, radii: tuple[float, ...]
     background = sky_background(data, bad, box=settings.back_size_px,
                                 filter_size=settings.back_filter_size,
                                 mask_sigma=settings.background_mask_sigma,
-                                grow_px=settings.background_grow_px)
+                                grow_px=settings.background_grow_px,
+                                wing_factor=settings.background_mask_wings)
     x, y = quiet_wcs(header).wcs_world2pix(ctx["sources"].ra, ctx["sources"].dec, 0)
     ix, iy = (np.clip(np.rint(v).astype(int), 0, n - 1) for v, n in ((x, ndith.shape[1]),
                                                                        (y, ndith.shape[0])))

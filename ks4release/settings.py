@@ -1005,6 +1005,15 @@ class PhotometrySettings:
     background_grow_px: int = documented(
         "Pixels by which the masked sources' footprints are grown (see "
         "background_mask_sigma).", default=4)
+    background_mask_wings: float = documented(
+        "With background_mask_sigma: also mask a disc of this many times each masked source's "
+        "footprint radius (sqrt(npix / pi)) over the wings (mostly galaxies') that still lift "
+        "the mesh; 0 = only the grown footprints. Ours. The sky between the true sources of "
+        "the demo's 16 co-adds sat 0.07-0.39 ADU below zero, 0.02-0.21 with 3 (4 masks no "
+        "better); on the 1/4-scale survey, whose 3,000-3,800 isolated point sources per band "
+        "show it, the median MAG_APER5 - true of the S/N 30-55 bins fell from +0.005..+0.011 "
+        "to +0.002..+0.007 mag (every S/N 20-60 bin by 0.002-0.008), with completeness and "
+        "spurious cleaning unchanged within 0.015.", default=3.0)
     kron_factor: float = documented("PHOT_AUTOPARAMS Kron factor (DR1: 2.5).", default=2.5)
     kron_min_radius: float = documented("PHOT_AUTOPARAMS minimum radius, units of A/B (3.5).",
                                         default=3.5)
@@ -1091,8 +1100,8 @@ class PhotometrySettings:
         if self.gain_e_per_adu < 0:
             raise ValueError(f"gain_e_per_adu must be >= 0, got {self.gain_e_per_adu}")
         for name in ("saturation_core_px", "background_mask_sigma", "background_grow_px",
-                     "block_margin_px", "deblend_twin_fwhm", "deblend_dip_sigma",
-                     "deblend_dip_fwhm"):
+                     "background_mask_wings", "block_margin_px", "deblend_twin_fwhm",
+                     "deblend_dip_sigma", "deblend_dip_fwhm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("bad_bits", "saturation_bits"):

@@ -8,7 +8,8 @@ SExtractor:
 * **Background and masked pixels** (per band). :class:`sep.Background` (mesh
   ``back_size_px``, median filter ``back_filter_size``) on the pixels with data, subtracted
   (by default measured a second time without the sources above ``background_mask_sigma``,
-  whose wings lift SExtractor's one-pass mesh; 0 gives SExtractor's single pass);
+  whose wings lift SExtractor's one-pass mesh, nor discs of ``background_mask_wings`` times
+  their footprint radius over the wings beyond; 0 gives SExtractor's single pass);
   then masked pixels (no data, i.e. NDITH = 0 or not finite, plus any co-add mask bit in
   ``bad_bits``) in runs of at most ``interp_max_gap_px`` along a row are filled by linear
   interpolation (:func:`ks4release.reduction.coadd.fill_masked_pixels`), DR1's "MASK_TYPE
@@ -352,7 +353,8 @@ def _sky(data: np.ndarray, bits: np.ndarray, ndith: np.ndarray | None,
     background = sky_background(clean, missing, box=settings.back_size_px,
                                 filter_size=settings.back_filter_size,
                                 mask_sigma=settings.background_mask_sigma,
-                                grow_px=settings.background_grow_px)
+                                grow_px=settings.background_grow_px,
+                                wing_factor=settings.background_mask_wings)
     sub = clean - background.back()
     sub[missing] = 0.0
     return _Sky(sub=sub, rms=background.rms(), missing=missing, no_data=no_data,
