@@ -108,7 +108,7 @@ SExtractor:
   ``block_size_px`` is read memory-mapped and measured in overlapping blocks
   (:mod:`ks4release.reduction.photometry_blocks`), each as a whole co-add but with the whole
   co-add's RMS factors per NDITH (:func:`blockwise_noise_factors`) and PSF half-light radius
-  (:func:`psf_radius` on its central block), each detection kept by the block whose core
+  (:func:`_psf_radius` on its central block), each detection kept by the block whose core
   holds it.
 
 ``flags_{b}`` (:data:`FLAG_BITS`, SExtractor meanings):
@@ -370,7 +370,7 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
     """Background, RMS and MASK_TYPE CORRECT-like interpolation of one co-add.
     ``noise_factors`` (index NDITH) replaces the factors measured on this image
     (:func:`coverage_noise_factors`) and ``psf_r_half`` the PSF's half-light radius measured on
-    its detections (:func:`psf_radius`): a block's are the whole co-add's."""
+    its detections (:func:`_psf_radius`): a block's are the whole co-add's."""
     data = np.asarray(image, dtype=np.float32)
     bits = np.asarray(mask).astype(np.uint8)
     if bits.shape != data.shape or (ndith is not None and np.shape(ndith) != data.shape):
@@ -1367,7 +1367,7 @@ def measure_single(image: np.ndarray, mask: np.ndarray, header: fits.Header, ban
         co-add's (:func:`blockwise_noise_factors`).
     psf_r_half : float, optional
         The PSF's half-light radius (pixels) capping the windowed centroids' windows instead
-        of the one measured on ``image`` (:func:`psf_radius`): a block of a co-add takes the
+        of the one measured on ``image`` (:func:`_psf_radius`): a block of a co-add takes the
         whole co-add's.
 
     Returns

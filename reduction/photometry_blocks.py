@@ -23,12 +23,11 @@ cores (:func:`~ks4release.reduction.photometry.blockwise_noise_factors`): measur
 they came out 2-3% off. So is the PSF's half-light radius that caps the windowed centroids'
 windows, measured once on the co-add's central block (:func:`central_block`): each block's own
 median came out up to 4.6% off, which moved a large galaxy's centroid by 0.065 px. What each
-block estimates on its own pixels: the typical PSF that
-normalises the seeing map (:func:`~ks4release.reduction.photometry.local_seeing`) and the
-background level that SATURATE is taken above; with the default cores of 4096 pixels these
-rest on thousands of detections and millions of pixels. An object whose footprint reaches an
-inner block edge (larger than the margin) is truncated like one at the co-add's border and
-carries FLAGS bit 8.
+block estimates on its own pixels: the typical PSF that normalises the seeing map
+(:func:`~ks4release.reduction.photometry.local_seeing`) and the background level that SATURATE
+is taken above; with the default cores of 4096 pixels these rest on thousands of detections
+and millions of pixels. An object whose footprint reaches an inner block edge (larger than the
+margin) is truncated like one at the co-add's border and carries FLAGS bit 8.
 """
 
 from __future__ import annotations
