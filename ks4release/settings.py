@@ -1012,7 +1012,7 @@ class PhotometrySettings:
         "the demo's 16 co-adds sat 0.07-0.39 ADU below zero, 0.02-0.21 with 3 (4 masks no "
         "better); on the 1/4-scale survey, whose 3,000-3,800 isolated point sources per band "
         "show it, the median MAG_APER5 - true of the S/N 30-55 bins fell from +0.005..+0.011 "
-        "to +0.002..+0.007 mag (every S/N 20-60 bin by 0.002-0.008), with completeness and "
+        "to +0.002..+0.006 mag (every S/N 20-60 bin by 0.002-0.008), with completeness and "
         "spurious cleaning unchanged within 0.015.", default=3.0)
     kron_factor: float = documented("PHOT_AUTOPARAMS Kron factor (DR1: 2.5).", default=2.5)
     kron_min_radius: float = documented("PHOT_AUTOPARAMS minimum radius, units of A/B (3.5).",
