@@ -43,6 +43,7 @@ from scipy.special import ndtr
 __all__ = [
     "expected_median",
     "flux_factors",
+    "integrated_moffat",
     "median_noise",
     "moffat_alpha",
     "moffat_enclosed_fraction",
@@ -83,6 +84,19 @@ def moffat_profile(radius: np.ndarray, alpha: np.ndarray, beta: float) -> np.nda
     a2 = np.asarray(alpha, dtype=np.float64)[:, None] ** 2
     r2 = np.asarray(radius, dtype=np.float64)[None, :] ** 2
     return (beta - 1.0) / (np.pi * a2) * (1.0 + r2 / a2) ** -beta
+
+
+def integrated_moffat(half: int, fwhm_px: float, beta: float, dx: float = 0.0,
+                      dy: float = 0.0, sub: int = 5) -> np.ndarray:
+    """A unit-flux Moffat PSF (FWHM ``fwhm_px``, index ``beta``) centred ``(dx, dy)`` px off the
+    central pixel of a (2 half + 1)^2 stamp, each pixel integrated on a ``sub`` x ``sub`` grid
+    (as a detector integrates a PSF, not sampled at the pixel centre)."""
+    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    n = 2 * half + 1
+    fine = (np.arange(n * sub) + 0.5) / sub - half - 0.5
+    r2 = (fine[:, None] - dy) ** 2 + (fine[None, :] - dx) ** 2
+    profile = moffat_profile(np.sqrt(r2.ravel()), np.array([alpha]), beta).reshape(r2.shape)
+    return profile.reshape(n, sub, n, sub).mean(axis=(1, 3))
 
 
 def moffat_enclosed_fraction(fwhm: np.ndarray, beta: float, diameter: float) -> np.ndarray:

@@ -73,7 +73,7 @@ from sklearn.cluster import DBSCAN
 
 from ks4release.projection import chord, gnomonic, unit_vectors
 from ks4release.reduction.coadd_maps import exposure_footprints
-from ks4release.reduction.median_stack import moffat_enclosed_fraction
+from ks4release.reduction.median_stack import integrated_moffat, moffat_enclosed_fraction
 from ks4release.settings import PostprocessSettings
 
 __all__ = [
@@ -483,11 +483,7 @@ def moffat_kron_fraction(a: np.ndarray, b: np.ndarray, theta_deg: np.ndarray,
     a, b = np.asarray(a, float), np.asarray(b, float)
     kron = np.asarray(kron, float)
     half = int(math.ceil(max(float(np.nanmax(kron * a, initial=0.0)) + 2.0, 20.0 * alpha)))
-    sub = 5  # each pixel integrated on a 5 x 5 grid, as a PSF is, not sampled at its centre
-    fine = (np.arange((2 * half + 1) * sub) + 0.5) / sub - half - 0.5
-    r2 = fine[:, None] ** 2 + fine[None, :] ** 2
-    psf = ((1.0 + r2 / alpha ** 2) ** (-beta)).reshape(2 * half + 1, sub, 2 * half + 1,
-                                                         sub).sum(axis=(1, 3))
+    psf = integrated_moffat(half, fwhm_px, beta)
     # normalised to the total light: the stamp misses (1 + (half/alpha)^2)^(1 - beta) of it
     psf *= moffat_enclosed_fraction(fwhm_px, beta, 2.0 * half) / psf.sum()
     ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(kron) & (a > 0) & (b > 0) & (kron > 0)
