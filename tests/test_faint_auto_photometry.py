@@ -4,7 +4,8 @@ light outside their Kron ellipses by :func:`kron_loss_correction`, and compared 
 At low S/N a star's Kron ellipse shrinks and misses more of the PSF's wings than a bright star's
 (whose loss the AUTO zero point absorbs); the correction restores that light from a Moffat model
 of the PSF. Here about 1,200 faint and 200 bright Moffat stars (FWHM 4 px, beta 3) are injected
-on white noise at known positions and fluxes, and the faint stars' median MAG_AUTO - true is
+at known positions and fluxes on white noise and on noise correlated as a LANCZOS3 resampling
+correlates a co-add's, and the faint stars' median MAG_AUTO - true is
 compared with the bright stars'. The noise in a fixed circle of 2 FWHM around each true
 position is taken off FLUX_AUTO first (a control variate: zero on average, it shares most of
 the Kron ellipse's noise), which brings the medians' standard errors from ~0.002 to ~0.0006
@@ -21,6 +22,7 @@ import sep
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from scipy.signal import fftconvolve
 
 from ks4release.reduction.median_stack import integrated_moffat
 from ks4release.reduction.photometry import measure_single
@@ -50,7 +52,26 @@ def _header() -> fits.Header:
     return header
 
 
-def _field(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _lanczos3_kernel() -> np.ndarray:
+    """The filter of a LANCZOS3 resampling half a pixel off in x and y (the shift that
+    correlates neighbouring pixels most), scaled to keep white noise's variance."""
+    taps = np.arange(-3, 3) + 0.5
+    weights = np.sinc(taps) * np.sinc(taps / 3.0)
+    kernel = np.outer(weights, weights) / weights.sum() ** 2
+    return kernel / math.sqrt(float((kernel ** 2).sum()))
+
+
+def _noise(rng: np.random.Generator, correlated: bool) -> np.ndarray:
+    """Noise of unit variance per pixel: white, or filtered by :func:`_lanczos3_kernel` as a
+    co-add's resampled noise is."""
+    if not correlated:
+        return rng.standard_normal((SIDE, SIDE))
+    return fftconvolve(rng.standard_normal((SIDE + 5, SIDE + 5)), _lanczos3_kernel(),
+                       mode="valid")
+
+
+def _field(rng: np.random.Generator, correlated: bool
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Noise of unit variance, the image (noise plus stars) and the stars (x, y, flux,
     bright) on a grid of STEP px, each off its pixel centre by a random fraction."""
     centres = np.arange(STEP // 2, SIDE - STEP // 2 + 1, STEP)
@@ -60,7 +81,7 @@ def _field(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray
     noise_area = 1.0 / float((integrated_moffat(STAMP_HALF, FWHM_PX, BETA) ** 2).sum())
     flux = snr * math.sqrt(noise_area)
     dx, dy = rng.uniform(-0.5, 0.5, (2, cx.size))
-    noise = rng.standard_normal((SIDE, SIDE))
+    noise = _noise(rng, correlated)
     image = noise.copy()
     h = STAMP_HALF
     for i in range(cx.size):
@@ -69,8 +90,16 @@ def _field(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return noise, image.astype(np.float32), np.column_stack([cx + dx, cy + dy, flux, bright])
 
 
-@pytest.fixture(scope="module")
-def injected() -> Table:
+#: Known: on correlated noise the faint stars come out brighter after the correction, -0.015 at
+#: measured S/N 17, -0.005 at 24 and -0.002 at 33-46 (white noise: -0.005, -0.001, 0.000).
+#: Their Kron ellipses are drawn by the same noise they sum, and correlated noise moves them
+#: more; correcting it needs a calibration of that bias per co-add, not yet built.
+NOISE_BIAS = pytest.mark.xfail(strict=True, reason="the Kron ellipse's noise bias on "
+                               "correlated noise, -0.004 mag over S/N 24-100, is not corrected")
+
+
+@pytest.fixture(scope="module", params=["white", pytest.param("lanczos3", marks=NOISE_BIAS)])
+def injected(request: pytest.FixtureRequest) -> Table:
     """The injected stars found within 1.5 px, FLAGS < 4: their true and measured values, the
     control variate's noise taken off FLUX_AUTO (MAG_AUTO at ZP 30)."""
     network = read_nnw(DEFAULT_NNW)
@@ -78,7 +107,7 @@ def injected() -> Table:
     rng = np.random.default_rng(20261128)
     rows = []
     for _ in range(3):
-        noise, image, stars = _field(rng)
+        noise, image, stars = _field(rng, request.param == "lanczos3")
         table = measure_single(image, np.zeros(image.shape, np.uint8), _header(), "I",
                                settings, network)
         control, _, _ = sep.sum_circle(noise, stars[:, 0], stars[:, 1], CONTROL_RADIUS_PX,
