@@ -5,11 +5,11 @@ At low S/N a star's Kron ellipse shrinks and misses more of the PSF's wings than
 (whose loss the AUTO zero point absorbs); the correction restores that light from a Moffat model
 of the PSF. Here about 1,200 faint and 200 bright Moffat stars (FWHM 4 px, beta 3) are injected
 at known positions and fluxes on white noise and on noise correlated as a LANCZOS3 resampling
-correlates a co-add's, and the faint stars' median MAG_AUTO - true is
-compared with the bright stars'. The noise in a fixed circle of 2 FWHM around each true
-position is taken off FLUX_AUTO first (a control variate: zero on average, it shares most of
-the Kron ellipse's noise), which brings the medians' standard errors from ~0.002 to ~0.0006
-mag, so that a 0.003 mag tolerance can be held.
+correlates a co-add's, and the faint stars' median MAG_AUTO - true is compared with the bright
+stars'. The noise in a fixed circle of 2 FWHM around each true position is taken off FLUX_AUTO
+first (a control variate: zero on average, it shares most of the Kron ellipse's noise), which
+brings the medians' standard errors from ~0.002 to ~0.0006 mag, so that a 0.003 mag tolerance
+can be held.
 """
 
 from __future__ import annotations
