@@ -93,7 +93,10 @@ def _field(rng: np.random.Generator, correlated: bool
 #: Known: on correlated noise the faint stars come out brighter after the correction, -0.015 at
 #: measured S/N 17, -0.005 at 24 and -0.002 at 33-46 (white noise: -0.005, -0.001, 0.000).
 #: Their Kron ellipses are drawn by the same noise they sum, and correlated noise moves them
-#: more; correcting it needs a calibration of that bias per co-add, not yet built.
+#: more. The kernel here is the worst case, one exposure shifted by half a pixel (neighbouring
+#: pixels' noise correlated by 0.26); the demo co-adds' noise, a median of several exposures
+#: at different shifts, is correlated by 0.06-0.08, close to white, but a co-add's NDITH = 1
+#: edges can come near it. Correcting it needs a calibration of the bias per co-add.
 NOISE_BIAS = pytest.mark.xfail(strict=True, reason="the Kron ellipse's noise bias on "
                                "correlated noise, -0.004 mag over S/N 24-100, is not corrected")
 
