@@ -39,6 +39,7 @@ from ks4release.layout import (
 )
 from ks4release.publish.export import export_catalog
 from ks4release.publish.master import build_idual_master, build_single_master
+from ks4release.reduction.artificial_stars import auto_noise_path, run_auto_noise_calibration
 from ks4release.reduction.astrometry import run_astrometry
 from ks4release.reduction.calibration_maps import map_paths, run_maps
 from ks4release.reduction.coadd import run_coadd
@@ -463,6 +464,39 @@ def _plan_maps(ctx: ReleaseContext) -> list[Task]:
     return tasks
 
 
+def _plan_auto_noise(ctx: ReleaseContext) -> list[Task]:
+    """Per band: artificial stars in each tile's co-add calibrate faint MAG_AUTO's noise bias
+    (none when ``[photometry] auto_noise_runs`` is 0)."""
+    rd = ctx.release_dir
+    settings = ctx.config.photometry
+    if settings.auto_noise_runs == 0:
+        return []
+    nnw = ctx.config.resolve(settings.nnw_path)
+    tiles: dict[str, list[str]] = defaultdict(list)
+    for tile, bands in _tile_bands(ctx).items():
+        for band in bands:
+            tiles[band].append(tile)
+    return [
+        Task(stage="auto-noise", key=band, func=run_auto_noise_calibration,
+             kwargs={"release_dir": rd, "band": band, "tiles": tuple(names),
+                     "settings": settings, "nnw_path": nnw},
+             inputs=(*(p for tile in names for p in _coadd_files(rd, tile, (band,))),
+                     *(coadd_exposures_path(rd, tile, band) for tile in names),
+                     *(coadd_excluded_path(rd, tile, band) for tile in names), nnw),
+             outputs=(auto_noise_path(rd, band),), band=band)
+        for band, names in sorted(tiles.items())
+    ]
+
+
+def _auto_noise_inputs(ctx: ReleaseContext, mode: str, bands: tuple[str, ...]) -> tuple[Path, ...]:
+    """The calibration a tile catalog reads: its band's (single mode) or the detection band's
+    (dual mode), when the release calibrates."""
+    if ctx.config.photometry.auto_noise_runs == 0:
+        return ()
+    band = bands[0] if mode == "single" else ctx.config.master.detection_band.upper()
+    return (auto_noise_path(ctx.release_dir, band),)
+
+
 def _plan_tile_catalogs(ctx: ReleaseContext) -> list[Task]:
     """Calibrated, cleaned tile catalogs per tile (dual) and per tile and band (single)."""
     rd = ctx.release_dir
@@ -483,6 +517,7 @@ def _plan_tile_catalogs(ctx: ReleaseContext) -> list[Task]:
                     "settings": ctx.config.postprocess, "detection_band": detection,
                     "map_settings": ctx.config.maps},
             inputs=(_measured(rd, tile, mode, bands), *dual, *refs,
+                    *_auto_noise_inputs(ctx, mode, bands),
                     *(p for band in bands for p in map_paths(rd, tile, band, mode)),
                     *(coadd_exposures_path(rd, tile, band) for band in bands)),
             outputs=(out, summary_path(rd, tile, mode, bands[0] if single else None)),
@@ -549,6 +584,8 @@ def dr1_stages() -> list[Stage]:
         Stage(name="coadd", description="Co-adds per tile and band", plan=_plan_coadd),
         Stage(name="photometry", description="Detection and photometry on the co-adds",
               plan=_plan_photometry),
+        Stage(name="auto-noise", description="Artificial stars: faint MAG_AUTO's noise bias",
+              plan=_plan_auto_noise),
         Stage(name="maps", description="Zero-point and alignment maps", plan=_plan_maps),
         Stage(name="catalogs", description="Tile catalogs (calibrated, cleaned)",
               plan=_plan_tile_catalogs),

@@ -499,7 +499,8 @@ def moffat_kron_fraction(a: np.ndarray, b: np.ndarray, theta_deg: np.ndarray,
 
 def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scale_arcsec: float,
                          settings: PostprocessSettings, *, targets: np.ndarray,
-                         psf_beta: float | None = None) -> tuple[Table, dict]:
+                         psf_beta: float | None = None,
+                         noise_term: np.ndarray | None = None) -> tuple[Table, dict]:
     """Correct point sources' MAG_AUTO for the PSF light outside their own Kron ellipse.
 
     At low S/N the isophotal moments shrink and with them the Kron ellipse, which then misses
@@ -512,7 +513,8 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
     CLASS_STAR >= bias_class_star_min, FLAGS <= bias_flags_max). With ``[postprocess]
     kron_loss_compact`` the sources outside ``targets`` whose ellipse holds less than
     ``f_reference`` are corrected too (faint stars the classifier calls extended; a compact
-    galaxy loses at least that much).
+    galaxy loses at least that much). ``noise_term`` (magnitudes per source) is added to
+    the corrected sources too: the calibrated noise bias of :mod:`.artificial_stars`.
     """
     b = _band(band)
     cols = (f"mag_auto_{b}", f"a_image_{b}", f"b_image_{b}", f"theta_image_{b}",
@@ -542,6 +544,8 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
     apply = (targets | (shrunk & settings.kron_loss_compact)) & np.isfinite(fraction) \
         & np.isfinite(mag_auto)
     delta = np.where(apply, 2.5 * np.log10(np.where(apply, fraction, 1.0) / f_ref), 0.0)
+    if noise_term is not None:
+        delta += np.where(apply, noise_term, 0.0)
     column = out[f"mag_auto_{b}"]
     mask = ~np.isfinite(mag_auto)
     out[f"mag_auto_{b}"] = MaskedColumn(np.where(mask, np.nan, mag_auto + delta), mask=mask,

@@ -15,9 +15,12 @@ DR1 section 3.2 in the order the paper gives it. For one tile and detection mode
 3. adds NDITH, EDGE and the MJDs of every band from its exposures' footprints
    (:func:`reduction.postprocess.coverage_columns`);
 4. corrects point sources' MAG_AUTO per band: first for the PSF light outside their own Kron
-   ellipse (:func:`reduction.postprocess.kron_loss_correction`), then with DR1's empirical
-   curve (:func:`reduction.postprocess.auto_bias_correction`), calibrated on the point sources
-   of ``[postprocess] bias_reference``;
+   ellipse (:func:`reduction.postprocess.kron_loss_correction`) and, where the ellipse comes
+   from the band's own noise (single mode, dual mode's detection band), for the noise bias
+   that the ``auto-noise`` stage calibrated with artificial stars
+   (:mod:`reduction.artificial_stars`, ``work/catalog/auto_noise_<BAND>.json``), then with
+   DR1's empirical curve (:func:`reduction.postprocess.auto_bias_correction`), calibrated on
+   the point sources of ``[postprocess] bias_reference``;
 5. writes the tile catalog (:mod:`ks4release.tile_catalogs`): a band without a co-add has
    null measurements and NDITH = 0; single-mode catalogs get position errors from the
    windowed-centroid variances with the co-add's astrometric floor against Gaia DR3 added in
@@ -44,6 +47,7 @@ from astropy.wcs import WCS
 from ks4release.atomic import atomic_write_text
 from ks4release.errors import InputError
 from ks4release.layout import coadd_exposures_path, coadd_path, tile_refcat_path
+from ks4release.reduction.artificial_stars import AutoNoiseBias, auto_noise_path, read_auto_noise
 from ks4release.reduction.astrometric_floor import AstrometricFloor, astrometric_floor
 from ks4release.reduction.calibration_maps import apply_zp_maps, read_maps, zp_tile_path
 from ks4release.reduction.coadd_maps import coadd_wcs, read_exposures_json
@@ -177,8 +181,8 @@ def _calibration(references: dict[str, Table], band: str, settings: PostprocessS
 def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode: str,
                   shape: tuple[int, int], wcs: WCS, pixel_scale_arcsec: float,
                   references: dict[str, Table], settings: PostprocessSettings,
-                  dual: Callable[[], Table | None], map_settings: MapSettings
-                  ) -> tuple[Table, dict]:
+                  dual: Callable[[], Table | None], map_settings: MapSettings,
+                  noise: AutoNoiseBias | None = None) -> tuple[Table, dict]:
     """Steps 1, 3 and 4 of the module docstring for one band (upper-case ``band``); ``dual``
     gives the tile's dual-mode measurement table as measured (the colours of the site colour
     correction; read only when the maps ask for it), None when the tile has none."""
@@ -210,12 +214,27 @@ def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode
     gaia_positions = None if gaia is None else _positions(gaia)
     if settings.kron_loss_correction:
         targets = point_source_targets(table, b, settings, gaia_positions)
+        noise_term = None if noise is None else noise.correction(float_column(table, f"snr_{b}"))
         table, summary["kron_loss"] = kron_loss_correction(
             table, b, seeing_arcsec, pixel_scale_arcsec, settings, targets=targets,
-            psf_beta=psf_beta(header))
+            psf_beta=psf_beta(header), noise_term=noise_term)
+        summary["kron_loss"]["auto_noise_k"] = None if noise is None else noise.k
     table, curve = auto_bias_correction(table, calibration, b, settings, gaia=gaia_positions)
     summary["bias_curve"] = asdict(curve)
     return table, summary
+
+
+def _auto_noise(release_dir: Path, band: str, own_ellipse: bool) -> AutoNoiseBias | None:
+    """The band's MAG_AUTO noise-bias calibration (:mod:`.artificial_stars`) when the band's
+    Kron ellipses come from its own noise (single mode, dual mode's detection band) and the
+    release has one."""
+    path = auto_noise_path(release_dir, band)
+    if not own_ellipse or not path.is_file():
+        return None
+    try:
+        return read_auto_noise(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(path, f"cannot read the MAG_AUTO noise calibration ({exc})") from exc
 
 
 def _position_floor(cols: dict[str, np.ndarray], b: str, gaia: Table | None,
@@ -294,7 +313,8 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
         table, summary["bands"][b] = _process_band(
             table, release_dir=release_dir, tile=tile, band=b, mode=mode, shape=shape,
             wcs=wcs, pixel_scale_arcsec=scale, references=matching, settings=settings,
-            dual=dual, map_settings=map_settings or MapSettings())
+            dual=dual, map_settings=map_settings or MapSettings(),
+            noise=_auto_noise(release_dir, b, single or b == detection_band.upper()))
     band_letter = band.lower() if single else None
     cols = tile_catalog_columns(table, mode=mode, band=band_letter, pixel_scale_arcsec=scale)
     if single:

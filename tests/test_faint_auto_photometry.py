@@ -96,7 +96,9 @@ def _field(rng: np.random.Generator, correlated: bool
 #: more. The kernel here is the worst case, one exposure shifted by half a pixel (neighbouring
 #: pixels' noise correlated by 0.26); the demo co-adds' noise, a median of several exposures
 #: at different shifts, is correlated by 0.06-0.08, close to white, but a co-add's NDITH = 1
-#: edges can come near it. Correcting it needs a calibration of the bias per co-add.
+#: edges can come near it. The release calibrates that bias on its own co-adds with artificial
+#: stars (``auto-noise`` stage, tests/test_artificial_stars.py); this test checks the Kron
+#: loss correction alone.
 NOISE_BIAS = pytest.mark.xfail(strict=True, reason="the Kron ellipse's noise bias on "
                                "correlated noise, -0.004 mag over S/N 24-100, is not corrected")
 

@@ -630,6 +630,12 @@ def test_kron_loss_correction_brightens_sources_with_small_ellipses():
     assert broad["mag_auto_v"][n] == pytest.approx(21.5 + 2.5 * np.log10(fractions[1]
                                                                          / fractions[0]))
     assert broad["mag_auto_v"][n] < out["mag_auto_v"][n]
+    # the calibrated noise bias is added to the corrected sources only
+    noisy, _ = kron_loss_correction(table, "V", 1.9, 0.4, PostprocessSettings(),
+                                    targets=np.r_[np.ones(n + 1, dtype=bool), False],
+                                    noise_term=np.full(n + 2, 0.02))
+    assert noisy["mag_auto_v"][n] == pytest.approx(out["mag_auto_v"][n] + 0.02)
+    assert noisy["mag_auto_v"][n + 1] == pytest.approx(21.5)
     with pytest.raises(ValueError, match="beta"):
         kron_loss_correction(table, "V", 1.9, 0.4, PostprocessSettings(), targets=targets,
                              psf_beta=1.0)
