@@ -119,7 +119,12 @@ def _votable_bytes(table: Table, status: str, message: str = "") -> bytes:
         vot = from_table(table)
         resource = vot.resources[0]
         resource.type = "results"
-        info = Info(name="QUERY_STATUS", value=status, content=message or None)
+        # the message as the element's content, not a constructor keyword: astropy warns
+        # (W48) at that, and catch_warnings is not thread-safe, so a handler thread could see
+        # pytest's "error" filter restored by another and fail the request
+        info = Info(name="QUERY_STATUS", value=status)
+        if message:
+            info.content = message
         if status == "OVERFLOW":
             # DALI: the OVERFLOW INFO follows the table; pyvo takes the last status.
             resource.infos.append(Info(name="QUERY_STATUS", value="OK"))
