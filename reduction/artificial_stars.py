@@ -54,8 +54,8 @@ from ks4release.reduction.postprocess import kron_loss_correction
 from ks4release.reduction.stellarity import Network, read_nnw
 from ks4release.settings import PhotometrySettings, PostprocessSettings
 
-__all__ = ["AutoNoiseBias", "auto_noise_path", "fit_auto_noise", "inject_coadd", "offsets",
-           "read_auto_noise", "run_auto_noise_calibration"]
+__all__ = ["AutoNoiseBias", "auto_noise_path", "fit_auto_noise", "inject_coadd", "median_se",
+           "offsets", "read_auto_noise", "run_auto_noise_calibration"]
 
 BRIGHT_SNR, BRIGHT_SHARE, FAINT_SNR = 400.0, 0.15, (8.0, 150.0)
 #: Bins of measured S/N whose median offsets :func:`fit_auto_noise` fits.
@@ -125,6 +125,13 @@ def _inject(image: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray, h
     return out
 
 
+def _crop(path: Path, rows: slice, cols: slice) -> np.ndarray:
+    """The ``rows, cols`` part of a FITS image, read memory-mapped (native byte order)."""
+    with fits.open(path, memmap=True) as hdul:
+        data = hdul[0].data
+        return np.asarray(data[rows, cols], dtype=data.dtype.newbyteorder("="))
+
+
 def inject_coadd(release: Path, tile: str, band: str, settings: PhotometrySettings,
                  network: Network, runs: int, region: int, seed: int) -> Table:
     """Every star injected into one co-add's central ``region`` square in ``runs`` grids:
@@ -137,8 +144,8 @@ def inject_coadd(release: Path, tile: str, band: str, settings: PhotometrySettin
         block = central_block(shape, region, 0, settings.back_size_px)
         rows, cols = block.slices
         image = np.asarray(hdul[0].data[rows, cols], dtype=np.float32)
-    mask = np.asarray(fits.getdata(coadd_path(release, tile, band, "mask"))[rows, cols])
-    depth = np.asarray(fits.getdata(coadd_path(release, tile, band, "ndith"))[rows, cols])
+    mask, depth = (_crop(coadd_path(release, tile, band, kind), rows, cols)
+                   for kind in ("mask", "ndith"))
     excluded = crop_excluded(read_excluded(coadd_excluded_path(release, tile, band), shape),
                              shape, block)
     exposures = read_exposures_json(coadd_exposures_path(release, tile, band))
