@@ -278,15 +278,18 @@ def _jsonable(value: object) -> object:
 
 def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[str, ...],
                      settings: PostprocessSettings, detection_band: str = "I",
-                     map_settings: MapSettings | None = None) -> None:
+                     map_settings: MapSettings | None = None, auto_noise: bool = True) -> None:
     """Make the tile catalog of one tile and mode (task function).
 
     ``bands`` (upper case): in dual mode every band with a co-add of the tile, in single mode
     the one band. Reads the measurement table, the maps (``read_maps``), the co-adds'
     headers and exposures JSON, the tile's reference catalogs (Gaia DR3, Gaia XP, DELVE
-    DR2) and, in single mode when the maps were made on colour-corrected fluxes, the tile's
-    dual-mode measurement table (the colours of the site colour correction, done with
-    ``map_settings``; an InputError when it is missing); writes the tile catalog
+    DR2), the MAG_AUTO noise calibration of the band whose noise drew the Kron ellipses when
+    ``auto_noise`` (``[photometry] auto_noise_runs`` > 0: a calibration left by an earlier
+    build is not applied once the release stops calibrating) and, in single mode when the
+    maps were made on colour-corrected fluxes, the tile's dual-mode measurement table (the
+    colours of the site colour correction, done with ``map_settings``; an InputError when it
+    is missing); writes the tile catalog
     (``dual_catalog_path`` / ``single_catalog_path``) and :func:`summary_path`, each
     atomically.
     """
@@ -314,7 +317,8 @@ def run_tile_catalog(*, release_dir: Path, tile: str, mode: str, bands: tuple[st
             table, release_dir=release_dir, tile=tile, band=b, mode=mode, shape=shape,
             wcs=wcs, pixel_scale_arcsec=scale, references=matching, settings=settings,
             dual=dual, map_settings=map_settings or MapSettings(),
-            noise=_auto_noise(release_dir, b, single or b == detection_band.upper()))
+            noise=_auto_noise(release_dir, b,
+                              auto_noise and (single or b == detection_band.upper())))
     band_letter = band.lower() if single else None
     cols = tile_catalog_columns(table, mode=mode, band=band_letter, pixel_scale_arcsec=scale)
     if single:

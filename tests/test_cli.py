@@ -157,6 +157,14 @@ def test_simulated_survey_builds(tiny_survey, tmp_path, capsys):
     with pytest.raises(InputError, match=f"zp_tile_{tile}_V_single.json.*cannot be corrected"):
         run_tile_catalog(release_dir=moved, tile=tile, mode="single", bands=("V",),
                          settings=PostprocessSettings(), map_settings=MapSettings())
+    # a noise calibration left by an earlier build is not applied once the release stops
+    # calibrating (auto_noise_runs = 0)
+    dual.with_suffix(".moved").rename(dual)
+    summary_file = moved / "work" / "catalog" / f"{tile}_single_I_summary.json"
+    assert json.loads(summary_file.read_text())["bands"]["I"]["kron_loss"]["auto_noise_k"] > 0
+    run_tile_catalog(release_dir=moved, tile=tile, mode="single", bands=("I",),
+                     settings=PostprocessSettings(), map_settings=MapSettings(), auto_noise=False)
+    assert json.loads(summary_file.read_text())["bands"]["I"]["kron_loss"]["auto_noise_k"] is None
 
 
 def _check_position_errors(release: Path, tile: str, b: str, floor: dict) -> None:
