@@ -953,9 +953,10 @@ class PhotometrySettings:
         "co-add's SEEING are one source (kept: the brightest, with the others' footprint). "
         "A noiseless image of two equal point sources shows two peaks only beyond 0.85 FWHM, "
         "so pieces this close are noise splitting a faint galaxy: on a 1/8-scale survey "
-        "every detection pair closer than 1.0\" was two pieces of one true source (58 pairs; 9 left with 0.5), while the "
-        "detections of real pairs came no closer than 1.18\". Ours (DR1's SExtractor keeps "
-        "them); 0: only pieces within 0.5 px of each other.", default=0.5)
+        "every detection pair closer than 1.0\" was two pieces of one true source (58 pairs; "
+        "9 left with 0.5), while the detections of real pairs came no closer than 1.18\". "
+        "Ours (DR1's SExtractor keeps them); 0: only pieces within 0.5 px of each other.",
+        default=0.5)
     deblend_dip_sigma: float = documented(
         "Deblended pieces of one blend whose footprints touch, whose centres end closer than "
         "deblend_dip_fwhm times the co-add's SEEING, and between which the filtered image "
@@ -969,6 +970,20 @@ class PhotometrySettings:
     deblend_dip_fwhm: float = documented(
         "Farthest centres, in units of the co-add's SEEING, of two pieces that "
         "deblend_dip_sigma may join.", default=1.0)
+    halo_detection: bool = documented(
+        "Detect again in the footprint of each saturated star with its fitted Moffat wings "
+        "subtracted (ks4release.reduction.halo_detection): DEBLEND_MINCONT takes its fraction "
+        "of the whole blend's flux, so faint sources on a saturated star's wings stay its "
+        "pixels. Ours, not DR1's.", default=True)
+    halo_min_radius_fwhm: float = documented(
+        "A halo detection counts beyond this many times the co-add's SEEING from the star's "
+        "centre, where the fitted profile follows the star's.", default=3.0)
+    halo_max_profile_sigma: float = documented(
+        "A halo detection counts where the subtracted profile is below this many times the "
+        "background RMS (the profile's error grows with it).", default=20.0)
+    halo_min_peak_ratio: float = documented(
+        "A halo detection counts when its peak over the subtracted profile exceeds this "
+        "fraction of the profile there.", default=0.5)
     clean: bool = documented("CLEAN: remove spurious detections in the wings of bright ones.",
                              default=True)
     clean_param: float = documented(
@@ -1114,7 +1129,9 @@ class PhotometrySettings:
             raise ValueError(f"gain_e_per_adu must be >= 0, got {self.gain_e_per_adu}")
         for name in ("saturation_core_px", "background_mask_sigma", "background_grow_px",
                      "background_mask_wings", "block_margin_px", "deblend_twin_fwhm",
-                     "deblend_dip_sigma", "deblend_dip_fwhm", "auto_noise_runs"):
+                     "deblend_dip_sigma", "deblend_dip_fwhm", "auto_noise_runs",
+                     "halo_min_radius_fwhm", "halo_max_profile_sigma",
+                     "halo_min_peak_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("bad_bits", "saturation_bits"):

@@ -25,7 +25,10 @@ SExtractor:
   thresholds, DEBLEND_MINCONT 0.00005, cleaning, and SExtractor's ``default.conv`` kernel with
   ``filter_type='conv'`` (sep's default 'matched' finds 3x more, mostly noise, peaks). CLEAN
   credits each detection with Moffat wings of the co-add's own PSFBETA rather than
-  kmtnet.sex's CLEAN_PARAM 1.0 (:func:`clean_beta`).
+  kmtnet.sex's CLEAN_PARAM 1.0 (:func:`clean_beta`). Then each saturated star's footprint is
+  extracted again with its fitted wings subtracted (:func:`_with_halos`,
+  :mod:`.halo_detection`; ``halo_detection``, not in DR1): the faint sources on its wings
+  that DEBLEND_MINCONT left in it.
 * **Positions**: windowed centroids on the detection image (SExtractor's XWIN_IMAGE, Gaussian
   window of FWHM 2 x min(object, PSF) half-light radius; the isophotal barycentre X_IMAGE where
   the iteration fails), written 1-based like SExtractor; ``ra``/``dec`` from the co-add WCS.
@@ -134,7 +137,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Self
@@ -158,6 +161,7 @@ from ks4release.errors import InputError, StageError
 from ks4release.layout import coadd_excluded_path, coadd_exposures_path, coadd_path
 from ks4release.reduction.coadd import fill_masked_pixels, read_excluded
 from ks4release.reduction.coadd_maps import coadd_wcs, exposure_footprints, read_exposures_json
+from ks4release.reduction.halo_detection import HaloSettings, halo_detections
 from ks4release.reduction.median_stack import point_source_factors
 from ks4release.reduction.photometry_blocks import (
     Block,
@@ -521,11 +525,34 @@ def _detect(band: _Band, settings: PhotometrySettings) -> tuple[np.ndarray, np.n
     return objects, segmap.astype(np.int32)
 
 
-def _psf_radius(band: _Band, settings: PhotometrySettings) -> float:
+def _with_halos(band: _Band, objects: np.ndarray, segmap: np.ndarray,
+                settings: PhotometrySettings) -> tuple[np.ndarray, np.ndarray]:
+    """The detections plus the sources found in the halos of the saturated ones, their fitted
+    wings subtracted (:mod:`.halo_detection`; ``halo_detection``)."""
+    if not settings.halo_detection or objects.size == 0:
+        return objects, segmap
+    fitted = _fitted_wings(band, objects, segmap, objects["x"], objects["y"], settings)
+    if not fitted:
+        return objects, segmap
+
+    def detect(image: np.ndarray, rms: np.ndarray, mask: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+        return _detect(replace(band, image=image, rms=rms, masked=mask), settings)
+
+    rule = HaloSettings(band.seeing_arcsec / band.pixel_scale_arcsec,
+                        settings.halo_min_radius_fwhm, settings.halo_max_profile_sigma,
+                        settings.halo_min_peak_ratio)
+    return halo_detections(band.image, band.rms, band.masked, _saturation_mask(band, settings),
+                           objects, segmap, fitted, detect, rule)
+
+
+def _psf_radius(band: _Band, settings: PhotometrySettings,
+                detected: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """The PSF's half-light radius (pixels) on a prepared co-add, as its windowed centroids
-    take it when it is measured whole: the median over its bright, compact, undeblended
-    detections (:func:`.sep_objects.psf_half_light_radius`); inf without three of them."""
-    objects, segmap = _detect(band, settings)
+    take it: the median over its bright, compact, undeblended detections
+    (:func:`.sep_objects.psf_half_light_radius`); inf without three of them. ``detected``:
+    the co-add's (objects, segmentation map) from :func:`_detect`, when already extracted."""
+    objects, segmap = _detect(band, settings) if detected is None else detected
     if not objects.size:
         return math.inf
     r_half = half_light_radii(band.image, objects, band.masked, segmap,
@@ -1296,7 +1323,12 @@ def _measure(detection: _Band, bands: list[str], prepare: Callable[[str], _Band]
     """Detect on ``detection`` and measure every band of ``bands`` at its objects; the other
     bands are prepared one at a time (``prepare``), so that only two co-adds' worth of work
     arrays are held at once."""
-    objects, segmap = _detect(detection, settings)
+    detected = _detect(detection, settings)
+    if detection.psf_r_half is None:
+        # from the extraction before the halo pass, as a block takes it (_Coadd.psf_r_half):
+        # the pass flags a saturated star deblended, which takes it out of the median
+        detection = replace(detection, psf_r_half=_psf_radius(detection, settings, detected))
+    objects, segmap = _with_halos(detection, *detected, settings)
     meta = {"mode": mode, "tile": detection.tile, "detection_band": detection.name,
             "bands": list(bands), "ks4release_version": __version__,
             "sep_version": sep.__version__, "pixel_origin": 1,

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -489,11 +490,13 @@ def test_saturated_star_is_centred_on_its_wings_not_its_bleed_trail(x, y, trail,
     assert math.hypot(plain["x_image"][other] - 1 - x, plain["y_image"][other] - 1 - y) > 0.5
 
 
-def _saturated_star(x: float, y: float, trail: int, seed: int
+def _saturated_star(x: float, y: float, trail: int, seed: int,
+                    also: list[tuple[float, float, float]] = ()
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, mask, true image): a 3e6 ADU star flat at a quarter of its peak in its core and
-    down a 3-column bleed trail of ``trail`` rows, those pixels carrying mask bit 2."""
-    truth = _stars([(x, y, 3e6)], seed=seed)
+    down a 3-column bleed trail of ``trail`` rows, those pixels carrying mask bit 2; ``also``
+    more stars (x, y, flux)."""
+    truth = _stars([(x, y, 3e6), *also], seed=seed)
     image = truth.copy()
     level = np.float32(0.25 * image.max())
     core = image >= level
@@ -502,6 +505,42 @@ def _saturated_star(x: float, y: float, trail: int, seed: int
     core[max(rows.min() - trail, 0):rows.min(), ix - 1:ix + 2] = True
     image[core] = level
     return image, np.where(core, 2, 0).astype(np.uint8), truth
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(distance=st.floats(15.0, 19.0), angle=st.floats(0.0, 2.0 * math.pi),
+       flux=st.floats(1000.0, 2500.0), seed=st.integers(0, 2**16))
+def test_faint_star_on_a_saturated_stars_wings_is_found(distance, angle, flux, seed, network):
+    """A faint star (S/N 16-40) 3.75-4.75 FWHM from a saturated 3e6 ADU star: DEBLEND_MINCONT
+    leaves it a part of the star's footprint; the halo pass (the star's fitted wings
+    subtracted) finds it within 1 px (a quarter FWHM), flags both deblended and adds nothing
+    else. Measured over 60 draws at flux 1000: position errors of median 0.34 px, at most
+    0.89 px; the same star alone: median 0.31 px, at most 0.65 px."""
+    x, y = 80.3, 75.6
+    fx, fy = x + distance * math.cos(angle), y + distance * math.sin(angle)
+    image, mask, _ = _saturated_star(x, y, 0, seed, also=[(fx, fy, flux)])
+    header = _header()
+    header["PSFBETA"] = MOFFAT_BETA
+    table = measure_single(image, mask, header, "I", SYNTH, network)
+    assert len(table) == 2
+    row = _nearest(table, fx, fy)
+    assert math.hypot(table["x_image"][row] - 1 - fx, table["y_image"][row] - 1 - fy) < 1.0
+    assert table["flags_i"][row] & 2 and table["flags_i"][1 - row] & 2
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_without_the_halo_pass_the_faint_star_stays_the_saturated_stars(seed, network):
+    """Why the halo pass: 4 FWHM from the saturated star a flux-1500 (S/N 25) star is part of
+    its footprint for DEBLEND_MINCONT; with the pass it is found (as above)."""
+    x, y = 80.3, 75.6
+    fx, fy = x + 16.0 * math.cos(seed), y + 16.0 * math.sin(seed)
+    image, mask, _ = _saturated_star(x, y, 0, seed, also=[(fx, fy, 1500.0)])
+    header = _header()
+    header["PSFBETA"] = MOFFAT_BETA
+    plain = measure_single(image, mask, header, "I", replace(SYNTH, halo_detection=False),
+                           network)
+    assert len(plain) == 1 and plain["flags_i"][0] & 4
+    assert len(measure_single(image, mask, header, "I", SYNTH, network)) == 2
 
 
 def test_restored_core_follows_the_true_star():

@@ -117,8 +117,10 @@ def parity(request, tiny_coadds):
     image = fits.getdata(path).astype(np.float32)
     mask = fits.getdata(coadd_path(release, tile, band, "mask"))
     ndith = fits.getdata(coadd_path(release, tile, band, "ndith"))
-    # like with like: SExtractor's single-pass background mesh and no median-stack factors
-    settings = PhotometrySettings(background_mask_sigma=0.0, stack_flux_correction=False)
+    # like with like: SExtractor's single-pass background mesh, no median-stack factors and no
+    # second pass in saturated stars' halos
+    settings = PhotometrySettings(background_mask_sigma=0.0, stack_flux_correction=False,
+                                  halo_detection=False)
     ours = measure_single(image, mask, header, band, settings, read_nnw(DEFAULT_NNW),
                           ndith=ndith)
     theirs = run_sextractor(path, SExtractorSettings.from_photometry(settings, 0.4,
