@@ -524,7 +524,8 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
         else float(psf_beta)
     if not beta > 1.0:
         raise ValueError(f"kron_loss_correction band {band}: PSF beta must be > 1, got {beta}")
-    fraction = moffat_kron_fraction(float_column(table, f"a_image_{b}"), float_column(table, f"b_image_{b}"),
+    fraction = moffat_kron_fraction(float_column(table, f"a_image_{b}"),
+                                    float_column(table, f"b_image_{b}"),
                                     float_column(table, f"theta_image_{b}"),
                                     float_column(table, f"kron_radius_{b}"),
                                     fwhm_arcsec / pixel_scale_arcsec, beta)
