@@ -162,6 +162,7 @@ from ks4release.layout import coadd_excluded_path, coadd_exposures_path, coadd_p
 from ks4release.reduction.coadd import fill_masked_pixels, read_excluded
 from ks4release.reduction.coadd_maps import coadd_wcs, exposure_footprints, read_exposures_json
 from ks4release.reduction.halo_detection import HaloSettings, halo_detections
+from ks4release.reduction.local_background import local_levels
 from ks4release.reduction.median_stack import point_source_factors
 from ks4release.reduction.photometry_blocks import (
     Block,
@@ -843,12 +844,17 @@ def _mirror_deltas(band: _Band, variance: np.ndarray, segmap: np.ndarray, own: i
     return deltas, offset
 
 
+def _half_extents(det: _Detection, radii: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Half width and half height (pixels) of each object's Kron ellipse and largest circle."""
+    cos, sin = np.cos(det.theta), np.sin(det.theta)
+    return (np.maximum(det.kron * np.hypot(det.a * cos, det.b * sin), max(radii)),
+            np.maximum(det.kron * np.hypot(det.a * sin, det.b * cos), max(radii)))
+
+
 def _boxes(det: _Detection, radii: list[float], shape: tuple[int, int]) -> np.ndarray:
     """(n, 4) int: xlo, xhi, ylo, yhi of the box around each object holding its Kron ellipse
     and its largest circle, with a margin of 2 pixels, clipped to the image."""
-    cos, sin = np.cos(det.theta), np.sin(det.theta)
-    half_x = np.maximum(det.kron * np.hypot(det.a * cos, det.b * sin), max(radii))
-    half_y = np.maximum(det.kron * np.hypot(det.a * sin, det.b * cos), max(radii))
+    half_x, half_y = _half_extents(det, radii)
     ny, nx = shape
     return np.column_stack([np.clip(np.floor(det.x - half_x) - 2, 0, nx),
                             np.clip(np.ceil(det.x + half_x) + 3, 0, nx),
@@ -937,6 +943,40 @@ def _aperture_sums(band: _Band, det: _Detection, radii: list[float]
     if gain:
         variances = [v + np.maximum(f, 0.0) / gain for f, v in zip(fluxes, variances)]
     return fluxes, [np.sqrt(np.maximum(v, 0.0)) for v in variances], flags
+
+
+def _aperture_areas(det: _Detection, radii: list[float], shape: tuple[int, int]
+                    ) -> list[np.ndarray]:
+    """Pixel area of the Kron ellipse and of the circles of ``radii`` (the order of
+    :func:`_aperture_sums`) inside the image: the area a local background level is taken off
+    over. Analytic where the aperture lies inside; summed by sep, with the same sub-pixel
+    weights as the fluxes, over a stamp of ones where :func:`_boxes` is cut by the border."""
+    areas = [math.pi * det.a * det.b * det.kron ** 2]
+    areas += [np.full(det.x.size, math.pi * radius ** 2) for radius in radii]
+    half_x, half_y = _half_extents(det, radii)
+    ny, nx = shape
+    cut = ((det.x - half_x < -0.5) | (det.x + half_x > nx - 0.5)
+           | (det.y - half_y < -0.5) | (det.y + half_y > ny - 0.5))
+    boxes = _boxes(det, radii, shape)
+    for i in np.flatnonzero(cut):
+        xlo, xhi, ylo, yhi = boxes[i]
+        stamp = np.ones((max(yhi - ylo, 1), max(xhi - xlo, 1)), dtype=np.float32)
+        x, y = np.array([det.x[i] - xlo]), np.array([det.y[i] - ylo])
+        areas[0][i] = sep.sum_ellipse(stamp, x, y, det.a[i:i + 1], det.b[i:i + 1],
+                                      det.theta[i:i + 1], det.kron[i:i + 1], subpix=5)[0][0]
+        for k, radius in enumerate(radii):
+            areas[k + 1][i] = sep.sum_circle(stamp, x, y, radius, subpix=5)[0][0]
+    return areas
+
+
+def _local_background(band: _Band, det: _Detection, radii: list[float],
+                      settings: PhotometrySettings) -> tuple[np.ndarray, list[np.ndarray]]:
+    """SExtractor's BACKPHOTO_TYPE LOCAL (:mod:`.local_background`): every object's level in
+    its annulus of ``backphoto_thick_px`` on this band's pixels with data, and the areas of
+    its apertures (:func:`_aperture_areas`) that the level is taken off over."""
+    boxes = np.column_stack([det.objects[name] for name in ("xmin", "xmax", "ymin", "ymax")])
+    levels = local_levels(band.image, band.touched, boxes, settings.backphoto_thick_px)
+    return levels, _aperture_areas(det, radii, band.shape)
 
 
 def _crowded(band: _Band, det: _Detection, settings: PhotometrySettings) -> np.ndarray:
@@ -1250,6 +1290,11 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
     cols: dict[str, np.ndarray] = {}
     radii = _aperture_radii_px(APERTURE_DIAMETERS_ARCSEC, band.pixel_scale_arcsec)
     fluxes, errors, aper_flags = _aperture_sums(band, det, radii)
+    mesh_auto = fluxes[0]  # FLUX_RADIUS's total: its growth curve stands on the mesh
+    level = np.zeros(n)
+    if settings.backphoto_type == "LOCAL":
+        level, areas = _local_background(band, det, radii, settings)
+        fluxes = [flux - level * area for flux, area in zip(fluxes, areas)]
     crowded = _crowded(band, det, settings)  # before the full-size maps below: a lower peak
     auto, auto_err = fluxes[0], errors[0]
     cols[f"flux_auto_{b}"], cols[f"fluxerr_auto_{b}"] = auto, auto_err
@@ -1263,6 +1308,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
     flux_max = footprint_max(det.segmap, band.image, n, bitwise=False).astype(np.float64)
     peak = flux_max if restored is band.image else \
         footprint_max(det.segmap, restored, n, bitwise=False).astype(np.float64)
+    flux_max -= level  # CLASS_STAR's peak stays above the mesh, against the mesh's threshold
     grown = _grown(band, det)
     flags = _flags(band, det, grown, aper_flags, crowded, settings)
     covered = coverage(band.exposures, band.wcs, det.x, det.y, excluded=band.excluded,
@@ -1284,7 +1330,8 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
             cols[f"flux_{name}_{b}"] = cols[f"flux_{name}_{b}"] / factors[:, k]
             cols[f"fluxerr_{name}_{b}"] = cols[f"fluxerr_{name}_{b}"] / factors[:, k]
     r_half, _ = sep.flux_radius(band.image, det.x, det.y, 6.0 * det.a, 0.5,
-                                normflux=np.where(auto > 0, auto, np.nan), mask=band.masked,
+                                normflux=np.where(mesh_auto > 0, mesh_auto, np.nan),
+                                mask=band.masked,
                                 segmap=det.segmap, seg_id=det.seg_id, subpix=5)
     cols[f"flux_radius_{b}"] = r_half
     cols[f"kron_radius_{b}"] = det.kron

@@ -22,8 +22,8 @@ How SExtractor is configured (:class:`SExtractorSettings`, :func:`sextractor_com
   ``INTERP_TYPE ALL``, and mirrored in the photometry), and the DR1 mask bits as the
   ``FLAG_IMAGE`` (``FLAG_TYPE OR``). With weights of 0 and 1 only, the noise of the good pixels
   stays the global background RMS.
-* Background: ``BACK_SIZE`` and ``BACK_FILTERSIZE`` settings, ``BACKPHOTO_TYPE GLOBAL`` (as
-  sep).
+* Background: ``BACK_SIZE`` and ``BACK_FILTERSIZE`` settings, ``BACKPHOTO_TYPE`` and
+  ``BACKPHOTO_THICK`` as the photometry's ``backphoto_type`` and ``backphoto_thick_px``.
 * Traps (``../shared/docs/tools.md``): Debian's binary finds ``default.conv`` and
   ``default.nnw`` only by absolute path (``/usr/share/source-extractor``); a ``SATURATE`` or
   ``GAIN`` header keyword silently overrides ``SATUR_LEVEL``/``GAIN`` from the command line
@@ -49,7 +49,7 @@ from astropy.table import Table
 
 from ks4release.errors import InputError
 from ks4release.reduction.photometry import APERTURE_DIAMETERS_ARCSEC, clean_beta
-from ks4release.settings import PhotometrySettings, documented
+from ks4release.settings import BACKPHOTO_TYPES, PhotometrySettings, documented
 
 __all__ = [
     "OUTPUT_PARAMETERS",
@@ -85,7 +85,6 @@ OUTPUT_PARAMETERS = (
 )
 
 _MASK_TYPES = ("NONE", "BLANK", "CORRECT")
-_BACKPHOTO_TYPES = ("GLOBAL", "LOCAL")
 
 
 class SExtractorNotFound(FileNotFoundError):
@@ -120,7 +119,9 @@ class SExtractorSettings:
     back_size_px: int = documented("BACK_SIZE, pixels.", default=64)
     back_filter_size: int = documented("BACK_FILTERSIZE, meshes.", default=3)
     backphoto_type: str = documented(
-        "BACKPHOTO_TYPE: GLOBAL (as sep) or LOCAL.", default="GLOBAL")
+        "BACKPHOTO_TYPE: GLOBAL or LOCAL (kmtnet.sex).", default="GLOBAL")
+    backphoto_thick_px: int = documented(
+        "BACKPHOTO_THICK: width of the LOCAL annulus, pixels (kmtnet.sex: 24).", default=24)
     saturation_adu: float = documented(
         "SATUR_LEVEL, ADU, used when the image header has no SATURATE (default: none).",
         default=1e20)
@@ -145,7 +146,8 @@ class SExtractorSettings:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("min_area_px", "deblend_nthresh", "back_size_px", "back_filter_size",
-                     "interp_max_lag_px", "memory_pixstack", "memory_objstack"):
+                     "interp_max_lag_px", "memory_pixstack", "memory_objstack",
+                     "backphoto_thick_px"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.deblend_cont <= 1.0:
@@ -157,8 +159,8 @@ class SExtractorSettings:
                              f"{self.aperture_diameters_px}")
         if self.mask_type not in _MASK_TYPES:
             raise ValueError(f"mask_type must be one of {_MASK_TYPES}, got {self.mask_type!r}")
-        if self.backphoto_type not in _BACKPHOTO_TYPES:
-            raise ValueError(f"backphoto_type must be one of {_BACKPHOTO_TYPES}, got "
+        if self.backphoto_type not in BACKPHOTO_TYPES:
+            raise ValueError(f"backphoto_type must be one of {BACKPHOTO_TYPES}, got "
                              f"{self.backphoto_type!r}")
         for name in ("filter_path", "nnw_path"):
             if not Path(getattr(self, name)).is_absolute():
@@ -186,6 +188,8 @@ class SExtractorSettings:
                    kron_min_radius=photometry.kron_min_radius,
                    back_size_px=photometry.back_size_px,
                    back_filter_size=photometry.back_filter_size,
+                   backphoto_type=photometry.backphoto_type,
+                   backphoto_thick_px=photometry.backphoto_thick_px,
                    interp_max_lag_px=photometry.interp_max_gap_px,
                    pixel_scale_arcsec=pixel_scale_arcsec)
 
@@ -236,6 +240,7 @@ def sextractor_command(binary: Path, image: Path, catalog: Path, parameters: Pat
         "PIXEL_SCALE": _number(s.pixel_scale_arcsec), "SEEING_FWHM": repr(float(seeing_arcsec)),
         "STARNNW_NAME": s.nnw_path, "BACK_TYPE": "AUTO", "BACK_SIZE": str(s.back_size_px),
         "BACK_FILTERSIZE": str(s.back_filter_size), "BACKPHOTO_TYPE": s.backphoto_type,
+        "BACKPHOTO_THICK": str(s.backphoto_thick_px),
         "MEMORY_PIXSTACK": str(s.memory_pixstack), "MEMORY_OBJSTACK": str(s.memory_objstack),
         "VERBOSE_TYPE": "QUIET", "WRITE_XML": "N", "NTHREADS": "1",
         "WEIGHT_TYPE": "NONE" if weight is None else "MAP_WEIGHT",
