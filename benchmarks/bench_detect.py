@@ -22,6 +22,8 @@ Cases, each in a fresh process (``harness.run_in_child``):
   0.5 px, and the MAG_AUTO and 5" changes of the clean (FLAGS 0) S/N > 20 ones;
 * ``large`` (8192 x 8192, the demo co-add tiled 6 x 6): ``sep_blocks`` with the default blocks
   (2 x 2 of 4096 px) and SExtractor, to show the memory held to a block's as the co-add grows;
+* ``tiled_local``: ``sep`` and ``sextractor`` on the tiled co-add with ``BACKPHOTO_TYPE LOCAL``
+  (kmtnet.sex; ``[photometry] backphoto_type``), each object's level measured in its annulus;
 * ``python_baseline``: the interpreter with the modules of the ``sep`` case imported and
   nothing run, the floor under the ``sep`` figure.
 
@@ -118,7 +120,7 @@ def _tiled_release(coadd: Path, release: Path, size: int) -> None:
     write_excluded(coadd_excluded_path(release, TILE, BAND), {}, (size, size))
 
 
-def _sep_case(release: str) -> dict:
+def _sep_case(release: str, backphoto: str = "GLOBAL") -> dict:
     """Our photometry task on one co-add, with ``measure_single``'s own time."""
     import numpy as np
     from astropy.io import fits
@@ -133,7 +135,7 @@ def _sep_case(release: str) -> dict:
     )
     from ks4release.reduction.stellarity import DEFAULT_NNW, read_nnw
 
-    release_dir, settings = Path(release), PhotometrySettings()
+    release_dir, settings = Path(release), PhotometrySettings(backphoto_type=backphoto)
     t0 = time.perf_counter()
     run_photometry(release_dir=release_dir, tile=TILE, mode="single", bands=(BAND,),
                    settings=settings, nnw_path=DEFAULT_NNW)
@@ -193,7 +195,7 @@ def _against_whole(ours, ref) -> dict:
             "clean_snr20_max_aper5_dmag": round(float(dmag["aper5"].max()), 5)}
 
 
-def _sextractor_case(release: str, folder: str) -> dict:
+def _sextractor_case(release: str, folder: str, backphoto: str = "GLOBAL") -> dict:
     """SExtractor on the same co-add, timed and measured by GNU time."""
     from astropy.io import fits
 
@@ -210,8 +212,8 @@ def _sextractor_case(release: str, folder: str) -> dict:
     image = coadd_path(release_dir, TILE, BAND, "coadd")
     t0 = time.perf_counter()
     command, catalog = prepare_sextractor(
-        work, image, SExtractorSettings.from_photometry(PhotometrySettings(), 0.4,
-                                                        psf_beta(fits.getheader(image))),
+        work, image, SExtractorSettings.from_photometry(
+            PhotometrySettings(backphoto_type=backphoto), 0.4, psf_beta(fits.getheader(image))),
         bad=fits.getdata(coadd_path(release_dir, TILE, BAND, "ndith")) <= 0,
         mask=fits.getdata(coadd_path(release_dir, TILE, BAND, "mask")))
     inputs_s = time.perf_counter() - t0
@@ -236,9 +238,11 @@ def _baseline_case() -> dict:
     return {}
 
 
-def _image_report(name: str, release: Path, work: Path, shape: tuple[int, int]) -> dict:
-    ours = run_in_child(_sep_case, str(release))
-    theirs = run_in_child(_sextractor_case, str(release), str(work / f"sex_{name}"))
+def _image_report(name: str, release: Path, work: Path, shape: tuple[int, int],
+                  backphoto: str = "GLOBAL") -> dict:
+    """Our task and SExtractor on one co-add, side by side."""
+    ours = run_in_child(_sep_case, str(release), backphoto)
+    theirs = run_in_child(_sextractor_case, str(release), str(work / f"sex_{name}"), backphoto)
     return {"shape": list(shape), "sep": ours, "sextractor": theirs,
             "ratio_time_sep_over_sextractor": round(ours["task_s"] / theirs["binary_s"], 2),
             "ratio_time_measure_single_over_sextractor": round(
@@ -293,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       2)
         tiled["ratio_peak_rss_blocks_over_sextractor"] = round(
             blocks["peak_rss_mb"] / tiled["sextractor"]["binary_peak_rss_mb"], 2)
+        images["tiled_local"] = _image_report("tiled_local", work / "tiled", work,
+                                              (TILED_SIZE, TILED_SIZE), "LOCAL")
         _tiled_release(args.coadd, work / "large", LARGE_SIZE)
         images["large"] = _large_report(work)
     for report in images.values():
