@@ -945,6 +945,15 @@ def _aperture_sums(band: _Band, det: _Detection, radii: list[float]
     return fluxes, [np.sqrt(np.maximum(v, 0.0)) for v in variances], flags
 
 
+def _cut_by_border(det: _Detection, radii: list[float], shape: tuple[int, int]
+                   ) -> np.ndarray:
+    """Whether each object's Kron ellipse or largest circle reaches beyond the image."""
+    half_x, half_y = _half_extents(det, radii)
+    ny, nx = shape
+    return ((det.x - half_x < -0.5) | (det.x + half_x > nx - 0.5)
+            | (det.y - half_y < -0.5) | (det.y + half_y > ny - 0.5))
+
+
 def _aperture_areas(det: _Detection, radii: list[float], shape: tuple[int, int]
                     ) -> list[np.ndarray]:
     """Pixel area of the Kron ellipse and of the circles of ``radii`` (the order of
@@ -953,12 +962,8 @@ def _aperture_areas(det: _Detection, radii: list[float], shape: tuple[int, int]
     weights as the fluxes, over a stamp of ones where :func:`_boxes` is cut by the border."""
     areas = [math.pi * det.a * det.b * det.kron ** 2]
     areas += [np.full(det.x.size, math.pi * radius ** 2) for radius in radii]
-    half_x, half_y = _half_extents(det, radii)
-    ny, nx = shape
-    cut = ((det.x - half_x < -0.5) | (det.x + half_x > nx - 0.5)
-           | (det.y - half_y < -0.5) | (det.y + half_y > ny - 0.5))
     boxes = _boxes(det, radii, shape)
-    for i in np.flatnonzero(cut):
+    for i in np.flatnonzero(_cut_by_border(det, radii, shape)):
         xlo, xhi, ylo, yhi = boxes[i]
         stamp = np.ones((max(yhi - ylo, 1), max(xhi - xlo, 1)), dtype=np.float32)
         x, y = np.array([det.x[i] - xlo]), np.array([det.y[i] - ylo])

@@ -522,7 +522,7 @@ def test_aperture_areas_are_the_apertures_pixels_inside_the_image():
     area) inside."""
     from types import SimpleNamespace
 
-    from ks4release.reduction.photometry import _aperture_areas, _half_extents
+    from ks4release.reduction.photometry import _aperture_areas, _cut_by_border
 
     rng = np.random.default_rng(8)
     n, shape, radii = 60, (120, 100), [3.75, 6.25, 12.5]
@@ -535,9 +535,7 @@ def test_aperture_areas_are_the_apertures_pixels_inside_the_image():
     expected = [sep.sum_ellipse(ones, det.x, det.y, det.a, det.b, det.theta, det.kron,
                                 subpix=5)[0]]
     expected += [sep.sum_circle(ones, det.x, det.y, r, subpix=5)[0] for r in radii]
-    half_x, half_y = _half_extents(det, radii)
-    cut = ((det.x - half_x < -0.5) | (det.x + half_x > shape[1] - 0.5)
-           | (det.y - half_y < -0.5) | (det.y + half_y > shape[0] - 0.5))
+    cut = _cut_by_border(det, radii, shape)
     assert 10 < cut.sum() < n
     for got, want in zip(areas, expected):
         assert np.allclose(got[cut], want[cut], rtol=1e-5)
