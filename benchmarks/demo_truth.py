@@ -54,7 +54,9 @@ Definitions (shared with the tests; the helpers named are where the same rule li
   true positions on the co-add less the photometry's background; per co-add and S/N bin
   (:data:`STACK_SNR_BINS`) the median of (aperture magnitude - true magnitude) less that of
   the brightest bin, observed and after subtracting the prediction of
-  ``reduction/median_stack.py`` (true flux over the RMS map).
+  ``reduction/median_stack.py`` (true flux over the RMS map); ``bins`` holds each co-add's
+  signed values with the artefacts (stray light, satellite trail, replacement) of its
+  exposures.
 """
 
 from __future__ import annotations
@@ -802,9 +804,9 @@ STACK_MIN_PER_BIN = 5
 
 
 def _stack_offsets(ctx: dict, tile: str, band: str, radii: tuple[float, ...]
-                   ) -> list[tuple[float, float, float, float]]:
-    """(radius, observed, predicted, standard error) of each S/N bin below the reference, for
-    one co-add (empty without a reference bin or the model's inputs)."""
+                   ) -> list[tuple[float, float, float, float, tuple[int, int]]]:
+    """(radius, observed, predicted, standard error, S/N bin) of each S/N bin below the
+    reference, for one co-add (empty without a reference bin or the model's inputs)."""
     truth = ctx["coadds"][tile, band]
     image, ndith = (fits.getdata(coadd_path(ctx["release"], tile, band, kind))
                     for kind in ("coadd", "ndith"))
@@ -844,22 +846,37 @@ def _stack_offsets(ctx: dict, tile: str, band: str, radii: tuple[float, ...]
             if q.sum() >= STACK_MIN_PER_BIN:
                 out.append((radius, np.median(observed[q]) - np.median(observed[ref]),
                             np.median(predicted[q]) - np.median(predicted[ref]),
-                            1.2533 * robust_sigma(observed[q]) / math.sqrt(q.sum())))
+                            1.2533 * robust_sigma(observed[q]) / math.sqrt(q.sum()), (lo, hi)))
     return out
+
+
+#: The simulator's exposure artefacts (truth/exposures.parquet columns) a co-add's rows name.
+ARTEFACTS = ("stray_light", "satellite", "replacement")
+
+
+def _coadd_artefacts(ctx: dict, tile: str, band: str) -> list[str]:
+    """The artefacts of the exposures that entered one co-add, as ``stem: artefact``."""
+    truth = pd.read_parquet(ctx["release"] / "truth" / "exposures.parquet").set_index("stem")
+    stems = [e["stem"] for e in ctx["coadds"][tile, band].exposures["exposures"] if e["ok"]]
+    return [f"{stem}: {name}" for stem in stems if stem in truth.index
+            for name in ARTEFACTS if bool(truth.at[stem, name])]
 
 
 def median_stack_model(ctx: dict) -> list[dict]:
     """Informational: how much of the faint-versus-bright aperture offsets of the co-adds the
-    median-stack model explains (see the definitions)."""
+    median-stack model explains (see the definitions), with every co-add's bins signed and the
+    artefacts of its exposures named (a residual that follows them is the co-add's, not the
+    photometry's)."""
     radii = {diameter: diameter / 2.0 / COADD_PIXEL_SCALE_ARCSEC for diameter in (3.0, 5.0)}
-    rows = [r for tile in ctx["tiles"] for band in bands_of(ctx["release"], tile)
+    rows = [(tile, band, *r) for tile in ctx["tiles"] for band in bands_of(ctx["release"], tile)
             for r in _stack_offsets(ctx, tile, band, tuple(radii.values()))]
+    artefacts = {(tile, band): _coadd_artefacts(ctx, tile, band) for tile, band, *_ in rows}
     out = []
     for diameter, radius in radii.items():
-        part = np.array([r[1:] for r in rows if r[0] == radius])
-        if not part.size:
+        mine = [r for r in rows if r[2] == radius]
+        if not mine:
             continue
-        observed, predicted, error = part.T
+        observed, predicted, error = np.array([r[3:6] for r in mine]).T
         after = observed - predicted
         out.append(entry(5, "median(MAG - true) within 0.005 mag per 0.5 mag bin (why: the "
                          "median-stack model)",
@@ -869,7 +886,11 @@ def median_stack_model(ctx: dict) -> list[dict]:
                           rounded(float(np.sqrt(np.mean(after**2))))],
                          "informational", None, n_bins=int(observed.size),
                          chi2=[round(float(np.sum((observed / error) ** 2)), 1),
-                               round(float(np.sum((after / error) ** 2)), 1)]))
+                               round(float(np.sum((after / error) ** 2)), 1)],
+                         bins=[{"tile": tile, "band": band, "snr": list(snr),
+                                "observed": rounded(obs), "predicted": rounded(pred),
+                                "sem": rounded(sem), "artefacts": artefacts[tile, band]}
+                               for tile, band, _, obs, pred, sem, snr in mine]))
     return out
 
 
