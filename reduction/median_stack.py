@@ -99,13 +99,15 @@ def integrated_moffat(half: int, fwhm_px: float, beta: float, dx: float = 0.0,
     return profile.reshape(n, sub, n, sub).mean(axis=(1, 3))
 
 
-def moffat_enclosed_fraction(fwhm: np.ndarray, beta: float, diameter: float) -> np.ndarray:
+def moffat_enclosed_fraction(fwhm: np.ndarray, beta: float, diameter: float | np.ndarray
+                             ) -> np.ndarray:
     """Share of a point source's light inside a centred circle of ``diameter`` under a Moffat
-    PSF of FWHM ``fwhm`` (the same unit, arcsec or px) and index ``beta``: ``1 - (1 + r**2 /
-    alpha**2) ** (1 - beta)`` with ``r = diameter / 2`` and ``alpha = fwhm / (2 sqrt(2**(1/beta)
-    - 1))``."""
-    if not (beta > 1 and diameter > 0):
-        raise ValueError(f"need beta > 1 and a positive diameter, got {beta} and {diameter}")
+    PSF of FWHM ``fwhm`` (the same unit, arcsec or px; arrays broadcast together) and index
+    ``beta``: ``1 - (1 + r**2 / alpha**2) ** (1 - beta)`` with ``r = diameter / 2`` and
+    ``alpha = fwhm / (2 sqrt(2**(1/beta) - 1))``."""
+    diameter = np.asarray(diameter, dtype=np.float64)
+    if not (beta > 1 and np.all(diameter > 0)):
+        raise ValueError(f"need beta > 1 and positive diameters, got {beta} and {diameter}")
     alpha = np.asarray(fwhm, dtype=np.float64) / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
     return 1.0 - (1.0 + (0.5 * diameter / alpha) ** 2) ** (1.0 - beta)
 

@@ -15,6 +15,7 @@ from ks4release.reduction.median_stack import (
     flux_factors,
     median_noise,
     moffat_alpha,
+    moffat_enclosed_fraction,
     moffat_profile,
     point_source_factors,
 )
@@ -37,6 +38,20 @@ def test_moffat_alpha_gives_the_half_light_radius():
     assert np.interp([3.5], radius, enclosed[1])[0] == pytest.approx(0.5, abs=1e-3)
     with pytest.raises(ValueError, match="beta"):
         moffat_alpha(np.array([2.0]), 1.0)
+
+
+def test_enclosed_fraction_integrates_the_profile_for_arrays_of_diameters():
+    fwhm = np.array([3.0, 5.0, 8.0])
+    diameter = np.array([2.0, 12.5, 40.0])
+    alpha = fwhm / (2.0 * np.sqrt(2 ** (1 / BETA) - 1))
+    radius = np.linspace(0.0, 20.0, 200_001)
+    enclosed = np.cumsum(2 * np.pi * radius * moffat_profile(radius, alpha, BETA), axis=1) \
+        * (radius[1] - radius[0])
+    expected = [np.interp(d / 2, radius, row) for d, row in zip(diameter, enclosed)]
+    assert moffat_enclosed_fraction(fwhm, BETA, diameter) == pytest.approx(expected, abs=1e-3)
+    assert moffat_enclosed_fraction(fwhm, BETA, 12.5)[1] == pytest.approx(expected[1], abs=1e-3)
+    with pytest.raises(ValueError, match="positive diameters"):
+        moffat_enclosed_fraction(fwhm, BETA, np.array([2.0, 0.0, 1.0]))
 
 
 @settings(max_examples=25, deadline=None)
