@@ -901,9 +901,9 @@ def _stack_offsets(ctx: dict, tile: str, band: str, radii: tuple[float, ...]
 ARTEFACTS = ("stray_light", "satellite", "replacement")
 
 
-def _coadd_artefacts(ctx: dict, tile: str, band: str) -> list[str]:
-    """The artefacts of the exposures that entered one co-add, as ``stem: artefact``."""
-    truth = pd.read_parquet(ctx["release"] / "truth" / "exposures.parquet").set_index("stem")
+def _coadd_artefacts(ctx: dict, truth: pd.DataFrame, tile: str, band: str) -> list[str]:
+    """The artefacts of the exposures that entered one co-add, as ``stem: artefact``
+    (``truth``: truth/exposures.parquet indexed by stem)."""
     stems = [e["stem"] for e in ctx["coadds"][tile, band].exposures["exposures"] if e["ok"]]
     return [f"{stem}: {name}" for stem in stems if stem in truth.index
             for name in ARTEFACTS if bool(truth.at[stem, name])]
@@ -917,7 +917,8 @@ def median_stack_model(ctx: dict) -> list[dict]:
     radii = {diameter: diameter / 2.0 / COADD_PIXEL_SCALE_ARCSEC for diameter in (3.0, 5.0)}
     rows = [(tile, band, *r) for tile in ctx["tiles"] for band in bands_of(ctx["release"], tile)
             for r in _stack_offsets(ctx, tile, band, tuple(radii.values()))]
-    artefacts = {(tile, band): _coadd_artefacts(ctx, tile, band) for tile, band, *_ in rows}
+    truth = pd.read_parquet(ctx["release"] / "truth" / "exposures.parquet").set_index("stem")
+    artefacts = {key: _coadd_artefacts(ctx, truth, *key) for key in {r[:2] for r in rows}}
     out = []
     for diameter, radius in radii.items():
         mine = [r for r in rows if r[2] == radius]
