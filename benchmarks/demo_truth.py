@@ -249,11 +249,11 @@ def coadd_truth(release: Path, tile: str, band: str, sources: pd.DataFrame) -> C
                                      ndith)[depth]
     galaxy = (sources.type != "star").to_numpy()
     seeing = float(header["SEEING"])
-    refined[galaxy] *= seeing / np.hypot(seeing, 2.0 * sources.r_eff_arcsec.to_numpy()[galaxy])
-    fwhm_px = np.hypot(seeing, np.where(galaxy, 2.0 * sources.r_eff_arcsec.to_numpy(), 0.0)) \
-        / COADD_PIXEL_SCALE_ARCSEC
-    light = neighbour_light(x, y, mag, fwhm_px, float(header.get("PSFBETA", 3.0)),
-                            2.5 / COADD_PIXEL_SCALE_ARCSEC)
+    # each source's width on the co-add: the seeing, a galaxy's broadened by its size
+    fwhm = np.hypot(seeing, np.where(galaxy, 2.0 * sources.r_eff_arcsec.to_numpy(), 0.0))
+    refined *= seeing / fwhm
+    light = neighbour_light(x, y, mag, fwhm / COADD_PIXEL_SCALE_ARCSEC,
+                            float(header.get("PSFBETA", 3.0)), 2.5 / COADD_PIXEL_SCALE_ARCSEC)
     exposures = json.loads(coadd_exposures_path(release, tile, band).read_text())
     return CoaddTruth(tile, band, maglim, on_data, inner & isolated & on_data, light, contract,
                       refined, exposures)
