@@ -92,7 +92,8 @@ from ks4release.layout import coadd_exposures_path, coadd_path
 from ks4release.projection import chord, unit_vectors
 from ks4release.publish.aggregate import weighted_median
 from ks4release.reduction.calibration_maps import map_bin_px
-from ks4release.reduction.median_stack import moffat_enclosed_fraction, point_source_factors
+from ks4release.reduction.median_stack import point_source_factors
+from ks4release.reduction.moffat import moffat_enclosed_fraction
 from ks4release.reduction.photometry import exposure_psf_widths, exposure_sky_sigmas
 from ks4release.reduction.sep_objects import sky_background
 from ks4release.reduction.zeropoint_tile import reference_stars

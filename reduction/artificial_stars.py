@@ -10,7 +10,7 @@ On the demo's co-adds injected stars read 0.017-0.040 mag too bright at S/N 10-2
 much (``benchmarks/inject_stars.py``).
 
 The classic artificial-star test measures it where it arises: Moffat stars of the co-add's
-SEEING and PSFBETA (pixel-integrated, :func:`.median_stack.integrated_moffat`) are added on a
+SEEING and PSFBETA (pixel-integrated, :func:`.moffat.integrated_moffat`) are added on a
 grid (one star per ``max(70 px, 15 FWHM)`` cell, at a random place in it, wherever the co-add
 has data) to the co-add's central square, which the photometry then measures as it measured
 the co-add, but without the median stack's flux factors (injected light never went through the
@@ -47,7 +47,7 @@ from ks4release.atomic import atomic_write_text
 from ks4release.layout import coadd_excluded_path, coadd_exposures_path, coadd_path
 from ks4release.reduction.coadd import read_excluded
 from ks4release.reduction.coadd_maps import coadd_wcs, read_exposures_json
-from ks4release.reduction.median_stack import integrated_moffat, moffat_enclosed_fraction
+from ks4release.reduction.moffat import integrated_moffat, moffat_enclosed_fraction
 from ks4release.reduction.photometry import measure_single, psf_beta
 from ks4release.reduction.photometry_blocks import central_block, crop_excluded, crop_header
 from ks4release.reduction.postprocess import kron_loss_correction

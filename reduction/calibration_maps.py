@@ -130,7 +130,7 @@ from ks4release.atomic import atomic_path, atomic_write_text, ensure_inside
 from ks4release.errors import InputError, StageError
 from ks4release.layout import coadd_exposures_path, coadd_path, tile_refcat_path
 from ks4release.reduction.coadd_maps import coadd_wcs
-from ks4release.reduction.median_stack import moffat_enclosed_fraction
+from ks4release.reduction.moffat import moffat_enclosed_fraction
 from ks4release.reduction.photometry import read_measured
 from ks4release.reduction.site_colour import site_colour_correction
 from ks4release.reduction.zeropoint import VEGA_TO_AB

@@ -96,6 +96,7 @@ from ks4release.reduction.coadd_swarp import (
     write_swarp_exposure,
 )
 from ks4release.reduction.masks import unusable_pixels
+from ks4release.reduction.moffat import moffat_fwhm
 from ks4release.reduction.sep_objects import set_extraction_limits
 from ks4release.settings import CoaddSettings
 from ks4release.survey import DITHER_OFFSETS_ARCMIN, REFERENCE_ZEROPOINT
@@ -196,7 +197,7 @@ def _fit_moffat(image: np.ndarray, x: float, y: float, half: int) -> tuple[float
                           rtol=1e-3)
     if not fit.success or at_bound.any():
         return math.nan, math.nan
-    return float(2.0 * alpha * math.sqrt(2.0 ** (1.0 / beta) - 1.0)), float(beta)
+    return float(moffat_fwhm(alpha, beta)), float(beta)
 
 
 def _detect(image: np.ndarray, bad: np.ndarray, thresh: float, minarea: int = 9

@@ -40,14 +40,12 @@ import math
 import numpy as np
 from scipy.special import ndtr
 
+from ks4release.reduction.moffat import moffat_alpha, moffat_profile
+
 __all__ = [
     "expected_median",
     "flux_factors",
-    "integrated_moffat",
     "median_noise",
-    "moffat_alpha",
-    "moffat_enclosed_fraction",
-    "moffat_profile",
     "point_source_factors",
 ]
 
@@ -69,47 +67,6 @@ _R_GRID_STEP_PX = 0.5
 #: ellipses of bright stars) take its factor, within 10^-4 mag of the factor at 100 px for the
 #: demo's exposures and 0.001 for seeing twice as poor.
 _R_GRID_MAX_PX = 40.0
-
-
-def moffat_alpha(r50: np.ndarray, beta: float) -> np.ndarray:
-    """Moffat core width ``alpha`` of a profile of half-light radius ``r50`` and index ``beta``
-    (> 1): the enclosed fraction 1 - (1 + r^2/alpha^2)^(1 - beta) is 1/2 at ``r50``."""
-    if not beta > 1.0:
-        raise ValueError(f"Moffat beta must be > 1, got {beta}")
-    return np.asarray(r50, dtype=np.float64) / math.sqrt(2.0 ** (1.0 / (beta - 1.0)) - 1.0)
-
-
-def moffat_profile(radius: np.ndarray, alpha: np.ndarray, beta: float) -> np.ndarray:
-    """Surface brightness of unit-flux Moffat profiles, (n_alpha, n_radius), per px^2."""
-    a2 = np.asarray(alpha, dtype=np.float64)[:, None] ** 2
-    r2 = np.asarray(radius, dtype=np.float64)[None, :] ** 2
-    return (beta - 1.0) / (np.pi * a2) * (1.0 + r2 / a2) ** -beta
-
-
-def integrated_moffat(half: int, fwhm_px: float, beta: float, dx: float = 0.0,
-                      dy: float = 0.0, sub: int = 5) -> np.ndarray:
-    """A unit-flux Moffat PSF (FWHM ``fwhm_px``, index ``beta``) centred ``(dx, dy)`` px off the
-    central pixel of a (2 half + 1)^2 stamp, each pixel integrated on a ``sub`` x ``sub`` grid
-    (as a detector integrates a PSF, not sampled at the pixel centre)."""
-    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    n = 2 * half + 1
-    fine = (np.arange(n * sub) + 0.5) / sub - half - 0.5
-    r2 = (fine[:, None] - dy) ** 2 + (fine[None, :] - dx) ** 2
-    profile = moffat_profile(np.sqrt(r2.ravel()), np.array([alpha]), beta).reshape(r2.shape)
-    return profile.reshape(n, sub, n, sub).mean(axis=(1, 3))
-
-
-def moffat_enclosed_fraction(fwhm: np.ndarray, beta: float, diameter: float | np.ndarray
-                             ) -> np.ndarray:
-    """Share of a point source's light inside a centred circle of ``diameter`` under a Moffat
-    PSF of FWHM ``fwhm`` (the same unit, arcsec or px; arrays broadcast together) and index
-    ``beta``: ``1 - (1 + r**2 / alpha**2) ** (1 - beta)`` with ``r = diameter / 2`` and
-    ``alpha = fwhm / (2 sqrt(2**(1/beta) - 1))``."""
-    diameter = np.asarray(diameter, dtype=np.float64)
-    if not (beta > 1 and np.all(diameter > 0)):
-        raise ValueError(f"need beta > 1 and positive diameters, got {beta} and {diameter}")
-    alpha = np.asarray(fwhm, dtype=np.float64) / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    return 1.0 - (1.0 + (0.5 * diameter / alpha) ** 2) ** (1.0 - beta)
 
 
 def _count_below(p: np.ndarray) -> np.ndarray:

@@ -73,7 +73,11 @@ from sklearn.cluster import DBSCAN
 
 from ks4release.projection import chord, gnomonic, unit_vectors
 from ks4release.reduction.coadd_maps import exposure_footprints
-from ks4release.reduction.median_stack import integrated_moffat, moffat_enclosed_fraction
+from ks4release.reduction.moffat import (
+    integrated_moffat,
+    moffat_alpha_fwhm,
+    moffat_enclosed_fraction,
+)
 from ks4release.settings import PostprocessSettings
 
 __all__ = [
@@ -479,7 +483,7 @@ def moffat_kron_fraction(a: np.ndarray, b: np.ndarray, theta_deg: np.ndarray,
     The PSF (FWHM ``fwhm_px``, index ``beta``) is rendered once on a stamp large enough for its
     wings and summed by sep inside every ellipse as the photometry sums MAG_AUTO (subpix 5).
     """
-    alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    alpha = moffat_alpha_fwhm(fwhm_px, beta)
     a, b = np.asarray(a, float), np.asarray(b, float)
     kron = np.asarray(kron, float)
     half = int(math.ceil(max(float(np.nanmax(kron * a, initial=0.0)) + 2.0, 20.0 * alpha)))

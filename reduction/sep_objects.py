@@ -15,6 +15,8 @@ import sep
 from scipy import ndimage
 from scipy.optimize import least_squares
 
+from ks4release.reduction.moffat import moffat_alpha_fwhm
+
 __all__ = [
     "CONV_KERNEL",
     "KMTNET_PIXEL_STACK",
@@ -430,7 +432,7 @@ def wing_fits(image: np.ndarray, rms: np.ndarray, usable: np.ndarray, x: np.ndar
     pixels, fails, or moves the centre by :data:`WING_MAX_SHIFT_PX` or more, the star gets
     None. Centre errors from the fit's covariance.
     """
-    alpha0 = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    alpha0 = moffat_alpha_fwhm(fwhm_px, beta)
     return [_fit_wings(image, rms, usable, float(x[i]), float(y[i]), int(radius[i]), alpha0,
                        beta) for i in range(len(x))]
 

@@ -61,7 +61,7 @@ from scipy.spatial import cKDTree
 from ks4release.errors import InputError
 from ks4release.projection import chord, unit_vectors
 from ks4release.reduction.coadd_maps import read_exposures_json
-from ks4release.reduction.median_stack import moffat_enclosed_fraction
+from ks4release.reduction.moffat import moffat_enclosed_fraction
 from ks4release.reduction.photometry import APERTURE_DIAMETERS_ARCSEC
 from ks4release.reduction.postprocess import covering_exposures, float_column
 from ks4release.settings import MapSettings

@@ -24,7 +24,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy.signal import fftconvolve
 
-from ks4release.reduction.median_stack import integrated_moffat
+from ks4release.reduction.moffat import integrated_moffat
 from ks4release.reduction.photometry import measure_single
 from ks4release.reduction.postprocess import kron_loss_correction
 from ks4release.reduction.stellarity import DEFAULT_NNW, read_nnw

@@ -14,11 +14,9 @@ from ks4release.reduction.median_stack import (
     expected_median,
     flux_factors,
     median_noise,
-    moffat_alpha,
-    moffat_enclosed_fraction,
-    moffat_profile,
     point_source_factors,
 )
+from ks4release.reduction.moffat import moffat_alpha, moffat_enclosed_fraction, moffat_profile
 
 BETA = 3.0
 #: Half-light radii (px) of five exposures of 1.3-2.6" seeing at 0.4"/px (Moffat beta 3) and

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ks4release.errors import InputError
-from ks4release.reduction.median_stack import moffat_enclosed_fraction
+from ks4release.reduction.moffat import moffat_enclosed_fraction
 from ks4release.reduction.site_colour import (
     colour_offsets,
     dual_colours,
