@@ -5,9 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import sep
 
 #: The KS4 team's public reference files, beside the repository (absent on some machines).
 SHARED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "kmtnet"
+
+#: sep's process-wide extraction limits as the library starts (pixel stack, sub-objects).
+_SEP_LIMITS = (sep.get_extract_pixstack(), sep.get_sub_object_limit())
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """sep's limits back to the library's defaults before each test and its fixtures: the
+    pipeline sizes them to each image it extracts (an extraction on a small stamp leaves a stack
+    of the stamp's size), and a test calling ``sep.extract`` itself must not depend on which test
+    ran before (tests/test_calibration_maps.py failed after tests/test_detect.py)."""
+    sep.set_extract_pixstack(_SEP_LIMITS[0])
+    sep.set_sub_object_limit(_SEP_LIMITS[1])
 
 
 @pytest.fixture(scope="session")
