@@ -577,11 +577,12 @@ def test_too_few_stars_leave_mag_auto_and_log_why(caplog):
 
 
 @settings(max_examples=20, deadline=None)
-@given(fwhm=st.floats(3.0, 8.0), beta=st.floats(2.0, 5.0), radius=st.floats(1.5, 6.0))
+@given(fwhm=st.floats(3.0, 8.0), beta=st.floats(2.0, 5.0), radius=st.floats(2.0, 6.0))
 def test_moffat_kron_fraction_of_a_circle_is_the_analytic_enclosed_light(fwhm, beta, radius):
     """A Kron 'ellipse' with a = b = 1 px and factor r is a circle of radius r; a Moffat profile
-    holds 1 - (1 + r^2/alpha^2)^(1 - beta) of its light inside it (for circles of several
-    pixels, as Kron apertures are: pixel integration blurs the profile by a pixel)."""
+    holds 1 - (1 + r^2/alpha^2)^(1 - beta) of its light inside it (for circles of 6 px and more,
+    as Kron apertures are: pixel integration blurs the profile by a pixel and moves light out,
+    up to 0.0033 at 6 px and 0.006 at 4.5 px with FWHM 3 px and beta 2, which failed)."""
     alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
     fraction = moffat_kron_fraction(np.array([1.0]), np.array([1.0]), np.array([0.0]),
                                     np.array([radius * fwhm]), fwhm, beta)
