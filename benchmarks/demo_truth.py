@@ -27,13 +27,17 @@ Definitions (shared with the tests; the helpers named are where the same rule li
   border, on a pixel with data.
 * Unblended (a selection of the photometry and the median-stack model): isolated, and
   the other true sources put at most 0.1% of the star's flux into its 5" aperture
-  (:func:`neighbour_light`: each a Moffat of the co-add's SEEING and PSFBETA, a galaxy's FWHM
-  ``hypot(SEEING, 2 r_eff)``, summed to 24" (60 px)). At 1/4 scale 49% of the isolated B
-  22-22.5 stars of S/N > 20 fail it and their MAG_APER5 reads 0.043 mag too bright (median),
-  while those that pass read 0.005 too faint (B 21-21.5: 38%, -0.006 and +0.007): the light
-  of brighter sources 4-24" away, on scales the 128-256 px background mesh does not follow,
-  and a mesh that sits above the bare sky where there is none. The median of all stars lies
-  between the two.
+  (``reduction.blending.neighbour_light`` on the true sources: each a Moffat of the co-add's
+  SEEING and PSFBETA, a galaxy's FWHM ``hypot(SEEING, 2 r_eff)``, summed to 24" (60 px)).
+  At 1/4 scale 48% of the isolated B 22-22.5 stars of S/N > 20 fail it and their MAG_APER5
+  reads 0.043-0.044 mag too bright (median), while those that pass read 0.003-0.005 too
+  faint (B 21-21.5: 38%, -0.006..-0.007 and +0.007..+0.008): the light of brighter sources
+  4-24" away, on scales the 128-256 px background mesh does not follow, and a mesh that sits
+  above the bare sky where there is none. The median of all stars lies between the two.
+* The catalog's blending selection (photometry): FLAGS == 0, not EDGE, and the tile catalog's
+  ``blend_aper5_{b}`` (the detected neighbours' predicted light in the 5" aperture over the
+  source's own, ``reduction/blending.py``) at most :data:`CATALOG_BLEND_MAX`: what a user of
+  real data can select.
 * True coverage (tests/test_postprocess.py ``_true_coverage``): NDITH and MJDs from the
   exposures the co-add lists as ok, each through the CCDs it kept, with the true TAN-SIP WCS of
   ``truth/masks/<stem>_mask.fits``.
@@ -91,9 +95,9 @@ from ks4release.camera import COADD_PIXEL_SCALE_ARCSEC
 from ks4release.layout import coadd_exposures_path, coadd_path
 from ks4release.projection import chord, unit_vectors
 from ks4release.publish.aggregate import weighted_median
+from ks4release.reduction.blending import neighbour_light
 from ks4release.reduction.calibration_maps import map_bin_px
 from ks4release.reduction.median_stack import point_source_factors
-from ks4release.reduction.moffat import moffat_enclosed_fraction
 from ks4release.reduction.photometry import exposure_psf_widths, exposure_sky_sigmas
 from ks4release.reduction.sep_objects import sky_background
 from ks4release.reduction.zeropoint_tile import reference_stars
@@ -110,6 +114,9 @@ PHOT_MIN_PER_BIN = 5
 #: which the "unblended" selection keeps it (0.001 mag), and how far out it is
 #: summed, px.
 NEIGHBOUR_LIGHT_MAX, NEIGHBOUR_RADIUS_PX = 0.001, 60.0
+#: The catalog's own blending selection of the photometry: at most this share of a source's
+#: 5" aperture flux predicted from its detected neighbours (``blend_aper5_{b}``).
+CATALOG_BLEND_MAX = 0.003
 # Unmatched detections the cleaning kept within this distance of a true source are counted
 # apart (n_kept_near_truth): most are real sources measured just beyond MATCH_ARCSEC.
 KEPT_NEAR_ARCSEC = 2.5
@@ -198,29 +205,6 @@ def at_survey_epoch(release: Path, sources: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def neighbour_light(x: np.ndarray, y: np.ndarray, mag: np.ndarray, fwhm_px: np.ndarray,
-                    beta: float, radius_px: float) -> np.ndarray:
-    """Light of the other true sources inside a circle of ``radius_px`` around each one, as a
-    fraction of its own flux.
-
-    Each source is a Moffat of index ``beta`` and its own ``fwhm_px`` (a galaxy's broadened by
-    its size). A neighbour at distance d > R adds the light of the annulus d - R .. d + R
-    times the circle's share of the annulus's area, R / (4 d); one inside the circle adds all
-    its flux. Sources beyond NEIGHBOUR_RADIUS_PX are left out.
-    """
-    pairs = cKDTree(np.c_[x, y]).query_pairs(NEIGHBOUR_RADIUS_PX, output_type="ndarray")
-    own = np.concatenate([pairs[:, 0], pairs[:, 1]])
-    other = np.concatenate([pairs[:, 1], pairs[:, 0]])
-    d = np.hypot(x[own] - x[other], y[own] - y[other])
-    far = d > radius_px
-    share = np.ones(d.size)
-    outer = moffat_enclosed_fraction(fwhm_px[other[far]], beta, 2.0 * (d[far] + radius_px))
-    inner = moffat_enclosed_fraction(fwhm_px[other[far]], beta, 2.0 * (d[far] - radius_px))
-    share[far] = (outer - inner) * radius_px / (4.0 * d[far])
-    light = share * 10 ** (-0.4 * (mag[other] - mag[own]))
-    return np.bincount(own, weights=light, minlength=len(x))
-
-
 def coadd_truth(release: Path, tile: str, band: str, sources: pd.DataFrame) -> CoaddTruth:
     """True S/N (contract and refined), data coverage and isolation on one co-add."""
     header = fits.getheader(coadd_path(release, tile, band, "coadd"))
@@ -253,8 +237,10 @@ def coadd_truth(release: Path, tile: str, band: str, sources: pd.DataFrame) -> C
     # each source's width on the co-add: the seeing, a galaxy's broadened by its size
     fwhm = np.hypot(seeing, np.where(galaxy, 2.0 * sources.r_eff_arcsec.to_numpy(), 0.0))
     refined *= seeing / fwhm
-    light = neighbour_light(x, y, mag, fwhm / COADD_PIXEL_SCALE_ARCSEC,
-                            float(header.get("PSFBETA", 3.0)), 2.5 / COADD_PIXEL_SCALE_ARCSEC)
+    flux = 10 ** (-0.4 * mag)
+    light = neighbour_light(x, y, flux, fwhm / COADD_PIXEL_SCALE_ARCSEC,
+                            float(header.get("PSFBETA", 3.0)), 2.5 / COADD_PIXEL_SCALE_ARCSEC,
+                            NEIGHBOUR_RADIUS_PX) / flux
     exposures = json.loads(coadd_exposures_path(release, tile, band).read_text())
     return CoaddTruth(tile, band, maglim, on_data, inner & isolated & on_data, light, contract,
                       refined, exposures)
@@ -675,7 +661,8 @@ def photometry(ctx: dict) -> list[dict]:
     for mode in ("single", "dual"):
         for band in BANDS:
             b = band.lower()
-            for selection in ("FLAGS < 4, not EDGE", "unblended, FLAGS == 0, not EDGE"):
+            for selection in ("FLAGS < 4, not EDGE", "unblended, FLAGS == 0, not EDGE",
+                              f"blend_aper5 <= {CATALOG_BLEND_MAX}, FLAGS == 0, not EDGE"):
                 pieces = defaultdict(list)
                 for tile in ctx["tiles"]:
                     truth = ctx["coadds"].get((tile, band))
@@ -688,6 +675,9 @@ def photometry(ctx: dict) -> list[dict]:
                     keep = ctx["star"][src] & (truth.snr_refined[src] > 20) & ~edge
                     if selection.startswith("unblended"):
                         keep &= unblended(truth)[src] & (flags == 0)
+                    elif selection.startswith("blend_aper5"):
+                        blend = table[f"blend_aper5_{b}"].to_numpy(float)[rows]
+                        keep &= (blend <= CATALOG_BLEND_MAX) & (flags == 0)
                     else:
                         keep &= flags < 4
                     true_mag = ctx["sources"][f"mag_{band}"].to_numpy()[src[keep]]

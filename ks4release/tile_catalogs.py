@@ -20,6 +20,8 @@ x_image, y_image                       float32   position on the tile co-add, pi
 tile                                   string    tile name
 snr_{b}                                float32   S/N of the detection (dual mode: every band's
                                                  forced S/N; single: that band's)
+blend_aper5_{b}                        float32   share of the 5" aperture flux predicted to
+                                                 come from the other detections (ours)
 Table 3 per-band columns, e.g.         as in     DR1 Table 3: mag_auto_{b}, magerr_auto_{b},
 mag_auto_{b}, flags_{b}, edge_{b}      the       mag_aper{3,5,10}_{b}, magerr_aper..., min/max/
                                        schemas   mean_mjd_{b}, fwhm_image_{b}, class_star_{b},
@@ -121,7 +123,8 @@ def tile_catalog_schema(mode: str, band: str | None = None) -> CatalogSchema:
     """The columns of a dual-mode tile catalog, or of a single-mode one of ``band``.
 
     Position and per-band columns are those of ``idual_master``; ``x_image``/``y_image``,
-    ``raerr``/``decerr`` (single mode) and ``snr_{b}`` are the tile catalogs' own. The ``tile``
+    ``raerr``/``decerr`` (single mode), ``snr_{b}`` and ``blend_aper5_{b}`` are the tile
+    catalogs' own. The ``tile``
     string column is added by :func:`write_tile_catalog`.
     """
     if mode not in ("dual", "single") or (mode == "single") != (band is not None):
@@ -142,6 +145,9 @@ def tile_catalog_schema(mode: str, band: str | None = None) -> CatalogSchema:
         columns.append(_extra(f"snr_{b}", "float", "", "stat.snr",
                               f"Signal-to-noise ratio of the {b.upper()}-band MAG_AUTO flux"))
         columns += [master.column(n) for n in band_columns(b)]
+        columns.append(_extra(f"blend_aper5_{b}", "float", "", "arith.ratio;phot.flux",
+                              f"Share of the {b.upper()}-band 5-arcsec aperture flux predicted "
+                              "to come from the other detections (reduction.blending)"))
     name = "tile_dual" if band is None else f"tile_single_{band}"
     return CatalogSchema(catalog=name, description=f"KS4 {mode}-mode tile catalog",
                          columns=tuple(columns))

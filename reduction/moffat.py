@@ -22,6 +22,7 @@ __all__ = [
     "moffat_enclosed_fraction",
     "moffat_fwhm",
     "moffat_profile",
+    "moffat_share_in_circle",
 ]
 
 
@@ -76,3 +77,36 @@ def moffat_enclosed_fraction(fwhm: np.ndarray, beta: float, diameter: float | np
         raise ValueError(f"need beta > 1 and positive diameters, got {beta} and {diameter}")
     alpha = moffat_alpha_fwhm(np.asarray(fwhm, dtype=np.float64), beta)
     return 1.0 - (1.0 + (0.5 * diameter / alpha) ** 2) ** (1.0 - beta)
+
+
+def moffat_share_in_circle(distance: np.ndarray, radius: float, alpha: np.ndarray,
+                           beta: float, nodes: int = 48) -> np.ndarray:
+    """Share of the light of unit-flux Moffat profiles (core widths ``alpha``, index ``beta``)
+    centred ``distance`` from the centre of a circle of ``radius`` (same unit) that falls
+    inside the circle.
+
+    In polar coordinates about the profile's centre the circle holds, at radius ``r``, the arc
+    ``2 theta(r)`` with ``cos theta = (r^2 + d^2 - R^2) / (2 r d)`` for ``|d - R| < r < d + R``
+    and the whole ring for ``r < R - d``; the share is the enclosed fraction out to ``R - d``
+    plus the integral of the ring density times ``theta / pi`` over ``|d - R| .. d + R``,
+    by Gauss-Legendre quadrature in ``phi`` with ``r = c - h cos(phi)``, which takes the square
+    roots at both ends (a relative error below 1e-4 with the default nodes, tests).
+    """
+    d = np.atleast_1d(np.asarray(distance, dtype=np.float64))
+    a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), d.shape)
+    if not (beta > 1.0 and radius > 0 and np.all(d >= 0) and np.all(a > 0)):
+        raise ValueError("need beta > 1, a positive radius and alpha, distances >= 0")
+    inside = np.clip(radius - d, 0.0, None)
+    share = np.where(radius > d, 1.0 - (1.0 + (inside / a) ** 2) ** (1.0 - beta), 0.0)
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    phi, w_phi = 0.5 * math.pi * (x + 1.0), 0.5 * math.pi * w
+    centre = 0.5 * (np.abs(d - radius) + d + radius)[:, None]
+    half = 0.5 * (d + radius - np.abs(d - radius))[:, None]
+    r = centre - half * np.cos(phi)[None, :]
+    a2 = a[:, None] ** 2
+    ring = 2.0 * (beta - 1.0) * r / a2 * (1.0 + r**2 / a2) ** -beta  # d(enclosed)/dr
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos_theta = (r**2 + d[:, None] ** 2 - radius**2) / (2.0 * r * d[:, None])
+    theta = np.arccos(np.clip(np.nan_to_num(cos_theta, nan=1.0), -1.0, 1.0)) / math.pi
+    arc = ring * theta * half * np.sin(phi)[None, :] * w_phi[None, :]
+    return (share + arc.sum(axis=1)).reshape(np.shape(distance))

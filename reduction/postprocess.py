@@ -92,6 +92,7 @@ __all__ = [
     "flag_spurious",
     "float_column",
     "kron_loss_correction",
+    "moffat_index",
     "moffat_kron_fraction",
     "point_source_targets",
 ]
@@ -501,6 +502,13 @@ def moffat_kron_fraction(a: np.ndarray, b: np.ndarray, theta_deg: np.ndarray,
     return out
 
 
+def moffat_index(psf_beta: float | None, settings: PostprocessSettings) -> float:
+    """The Moffat index of a co-add's point sources: its measured PSFBETA, or where that is
+    None or NaN ``[postprocess] kron_psf_beta``."""
+    return settings.kron_psf_beta if psf_beta is None or math.isnan(psf_beta) \
+        else float(psf_beta)
+
+
 def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scale_arcsec: float,
                          settings: PostprocessSettings, *, targets: np.ndarray,
                          psf_beta: float | None = None,
@@ -524,8 +532,7 @@ def kron_loss_correction(table: Table, band: str, fwhm_arcsec: float, pixel_scal
     cols = (f"mag_auto_{b}", f"a_image_{b}", f"b_image_{b}", f"theta_image_{b}",
             f"kron_radius_{b}", f"snr_{b}", f"class_star_{b}", f"flags_{b}")
     _require(table, cols, f"kron_loss_correction band {band}")
-    beta = settings.kron_psf_beta if psf_beta is None or math.isnan(psf_beta) \
-        else float(psf_beta)
+    beta = moffat_index(psf_beta, settings)
     if not beta > 1.0:
         raise ValueError(f"kron_loss_correction band {band}: PSF beta must be > 1, got {beta}")
     fraction = moffat_kron_fraction(float_column(table, f"a_image_{b}"),

@@ -13,7 +13,8 @@ DR1 section 3.2 in the order the paper gives it. For one tile and detection mode
    at Gaia's 2016.0); in dual mode the detection band decides and the forced bands carry the
    same SSFLAG and SSCOUNT_30;
 3. adds NDITH, EDGE and the MJDs of every band from its exposures' footprints
-   (:func:`reduction.postprocess.coverage_columns`);
+   (:func:`reduction.postprocess.coverage_columns`) and the share of every source's 5"
+   aperture light that its detected neighbours put there (:mod:`reduction.blending`, ours);
 4. corrects point sources' MAG_AUTO per band: first for the PSF light outside their own Kron
    ellipse (:func:`reduction.postprocess.kron_loss_correction`) and, where the ellipse comes
    from the band's own noise (single mode, dual mode's detection band), for the noise bias
@@ -49,6 +50,7 @@ from ks4release.errors import InputError
 from ks4release.layout import coadd_exposures_path, coadd_path, tile_refcat_path
 from ks4release.reduction.artificial_stars import AutoNoiseBias, auto_noise_path, read_auto_noise
 from ks4release.reduction.astrometric_floor import AstrometricFloor, astrometric_floor
+from ks4release.reduction.blending import blend_column
 from ks4release.reduction.calibration_maps import apply_zp_maps, read_maps, zp_tile_path
 from ks4release.reduction.coadd_maps import coadd_wcs, read_exposures_json
 from ks4release.reduction.photometry import measured_path, psf_beta, read_measured
@@ -59,6 +61,7 @@ from ks4release.reduction.postprocess import (
     flag_spurious,
     float_column,
     kron_loss_correction,
+    moffat_index,
     point_source_targets,
 )
 from ks4release.reduction.site_colour import site_colour_correction
@@ -205,6 +208,8 @@ def _process_band(table: Table, *, release_dir: Path, tile: str, band: str, mode
     table = apply_zp_maps(table, zp, band)
     table = coverage_columns(table, exposures, b, edge_px=settings.edge_px, shape=shape,
                              wcs=wcs)
+    table = blend_column(table, b, seeing_arcsec, moffat_index(psf_beta(header), settings),
+                         pixel_scale_arcsec)
     calibration = _calibration(references, b, settings)
     if calibration is None:
         reason = f"no {settings.bias_reference} catalog for tile {tile}"
