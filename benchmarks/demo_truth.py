@@ -38,6 +38,10 @@ Definitions (shared with the tests; the helpers named are where the same rule li
   ``blend_aper5_{b}`` (the detected neighbours' predicted light in the 5" aperture over the
   source's own, ``reduction/blending.py``) at most :data:`CATALOG_BLEND_MAX`: what a user of
   real data can select.
+* Bins beyond (photometry, informational): over every band, mode and aperture of a selection,
+  the judged 0.5-mag bins whose median lies beyond 0.005 by more than twice its standard error,
+  beside the 2.28% of them expected by chance if every true offset were exactly 0.005 and the
+  binomial probability of at least as many (:func:`bins_beyond_summary`).
 * True coverage (tests/test_postprocess.py ``_true_coverage``): NDITH and MJDs from the
   exposures the co-add lists as ok, each through the CCDs it kept, with the true TAN-SIP WCS of
   ``truth/masks/<stem>_mask.fits``.
@@ -90,6 +94,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.spatial import cKDTree
+from scipy.stats import binom
 
 from ks4release.camera import COADD_PIXEL_SCALE_ARCSEC
 from ks4release.layout import coadd_exposures_path, coadd_path
@@ -117,6 +122,9 @@ NEIGHBOUR_LIGHT_MAX, NEIGHBOUR_RADIUS_PX = 0.001, 60.0
 #: The catalog's own blending selection of the photometry: at most this share of a source's
 #: 5" aperture flux predicted from its detected neighbours (``blend_aper5_{b}``).
 CATALOG_BLEND_MAX = 0.003
+#: Chance that a bin's median lies beyond 0.005 + 2 standard errors when its true offset is
+#: 0.005 (one-sided normal tail at 2 sigma).
+BEYOND_CHANCE = 0.0228
 # Unmatched detections the cleaning kept within this distance of a true source are counted
 # apart (n_kept_near_truth): most are real sources measured just beyond MATCH_ARCSEC.
 KEPT_NEAR_ARCSEC = 2.5
@@ -702,6 +710,27 @@ def photometry(ctx: dict) -> list[dict]:
                                      overall_median=rounded(
                                          np.median(delta[good]) if good.any() else math.nan),
                                      bins=bins))
+    return out + bins_beyond_summary(out)
+
+
+def bins_beyond_summary(entries: list[dict]) -> list[dict]:
+    """Informational: per selection, the judged bins of every band, mode and magnitude whose
+    median lies beyond 0.005 mag by more than twice its standard error, against how many of
+    them would by chance if every bin's true offset were exactly +-0.005 (2.28% each, one
+    side of a normal median), with the binomial probability of at least that many. Dual I
+    repeats single I (the same detections), so its bins count twice."""
+    out = []
+    by_selection: dict[str, list[dict]] = defaultdict(list)
+    for e in entries:
+        by_selection[e["metric"].split(": ", 1)[1].split(";")[0]].append(e)
+    for selection, group in by_selection.items():
+        n = sum(e["n_bins_judged"] for e in group)
+        beyond = sum(e["n_bins_beyond_0005_plus_2sem"] for e in group)
+        out.append(entry(5, "median(MAG - true) within 0.005 mag per 0.5 mag bin",
+                         f"{selection}: judged bins beyond 0.005 + 2 standard errors (MAG_AUTO "
+                         "and MAG_APER5, both modes, every band)", beyond, "informational",
+                         None, n_bins_judged=n, n_expected_at_0005=rounded(BEYOND_CHANCE * n, 1),
+                         p_at_least=rounded(float(binom.sf(beyond - 1, n, BEYOND_CHANCE)))))
     return out
 
 
@@ -1309,7 +1338,8 @@ def summary(report: dict) -> str:
         verdict = {True: "PASS", False: "FAIL",
                    None: "INFO" if e["target"] == "informational" else "SKIP"}[e["pass"]]
         band = f" {e['band']}" if "band" in e else ""
-        counts = ", ".join(f"{k}={v}" for k, v in e.items() if k.startswith("n") and k != "n_true")
+        counts = ", ".join(f"{k}={v}" for k, v in e.items()
+                           if k.startswith(("n", "p_")) and k != "n_true")
         why = f" ({e['reason']})" if "reason" in e else ""
         lines.append(f"[{verdict}] issue {e['issue']}{band}: {e['metric']} = {e['value']} "
                      f"(target {e['target']}; {counts}){why}")
