@@ -1087,6 +1087,12 @@ class PhotometrySettings:
         "detection's segment, when that segment holds the object alone) instead of "
         "SExtractor's counting inside the detection band's footprint, which cuts the outer "
         "isophotes of galaxies larger in the band than in I.", default=True)
+    neighbour_model: bool = documented(
+        "Take the other detections' light out of each source's Kron and aperture fluxes and "
+        "the sources' light out of the background mesh, from a Moffat model of every "
+        "detection (ks4release.reduction.neighbour_model; ours, not DR1's). Faint sources "
+        "near brighter ones read too bright without it, the others too faint (the mesh sits "
+        "above the bare sky). Needs backphoto_type GLOBAL.", default=False)
     stack_flux_correction: bool = documented(
         "Divide the Kron and aperture fluxes of point-like detections (CLASS_STAR >= "
         "stack_flux_class_star_min) by the share of a point source's flux such an aperture "
@@ -1147,6 +1153,9 @@ class PhotometrySettings:
         if self.backphoto_type not in BACKPHOTO_TYPES:
             raise ValueError(f"backphoto_type must be one of {BACKPHOTO_TYPES}, got "
                              f"{self.backphoto_type!r}")
+        if self.neighbour_model and self.backphoto_type != "GLOBAL":
+            raise ValueError("neighbour_model measures its own background level: it needs "
+                             f"backphoto_type GLOBAL, got {self.backphoto_type!r}")
         for name in ("saturation_core_px", "background_mask_sigma", "background_grow_px",
                      "background_mask_wings", "block_margin_px", "deblend_twin_fwhm",
                      "deblend_dip_sigma", "deblend_dip_fwhm", "auto_noise_runs",

@@ -164,6 +164,7 @@ from ks4release.reduction.coadd_maps import coadd_wcs, exposure_footprints, read
 from ks4release.reduction.halo_detection import HaloSettings, halo_detections
 from ks4release.reduction.local_background import local_levels
 from ks4release.reduction.median_stack import point_source_factors
+from ks4release.reduction.neighbour_model import model_image, model_widths, own_sums
 from ks4release.reduction.photometry_blocks import (
     Block,
     central_block,
@@ -214,6 +215,9 @@ logger = logging.getLogger(__name__)
 
 #: Diameters of the fixed apertures, arcsec (DR1; the columns flux_aper3/5/10_{b}).
 APERTURE_DIAMETERS_ARCSEC = (3.0, 5.0, 10.0)
+#: Moffat index of the neighbour model (``[photometry] neighbour_model``) on a co-add without a
+#: usable PSFBETA (a median co-add's stars have 2.5-3.5).
+NEIGHBOUR_MODEL_BETA = 3.0
 
 #: Bits of the ``flags_{b}`` columns (SExtractor FLAGS meanings; our rules in the docstring).
 FLAG_BITS = {
@@ -347,6 +351,16 @@ class _Sky:
     globalback: float        # the mesh's global background level
 
 
+def _mesh(data: np.ndarray, bad: np.ndarray, settings: PhotometrySettings) -> sep.Background:
+    """The photometry's background mesh of an image (``sky_background`` with the settings'
+    box, filter and source masking)."""
+    return sky_background(data, bad, box=settings.back_size_px,
+                          filter_size=settings.back_filter_size,
+                          mask_sigma=settings.background_mask_sigma,
+                          grow_px=settings.background_grow_px,
+                          wing_factor=settings.background_mask_wings)
+
+
 def _sky(data: np.ndarray, bits: np.ndarray, ndith: np.ndarray | None,
          settings: PhotometrySettings) -> _Sky:
     """Background mesh of one co-add (``sky_background``), subtracted."""
@@ -355,11 +369,7 @@ def _sky(data: np.ndarray, bits: np.ndarray, ndith: np.ndarray | None,
         no_data |= np.asarray(ndith) <= 0
     missing = no_data | ((bits & settings.bad_bits) != 0)
     clean = np.ascontiguousarray(np.where(missing, 0.0, data), dtype=np.float32)
-    background = sky_background(clean, missing, box=settings.back_size_px,
-                                filter_size=settings.back_filter_size,
-                                mask_sigma=settings.background_mask_sigma,
-                                grow_px=settings.background_grow_px,
-                                wing_factor=settings.background_mask_wings)
+    background = _mesh(clean, missing, settings)
     sub = clean - background.back()
     sub[missing] = 0.0
     return _Sky(sub=sub, rms=background.rms(), missing=missing, no_data=no_data,
@@ -1286,6 +1296,34 @@ def _own_isophotes(band: _Band, det: _Detection, settings: PhotometrySettings,
     return iso, flux_max, threshold
 
 
+def _subtract_neighbour_model(band: _Band, det: _Detection, radii: list[float],
+                              cols: dict[str, np.ndarray], fwhm: np.ndarray,
+                              settings: PhotometrySettings) -> None:
+    """``[photometry] neighbour_model`` (:mod:`.neighbour_model`): the Kron and aperture fluxes
+    in ``cols`` (and the S/N) lose the other detections' modelled light in their apertures and
+    the level the mesh takes from the sources' light, measured again on the co-add less the
+    model of its detections."""
+    b = band.name.lower()
+    names = ["auto"] + [f"aper{d:g}" for d in APERTURE_DIAMETERS_ARCSEC]
+    auto = cols[f"flux_auto_{b}"]
+    beta = band.psf_beta if band.psf_beta > 1.0 else NEIGHBOUR_MODEL_BETA
+    width = model_widths(cols[f"class_star_{b}"], fwhm,
+                         band.seeing_arcsec / band.pixel_scale_arcsec)
+    model = model_image(band.shape, det.x, det.y, auto, width, beta)
+    delta = _mesh(np.ascontiguousarray(band.image - model), band.touched, settings).back()
+    delta[band.masked] = 0.0  # masked pixels stay 0 in band.image
+    in_model, _, _ = _aperture_sums(replace(band, image=model), det, radii)
+    in_delta = [sep.sum_ellipse(delta, det.x, det.y, det.a, det.b, det.theta, det.kron,
+                                subpix=5)[0]]
+    in_delta += [sep.sum_circle(delta, det.x, det.y, radius, subpix=5)[0] for radius in radii]
+    own = own_sums(det.x, det.y, auto, width, beta, det.a, det.b, det.theta, det.kron, radii)
+    for name, m, d, o in zip(names, in_model, in_delta, own):
+        cols[f"flux_{name}_{b}"] = cols[f"flux_{name}_{b}"] - (m - o) - d
+    err = cols[f"fluxerr_auto_{b}"]
+    cols[f"snr_{b}"] = np.where(err > 0, cols[f"flux_auto_{b}"] / np.where(err > 0, err, 1.0),
+                                0.0)
+
+
 def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
                   network: Network, forced: bool = False) -> dict[str, np.ndarray]:
     """Every per-band column of one band at the detection's positions and apertures
@@ -1328,6 +1366,8 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
             network)
     else:
         cols[f"class_star_{b}"] = _class_star(iso, peak, threshold, seeing, band, network)
+    if settings.neighbour_model:
+        _subtract_neighbour_model(band, det, radii, cols, fwhm, settings)
     if settings.stack_flux_correction:
         point = cols[f"class_star_{b}"] >= settings.stack_flux_class_star_min
         factors = _stack_flux_factors(band, det, radii, np.where(point, auto, 0.0))

@@ -1,6 +1,7 @@
 """The neighbours' light in a source's aperture (reduction/blending.py): the Moffat share of a
 circle against a direct 2-D integral, the neighbour sum against aperture sums on a rendered
-image, and the tile-catalog column."""
+image, and the tile-catalog column; the photometry's model of its detections
+(reduction/neighbour_model.py), whose use is tested in test_photometry.py."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ks4release.reduction.moffat import (
     moffat_enclosed_fraction,
     moffat_share_in_circle,
 )
+from ks4release.reduction.neighbour_model import model_image, model_widths, own_sums
 
 PIXEL_SCALE = 0.4
 SEEING = 1.6  # arcsec
@@ -132,3 +134,25 @@ def test_blend_column_draws_point_sources_with_the_seeing_and_others_with_their_
     assert extended["blend_aper5_v"][0] == pytest.approx(
         wide * 10 ** (-0.4 * 16.0) / 10 ** (-0.4 * 20.05), rel=1e-5)
     assert wide > share
+
+
+def test_own_sums_are_the_model_images_sums_of_a_lone_source():
+    """What the photometry takes as a source's own model light in its apertures is what the
+    model image holds there; sources without a flux or a position stay out of both."""
+    x, y = np.array([100.3, 40.0, np.nan]), np.array([90.6, 40.0, 50.0])
+    flux = np.array([5e4, np.nan, 1e3])
+    fwhm = model_widths(np.array([0.9, 0.9, 0.1]), np.array([3.0, 3.0, 9.0]), 4.0)
+    assert fwhm.tolist() == [4.0, 4.0, 9.0]
+    image = model_image((200, 200), x, y, flux, fwhm, BETA)
+    a, b, theta, kron = (np.array([v] * 3) for v in (2.0, 1.5, 0.3, 3.5))
+    radii = [3.75, 6.25, 12.5]
+    own = own_sums(x, y, flux, fwhm, BETA, a, b, theta, kron, radii)
+    expected = [sep.sum_ellipse(image.astype(np.float64), x[:1], y[:1], a[:1], b[:1], theta[:1],
+                                kron[:1], subpix=5)[0][0]]
+    expected += [sep.sum_circle(image.astype(np.float64), x[:1], y[:1], r, subpix=5)[0][0]
+                 for r in radii]
+    assert [o[0] for o in own] == pytest.approx(expected, rel=1e-5)
+    assert [o[1] for o in own] == [0.0] * 4 and [o[2] for o in own] == [0.0] * 4
+    # the stamp holds the flux out to MODEL_HALF_PX: the Moffat's share of that square
+    assert image.sum() == pytest.approx(5e4 * moffat_enclosed_fraction(4.0, BETA, 120.0),
+                                        rel=2e-3)
