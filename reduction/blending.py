@@ -2,24 +2,28 @@
 
 Aperture photometry sums whatever lies in the aperture. The background mesh (128-256 px)
 takes out the mean light of the sources' wings and outskirts but not the light of a particular
-brighter source 4-24" away: at 1/4 scale half of the faint stars (B 22-22.5, S/N ~ 24) take
-more than 0.1% of their flux from such neighbours by the truth, and their MAG_APER5 reads
-0.043 mag too bright (median), while the others read 0.003-0.005 too faint.
+brighter source 4-24" away: at 1/4 scale, measured as DR1 did (``[photometry]
+neighbour_model = false``), half of the faint stars (B 22-22.5, S/N ~ 24) take more than 0.1%
+of their flux from such neighbours by the truth, and their MAG_APER5 reads 0.043 mag too
+bright (median), while the others read 0.003-0.005 too faint. The photometry's neighbour model
+(:mod:`.neighbour_model`, on by default) takes the detected neighbours' light out.
 
 ``blend_aper5_{b}`` (ours, not DR1's; in the tile catalogs) predicts that share from the
 catalog itself, for real data as for the demo: every other detection within
 :data:`NEIGHBOUR_REACH_ARCSEC` is a circular Moffat of the co-add's PSFBETA holding its
 MAG_AUTO flux, of the co-add's SEEING when point-like (CLASS_STAR >= 0.5) and of
-``max(FWHM_IMAGE, SEEING)`` otherwise, and its light inside the source's 5" aperture
+``max(FWHM_IMAGE, SEEING)`` otherwise (the photometry's neighbour model,
+:func:`.neighbour_model.model_widths`), and its light inside the source's 5" aperture
 (:func:`.moffat.moffat_share_in_circle`, exact for the model) is summed and divided by the
 source's own MAG_APER5 flux. Null where the source has no aperture flux.
 
-At 1/4 scale (``benchmarks/demo_truth.py``), of the isolated stars of true S/N 20-40 with
-FLAGS 0, 73-84% per band and mode have ``blend_aper5 <= 0.003``; their MAG_APER5 reads
-+0.002..+0.008 mag (median), the others' -0.015..+0.013. The cut keeps 99-99.7% of the stars
-that take at most 0.1% of their flux from the true neighbours and removes 38-51% of the
-others: galaxies' outskirts beyond a Moffat of their FWHM, undetected sources and the noise of
-the neighbours' fluxes are not in the prediction.
+What the column adds is where the photometry's correction rests most on that model. At 1/4
+scale (``benchmarks/demo_truth.py``), of the isolated stars of true S/N 20-40 with FLAGS 0,
+73-84% per band and mode have ``blend_aper5 <= 0.003``, and their MAG_APER5 reads
+-0.002..+0.004 mag (median; without the neighbour model +0.002..+0.008); the others read
++0.001..+0.031, most where an extended neighbour dominates (+0.015..+0.038: a Moffat of its
+FWHM_IMAGE has heavier wings than a galaxy). The cut keeps 99-99.7% of the stars that take at
+most 0.1% of their flux from the true neighbours and removes 37-51% of the others.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from ks4release.reduction.moffat import moffat_alpha_fwhm, moffat_share_in_circle
+from ks4release.reduction.neighbour_model import model_widths
 from ks4release.reduction.postprocess import float_column
 
 __all__ = [
@@ -47,8 +52,6 @@ NEIGHBOUR_REACH_ARCSEC = 24.0
 #: once (48 nodes each: about 40 MB per array), so that crowded fields stay within memory.
 _CHUNK = 5_000
 _PAIR_CHUNK = 100_000
-#: CLASS_STAR at and above which a neighbour is drawn with the co-add's seeing.
-_POINT_LIKE = 0.5
 
 
 def neighbour_light(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: np.ndarray,
@@ -95,10 +98,9 @@ def blend_column(table: Table, band: str, seeing_arcsec: float, beta: float,
     which).
     """
     b = band.lower()
-    seeing_px = seeing_arcsec / pixel_scale_arcsec
-    fwhm = float_column(table, f"fwhm_image_{b}")
-    point_like = float_column(table, f"class_star_{b}") >= _POINT_LIKE
-    width = np.where(point_like | ~np.isfinite(fwhm), seeing_px, np.fmax(fwhm, seeing_px))
+    width = model_widths(float_column(table, f"class_star_{b}"),
+                         float_column(table, f"fwhm_image_{b}"),
+                         seeing_arcsec / pixel_scale_arcsec)
     light = neighbour_light(float_column(table, "x_image"), float_column(table, "y_image"),
                             10 ** (-0.4 * float_column(table, f"mag_auto_{b}")), width, beta,
                             0.5 * BLEND_APERTURE_ARCSEC / pixel_scale_arcsec,

@@ -17,11 +17,14 @@ the detection band's (dual mode) is corrected for both, from a model of what it 
    objects' pixels mirrored, MASK_TYPE CORRECT), less its own model's share (:func:`own_sums`,
    the same rendering summed in the same apertures).
 
-On the 1/4-scale survey (B and V co-adds, applied to the catalog magnitudes after the fact,
-``benchmarks/demo_truth.py`` selections) the worst 0.5-mag bin of MAG_APER5 - true over the
-point sources of S/N > 20 went from -0.018 to -0.007 (B 22-22.5) and the stars that take no
-light from their neighbours came within 0.007 (B) and 0.002 (V) at S/N 25-35 instead of 0.011
-and 0.009. The model's fluxes are the first pass's; undetected sources stay in the mesh.
+On the 1/4-scale survey (``benchmarks/demo_truth.py``; point sources of S/N > 20, MAG_AUTO
+and MAG_APER5, both modes, every band) the 0.5-mag bins whose median lies beyond 0.005 mag of
+the truth by more than twice its standard error went from 5 of 236 to none (all stars), from
+8 of 228 to none (those that take no light from their true neighbours) and from 4 of 232 to
+none (``blend_aper5 <= 0.003``); B 22-22.5 MAG_APER5 read -0.010 instead of -0.018 (standard
+error 0.005). CLASS_STAR, completeness and the spurious cleaning did not change beyond
+0.002; the photometry took 39% longer. The model's fluxes are the first pass's; undetected
+sources stay in the mesh.
 """
 
 from __future__ import annotations
