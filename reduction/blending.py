@@ -11,19 +11,19 @@ bright (median), while the others read 0.003-0.005 too faint. The photometry's n
 ``blend_aper5_{b}`` (ours, not DR1's; in the tile catalogs) predicts that share from the
 catalog itself, for real data as for the demo: every other detection within
 :data:`NEIGHBOUR_REACH_ARCSEC` is a circular Moffat of the co-add's PSFBETA holding its
-MAG_AUTO flux, of the co-add's SEEING when point-like (CLASS_STAR >= 0.5) and of
-``max(FWHM_IMAGE, SEEING)`` otherwise (the photometry's neighbour model,
+MAG_AUTO flux, of the co-add's SEEING when point-like (CLASS_STAR >= 0.5) and of its
+FWHM_IMAGE within 1-2 SEEING otherwise (the photometry's neighbour model,
 :func:`.neighbour_model.model_widths`), and its light inside the source's 5" aperture
 (:func:`.moffat.moffat_share_in_circle`, exact for the model) is summed and divided by the
 source's own MAG_APER5 flux. Null where the source has no aperture flux.
 
 What the column adds is where the photometry's correction rests most on that model. At 1/4
 scale (``benchmarks/demo_truth.py``), of the isolated stars of true S/N 20-40 with FLAGS 0,
-73-84% per band and mode have ``blend_aper5 <= 0.003``, and their MAG_APER5 reads
--0.002..+0.004 mag (median; without the neighbour model +0.002..+0.008); the others read
-+0.001..+0.031, most where an extended neighbour dominates (+0.015..+0.038: a Moffat of its
-FWHM_IMAGE has heavier wings than a galaxy). The cut keeps 99-99.7% of the stars that take at
-most 0.1% of their flux from the true neighbours and removes 37-51% of the others.
+75-87% per band and mode have ``blend_aper5 <= 0.003``, and their MAG_APER5 reads
+-0.002..+0.006 mag (median; without the neighbour model +0.002..+0.008); the others read
++0.002..+0.028, most where an extended neighbour dominates (+0.007..+0.029: a Moffat of its
+FWHM has heavier wings than a galaxy). The cut keeps 99.4-100% of the stars that take at most
+0.1% of their flux from the true neighbours and removes 32-47% of the others.
 """
 
 from __future__ import annotations

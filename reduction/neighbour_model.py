@@ -8,8 +8,9 @@ faint). With ``[photometry] neighbour_model`` every band measured on its own det
 the detection band's (dual mode) is corrected for both, from a model of what it detected:
 
 1. every detection is a circular Moffat of the co-add's PSFBETA holding its Kron flux, of the
-   co-add's SEEING when point-like (CLASS_STAR >= 0.5) and of ``max(FWHM_IMAGE, SEEING)``
-   otherwise, rendered out to :data:`MODEL_HALF_PX` (:func:`model_image`);
+   co-add's SEEING when point-like (CLASS_STAR >= 0.5) and of its FWHM_IMAGE otherwise, within
+   1 and 2 SEEING (:func:`model_widths`), rendered out to :data:`MODEL_HALF_PX`
+   (:func:`model_image`);
 2. the mesh is measured again on the background-subtracted co-add less the model, as the first
    one was (same box, filter and source masking): the level ``delta`` (negative where the
    sources' light lifted the first mesh) is taken off every aperture;
@@ -20,11 +21,14 @@ the detection band's (dual mode) is corrected for both, from a model of what it 
 On the 1/4-scale survey (``benchmarks/demo_truth.py``; point sources of S/N > 20, MAG_AUTO
 and MAG_APER5, both modes, every band) the 0.5-mag bins whose median lies beyond 0.005 mag of
 the truth by more than twice its standard error went from 5 of 236 to none (all stars), from
-8 of 228 to none (those that take no light from their true neighbours) and from 4 of 232 to
-none (``blend_aper5 <= 0.003``); B 22-22.5 MAG_APER5 read -0.010 instead of -0.018 (standard
-error 0.005). CLASS_STAR, completeness and the spurious cleaning did not change beyond
-0.002; the photometry took 39% longer. The model's fluxes are the first pass's; undetected
-sources stay in the mesh.
+8 of 228 to 1 (those that take no light from their true neighbours) and from 4 of 232 to none
+(``blend_aper5 <= 0.003``); B 22-22.5 MAG_APER5 read -0.010 (single) and -0.007 (dual)
+instead of -0.018 and -0.015 (standard errors 0.005). CLASS_STAR, completeness and the
+spurious cleaning did not change beyond 0.002; the photometry took about 40% longer. Extended
+neighbours drawn as wide as their FWHM_IMAGE (up to 19 px on the demo) put more light into
+their neighbours' apertures than galaxies do, and drawn with the seeing less (1, 4 and 1
+bins beyond then); within 1-2 seeings is what was measured. The model's fluxes are the first
+pass's; undetected sources stay in the mesh.
 """
 
 from __future__ import annotations
@@ -36,21 +40,28 @@ import sep
 
 from ks4release.reduction.moffat import moffat_alpha_fwhm
 
-__all__ = ["MODEL_HALF_PX", "POINT_LIKE_CLASS_STAR", "model_image", "model_widths", "own_sums"]
+__all__ = ["EXTENDED_MAX_SEEING", "MODEL_HALF_PX", "POINT_LIKE_CLASS_STAR", "model_image",
+           "model_widths", "own_sums"]
 
 #: Half size of each rendered source, px: 24" at 0.4"/px, where a Moffat of index 2.5-3 and
 #: 1.5" seeing is below 1e-4 of its peak, as far as ``reduction/blending.py`` looks.
 MODEL_HALF_PX = 60
 #: CLASS_STAR at and above which a detection is drawn with the co-add's seeing.
 POINT_LIKE_CLASS_STAR = 0.5
+#: Widest model of an extended detection, in units of the seeing: a Moffat of a large galaxy's
+#: FWHM_IMAGE has far heavier wings than the galaxy (one of 19 px put 470 ADU into a neighbour's
+#: 5" aperture on the demo, more than the neighbour's own light).
+EXTENDED_MAX_SEEING = 2.0
 
 
 def model_widths(class_star: np.ndarray, fwhm_px: np.ndarray, seeing_px: float) -> np.ndarray:
-    """FWHM (px) of each detection's model: the seeing for point-like ones, else the larger of
-    their FWHM_IMAGE and the seeing (the seeing where FWHM_IMAGE is not finite)."""
+    """FWHM (px) of each detection's model: the seeing for point-like ones, else their
+    FWHM_IMAGE within 1 and :data:`EXTENDED_MAX_SEEING` seeings (the seeing where FWHM_IMAGE
+    is not finite)."""
     fwhm = np.asarray(fwhm_px, float)
     point = np.asarray(class_star, float) >= POINT_LIKE_CLASS_STAR
-    return np.where(point | ~np.isfinite(fwhm), seeing_px, np.fmax(fwhm, seeing_px))
+    extended = np.clip(fwhm, seeing_px, EXTENDED_MAX_SEEING * seeing_px)
+    return np.where(point | ~np.isfinite(fwhm), seeing_px, extended)
 
 
 def _moffat_stamp(x: float, y: float, x0: int, x1: int, y0: int, y1: int, alpha: float,

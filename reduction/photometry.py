@@ -1366,7 +1366,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
             network)
     else:
         cols[f"class_star_{b}"] = _class_star(iso, peak, threshold, seeing, band, network)
-    if settings.neighbour_model:
+    if settings.neighbour_model and settings.backphoto_type == "GLOBAL":
         _subtract_neighbour_model(band, det, radii, cols, fwhm, settings)
     if settings.stack_flux_correction:
         point = cols[f"class_star_{b}"] >= settings.stack_flux_class_star_min

@@ -130,7 +130,7 @@ def test_blend_column_draws_point_sources_with_the_seeing_and_others_with_their_
     assert "blend_aper5_v" not in table.colnames
     table["class_star_v"][1] = 0.1
     extended = blend_column(table, "V", SEEING, BETA, PIXEL_SCALE)
-    wide = moffat_share_in_circle(12.0, 6.25, moffat_alpha_fwhm(12.0, BETA), BETA)
+    wide = moffat_share_in_circle(12.0, 6.25, moffat_alpha_fwhm(8.0, BETA), BETA)  # 2 seeings
     assert extended["blend_aper5_v"][0] == pytest.approx(
         wide * 10 ** (-0.4 * 16.0) / 10 ** (-0.4 * 20.05), rel=1e-5)
     assert wide > share
@@ -141,8 +141,10 @@ def test_own_sums_are_the_model_images_sums_of_a_lone_source():
     model image holds there; sources without a flux or a position stay out of both."""
     x, y = np.array([100.3, 40.0, np.nan]), np.array([90.6, 40.0, 50.0])
     flux = np.array([5e4, np.nan, 1e3])
-    fwhm = model_widths(np.array([0.9, 0.9, 0.1]), np.array([3.0, 3.0, 9.0]), 4.0)
-    assert fwhm.tolist() == [4.0, 4.0, 9.0]
+    fwhm = model_widths(np.array([0.9, 0.9, 0.1]), np.array([3.0, 3.0, 7.0]), 4.0)
+    assert fwhm.tolist() == [4.0, 4.0, 7.0]
+    assert model_widths(np.array([0.1, 0.1, 0.9]), np.array([3.0, 19.0, np.nan]),
+                        4.0).tolist() == [4.0, 8.0, 4.0]
     image = model_image((200, 200), x, y, flux, fwhm, BETA)
     a, b, theta, kron = (np.array([v] * 3) for v in (2.0, 1.5, 0.3, 3.5))
     radii = [3.75, 6.25, 12.5]

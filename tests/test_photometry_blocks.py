@@ -174,13 +174,19 @@ def test_blocks_measure_isolated_sources_as_the_whole_coadd(whole_and_blocks, mo
     for axis in ("x_image", "y_image"):
         np.testing.assert_allclose(blocks[axis][other], whole[axis][rows], atol=0.002)
     np.testing.assert_allclose(blocks["dec"][other], whole["dec"][rows], atol=0.002 * 0.4 / 3600)
-    # a neighbour's knife-edge deblend changes the pixels an aperture mirrors: a few 0.001 mag
+    # a neighbour's knife-edge deblend changes the pixels an aperture mirrors: a few 0.001 mag;
+    # judged where that flux itself has S/N > 20 (a galaxy of S/N 48 in its Kron ellipse held
+    # 310 +- 121 ADU in 5" beside a larger one, 4 ADU apart whole and in blocks as the neighbour
+    # model's second mesh differs)
     for column, tolerance, share in ((f"flux_aper5_{band}", 0.002, 0.95),
                                      (f"flux_aper5_{band}", 0.01, 1.0),
                                      (f"flux_auto_{band}", 0.01, 0.95)):
-        dmag = np.abs(2.5 * np.log10(np.asarray(blocks[column])[other]
-                                     / np.asarray(whole[column])[rows]))
-        assert np.mean(dmag <= tolerance) >= share, (column, np.sort(dmag)[-5:])
+        flux = np.asarray(whole[column])[rows]
+        measured = flux > 20.0 * np.asarray(whole[column.replace("flux", "fluxerr")])[rows]
+        dmag = np.abs(2.5 * np.log10(np.asarray(blocks[column])[other][measured]
+                                     / flux[measured]))
+        assert measured.sum() > 40 and np.mean(dmag <= tolerance) >= share, \
+            (column, np.sort(dmag)[-5:])
     assert np.mean(np.asarray(blocks[f"flags_{band}"])[other] == 0) >= 0.98
 
 

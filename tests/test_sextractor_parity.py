@@ -118,10 +118,10 @@ def parity(request, tiny_coadds):
     image = fits.getdata(path).astype(np.float32)
     mask = fits.getdata(coadd_path(release, tile, band, "mask"))
     ndith = fits.getdata(coadd_path(release, tile, band, "ndith"))
-    # like with like: SExtractor's single-pass background mesh, no median-stack factors and no
-    # second pass in saturated stars' halos
+    # like with like: SExtractor's single-pass background mesh, no median-stack factors, no
+    # second pass in saturated stars' halos and no neighbour model
     settings = PhotometrySettings(background_mask_sigma=0.0, stack_flux_correction=False,
-                                  halo_detection=False)
+                                  halo_detection=False, neighbour_model=False)
     ours = measure_single(image, mask, header, band, settings, read_nnw(DEFAULT_NNW),
                           ndith=ndith)
     theirs = run_sextractor(path, SExtractorSettings.from_photometry(settings, 0.4,
@@ -228,7 +228,8 @@ def local_parity(tiny_coadds):
     ours, theirs = {}, {}
     for kind in BACKPHOTO_TYPES:
         settings = PhotometrySettings(background_mask_sigma=0.0, stack_flux_correction=False,
-                                      halo_detection=False, backphoto_type=kind)
+                                      halo_detection=False, neighbour_model=False,
+                                      backphoto_type=kind)
         ours[kind] = measure_single(image, mask, header, "I", settings, read_nnw(DEFAULT_NNW),
                                     ndith=ndith)
         table = run_sextractor(path, SExtractorSettings.from_photometry(
