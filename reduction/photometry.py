@@ -1296,6 +1296,11 @@ def _own_isophotes(band: _Band, det: _Detection, settings: PhotometrySettings,
     return iso, flux_max, threshold
 
 
+def _snr(flux: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """S/N of a flux: the flux over its error, 0 where the error is not positive."""
+    return np.where(err > 0, flux / np.where(err > 0, err, 1.0), 0.0)
+
+
 def _subtract_neighbour_model(band: _Band, det: _Detection, radii: list[float],
                               cols: dict[str, np.ndarray], fwhm: np.ndarray,
                               settings: PhotometrySettings) -> None:
@@ -1319,9 +1324,7 @@ def _subtract_neighbour_model(band: _Band, det: _Detection, radii: list[float],
     own = own_sums(det.x, det.y, auto, width, beta, det.a, det.b, det.theta, det.kron, radii)
     for name, m, d, o in zip(names, in_model, in_delta, own):
         cols[f"flux_{name}_{b}"] = cols[f"flux_{name}_{b}"] - (m - o) - d
-    err = cols[f"fluxerr_auto_{b}"]
-    cols[f"snr_{b}"] = np.where(err > 0, cols[f"flux_auto_{b}"] / np.where(err > 0, err, 1.0),
-                                0.0)
+    cols[f"snr_{b}"] = _snr(cols[f"flux_auto_{b}"], cols[f"fluxerr_auto_{b}"])
 
 
 def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
@@ -1343,7 +1346,7 @@ def _measure_band(band: _Band, det: _Detection, settings: PhotometrySettings,
     cols[f"flux_auto_{b}"], cols[f"fluxerr_auto_{b}"] = auto, auto_err
     for diameter, flux, err in zip(APERTURE_DIAMETERS_ARCSEC, fluxes[1:], errors[1:]):
         cols[f"flux_aper{diameter:g}_{b}"], cols[f"fluxerr_aper{diameter:g}_{b}"] = flux, err
-    cols[f"snr_{b}"] = np.where(auto_err > 0, auto / np.where(auto_err > 0, auto_err, 1.0), 0.0)
+    cols[f"snr_{b}"] = _snr(auto, auto_err)
     threshold = settings.detect_thresh_sigma * _at(band.rms, det).astype(np.float64)
     restored = _restored_cores(band, det, settings, forced)
     iso, fwhm = isophotal_profile(restored, det.segmap, det.objects, threshold,
