@@ -33,12 +33,10 @@ pass's; undetected sources stay in the mesh.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import sep
 
-from ks4release.reduction.moffat import moffat_alpha_fwhm
+from ks4release.reduction.moffat import moffat_alpha_fwhm, moffat_profile
 
 __all__ = ["EXTENDED_MAX_SEEING", "MODEL_HALF_PX", "POINT_LIKE_CLASS_STAR", "model_image",
            "model_widths", "own_sums"]
@@ -69,7 +67,14 @@ def _moffat_stamp(x: float, y: float, x0: int, x1: int, y0: int, y1: int, alpha:
     """Unit-flux Moffat centred (x, y), sampled at the centres of pixels [y0:y1, x0:x1]."""
     dy = (np.arange(y0, y1) - y)[:, None]
     dx = (np.arange(x0, x1) - x)[None, :]
-    return (beta - 1.0) / (math.pi * alpha**2) * (1.0 + (dx**2 + dy**2) / alpha**2) ** -beta
+    radius = np.hypot(dx, dy)
+    return moffat_profile(radius.ravel(), np.array([alpha]), beta).reshape(radius.shape)
+
+
+def _modelled(x: np.ndarray, y: np.ndarray, flux: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Indices of the sources the model draws: finite position, positive flux and width."""
+    return np.flatnonzero(np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0)
+                          & (alpha > 0))
 
 
 def model_image(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray,
@@ -80,8 +85,7 @@ def model_image(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.n
     image = np.zeros(shape, dtype=np.float32)
     ny, nx = shape
     alpha = moffat_alpha_fwhm(np.asarray(fwhm_px, float), beta)
-    good = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0) & (alpha > 0)
-    for k in np.flatnonzero(good):
+    for k in _modelled(x, y, flux, alpha):
         ix, iy = int(round(x[k])), int(round(y[k]))
         x0, x1 = max(ix - half_px, 0), min(ix + half_px + 1, nx)
         y0, y1 = max(iy - half_px, 0), min(iy + half_px + 1, ny)
@@ -101,15 +105,11 @@ def own_sums(x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm_px: np.ndarray
     n = len(x)
     out = [np.zeros(n) for _ in range(1 + len(radii))]
     alpha = moffat_alpha_fwhm(np.asarray(fwhm_px, float), beta)
-    good = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0) & (alpha > 0)
-    size = 2 * half_px + 1
-    for k in np.flatnonzero(good):
+    for k in _modelled(x, y, flux, alpha):
         ix, iy = int(round(x[k])), int(round(y[k]))
         stamp = flux[k] * _moffat_stamp(x[k], y[k], ix - half_px, ix + half_px + 1,
                                         iy - half_px, iy + half_px + 1, alpha[k], beta)
         cx, cy = np.array([x[k] - ix + half_px]), np.array([y[k] - iy + half_px])
-        if stamp.shape != (size, size):
-            continue
         out[0][k] = sep.sum_ellipse(stamp, cx, cy, a[k:k + 1], b[k:k + 1], theta[k:k + 1],
                                     kron[k:k + 1], subpix=5)[0][0]
         for j, radius in enumerate(radii):
