@@ -183,7 +183,7 @@ from ks4release.reduction.sep_objects import (
     half_light_radii,
     psf_half_light_radius,
     set_extraction_limits,
-    sky_background,
+    sky_mask,
     touching_pieces,
     windowed_centroids,
     wing_fits,
@@ -316,6 +316,7 @@ class _Band:
     masked: np.ndarray       # pixels still missing after interpolation (bool)
     touched: np.ndarray      # pixels interpolated or missing (bool)
     no_data: np.ndarray      # pixels without data (bool)
+    mesh_mask: np.ndarray    # pixels the background mesh left out (bool)
     bits: np.ndarray         # co-add mask bits (uint8)
     exposures: dict          # the co-add's exposure list (empty without one)
     excluded: dict           # stem -> flat pixels where its masked data left the median
@@ -348,32 +349,39 @@ class _Sky:
     rms: np.ndarray          # the mesh's RMS map (float32), not yet scaled per NDITH
     missing: np.ndarray      # no data, or a bad_bits bit (bool)
     no_data: np.ndarray      # NDITH 0 or not finite (bool)
+    mesh_mask: np.ndarray    # pixels the mesh left out: missing, and the sources' (bool)
     globalback: float        # the mesh's global background level
 
 
-def _mesh(data: np.ndarray, bad: np.ndarray, settings: PhotometrySettings) -> sep.Background:
-    """The photometry's background mesh of an image (``sky_background`` with the settings'
+def _mesh_mask(data: np.ndarray, bad: np.ndarray, settings: PhotometrySettings) -> np.ndarray:
+    """The pixels the photometry's background mesh leaves out (``sky_mask`` with the settings'
     box, filter and source masking)."""
-    return sky_background(data, bad, box=settings.back_size_px,
-                          filter_size=settings.back_filter_size,
-                          mask_sigma=settings.background_mask_sigma,
-                          grow_px=settings.background_grow_px,
-                          wing_factor=settings.background_mask_wings)
+    return sky_mask(data, bad, box=settings.back_size_px, filter_size=settings.back_filter_size,
+                    mask_sigma=settings.background_mask_sigma,
+                    grow_px=settings.background_grow_px,
+                    wing_factor=settings.background_mask_wings)
+
+
+def _mesh(data: np.ndarray, mask: np.ndarray, settings: PhotometrySettings) -> sep.Background:
+    """The photometry's background mesh of an image, without the pixels of ``mask``."""
+    return sep.Background(data, mask=mask, bw=settings.back_size_px, bh=settings.back_size_px,
+                          fw=settings.back_filter_size, fh=settings.back_filter_size)
 
 
 def _sky(data: np.ndarray, bits: np.ndarray, ndith: np.ndarray | None,
          settings: PhotometrySettings) -> _Sky:
-    """Background mesh of one co-add (``sky_background``), subtracted."""
+    """Background mesh of one co-add (:func:`_mesh_mask`, :func:`_mesh`), subtracted."""
     no_data = ~np.isfinite(data)
     if ndith is not None:
         no_data |= np.asarray(ndith) <= 0
     missing = no_data | ((bits & settings.bad_bits) != 0)
     clean = np.ascontiguousarray(np.where(missing, 0.0, data), dtype=np.float32)
-    background = _mesh(clean, missing, settings)
+    mesh_mask = _mesh_mask(clean, missing, settings)
+    background = _mesh(clean, mesh_mask, settings)
     sub = clean - background.back()
     sub[missing] = 0.0
     return _Sky(sub=sub, rms=background.rms(), missing=missing, no_data=no_data,
-                globalback=float(background.globalback))
+                mesh_mask=mesh_mask, globalback=float(background.globalback))
 
 
 def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str,
@@ -409,7 +417,8 @@ def _prepare(image: np.ndarray, mask: np.ndarray, header: fits.Header, band: str
     gain = float(header.get("GAIN", settings.gain_e_per_adu))
     return _Band(name=band, image=np.ascontiguousarray(filled, dtype=np.float32),
                  rms=np.ascontiguousarray(rms, dtype=np.float32), masked=masked,
-                 touched=sky.missing, no_data=sky.no_data, bits=bits,
+                 touched=sky.missing, no_data=sky.no_data, mesh_mask=sky.mesh_mask,
+                 bits=bits,
                  exposures=exposures or {}, excluded=excluded or {},
                  depth=np.where(sky.no_data, 0, -1 if ndith is None else np.asarray(ndith)),
                  saturate=saturate, gain=gain,
@@ -1315,7 +1324,7 @@ def _subtract_neighbour_model(band: _Band, det: _Detection, radii: list[float],
     width = model_widths(cols[f"class_star_{b}"], fwhm,
                          band.seeing_arcsec / band.pixel_scale_arcsec)
     model = model_image(band.shape, det.x, det.y, auto, width, beta)
-    delta = _mesh(np.ascontiguousarray(band.image - model), band.touched, settings).back()
+    delta = _mesh(np.ascontiguousarray(band.image - model), band.mesh_mask, settings).back()
     delta[band.masked] = 0.0  # masked pixels stay 0 in band.image
     in_model, _, _ = _aperture_sums(replace(band, image=model), det, radii)
     in_delta = [sep.sum_ellipse(delta, det.x, det.y, det.a, det.b, det.theta, det.kron,

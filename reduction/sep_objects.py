@@ -30,6 +30,8 @@ __all__ = [
     "psf_half_light_radius",
     "set_extraction_limits",
     "sky_background",
+    "sky_mask",
+    "source_mask",
     "source_masked_background",
     "touching_pieces",
     "windowed_centroids",
@@ -56,18 +58,18 @@ def set_extraction_limits(n_pixels: int, pixel_stack: int = KMTNET_PIXEL_STACK) 
     sep.set_sub_object_limit(4096)
 
 
-def source_masked_background(data: np.ndarray, bad: np.ndarray, *, box: int, filter_size: int,
-                             detect_sigma: float, grow_px: int, wing_factor: float = 0.0
-                             ) -> tuple[np.ndarray, sep.Background]:
-    """Sources detected on a first background, and the background measured again without them.
+def source_mask(data: np.ndarray, bad: np.ndarray, *, box: int, filter_size: int,
+                detect_sigma: float, grow_px: int, wing_factor: float = 0.0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Sources detected on a first background, and their footprints grown (bool), for the
+    background mesh to leave out.
 
     The first mesh (``box`` px, median filter of ``filter_size`` meshes) takes in the wings of
     the sources; in a crowded field it sits too high, and subtracting it takes most from the
     largest apertures and the faintest sources. So the sources found above ``detect_sigma``
     (minimum area 5 px, the default 3 x 3 filter) are masked, their footprints grown by
-    ``grow_px``, and the mesh is measured again. Returns the first pass's objects and the
-    second background. On a demo co-add with 8 times the stars the first mesh was 0.70 ADU
-    (0.08 sigma) too high, on the demo's own 0.21 ADU.
+    ``grow_px`` (:func:`source_masked_background`). On a demo co-add with 8 times the stars the
+    first mesh was 0.70 ADU (0.08 sigma) too high, on the demo's own 0.21 ADU.
 
     A fixed growth leaves the sources' wings in: their footprints end at the ``detect_sigma``
     isophote, and a galaxy's de Vaucouleurs profile holds much of its light beyond it (a star's
@@ -87,19 +89,38 @@ def source_masked_background(data: np.ndarray, bad: np.ndarray, *, box: int, fil
         radius = np.sqrt(objects["npix"] / math.pi)
         sep.mask_ellipse(sources, objects["x"], objects["y"], radius, radius,
                          np.zeros(len(objects)), r=wing_factor)
+    return objects, sources
+
+
+def source_masked_background(data: np.ndarray, bad: np.ndarray, *, box: int, filter_size: int,
+                             detect_sigma: float, grow_px: int, wing_factor: float = 0.0
+                             ) -> tuple[np.ndarray, sep.Background]:
+    """The sources of :func:`source_mask`, and the background measured again without them."""
+    objects, sources = source_mask(data, bad, box=box, filter_size=filter_size,
+                                   detect_sigma=detect_sigma, grow_px=grow_px,
+                                   wing_factor=wing_factor)
     return objects, sep.Background(data, mask=bad | sources, bw=box, bh=box, fw=filter_size,
                                    fh=filter_size)
+
+
+def sky_mask(data: np.ndarray, bad: np.ndarray, *, box: int, filter_size: int,
+             mask_sigma: float, grow_px: int, wing_factor: float = 0.0) -> np.ndarray:
+    """The pixels a background mesh leaves out: ``bad`` and, when ``mask_sigma`` > 0, the
+    grown footprints of the sources above it (:func:`source_mask`)."""
+    if mask_sigma <= 0:
+        return np.asarray(bad, dtype=bool)
+    return bad | source_mask(data, bad, box=box, filter_size=filter_size,
+                             detect_sigma=mask_sigma, grow_px=grow_px,
+                             wing_factor=wing_factor)[1]
 
 
 def sky_background(data: np.ndarray, bad: np.ndarray, *, box: int, filter_size: int,
                    mask_sigma: float, grow_px: int, wing_factor: float = 0.0) -> sep.Background:
     """SExtractor's one-pass background mesh when ``mask_sigma`` <= 0, else the mesh measured
-    again without the sources above ``mask_sigma`` (:func:`source_masked_background`)."""
-    if mask_sigma <= 0:
-        return sep.Background(data, mask=bad, bw=box, bh=box, fw=filter_size, fh=filter_size)
-    return source_masked_background(data, bad, box=box, filter_size=filter_size,
-                                    detect_sigma=mask_sigma, grow_px=grow_px,
-                                    wing_factor=wing_factor)[1]
+    again without the sources above ``mask_sigma`` (:func:`sky_mask`)."""
+    mask = sky_mask(data, bad, box=box, filter_size=filter_size, mask_sigma=mask_sigma,
+                    grow_px=grow_px, wing_factor=wing_factor)
+    return sep.Background(data, mask=mask, bw=box, bh=box, fw=filter_size, fh=filter_size)
 
 
 def footprint_max(segmap: np.ndarray, values: np.ndarray, n: int, *, bitwise: bool

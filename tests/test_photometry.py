@@ -455,6 +455,23 @@ def test_neighbour_model_takes_a_bright_neighbours_wings_out_of_a_faint_star(net
     assert np.abs(ratios[True][bright] - ratios[False][bright]).max() < 0.001
 
 
+def test_second_mesh_leaves_out_the_pixels_the_first_left_out():
+    """The neighbour model's second mesh is measured on the first one's sky pixels: the mask
+    ``_prepare`` keeps holds the missing pixels and the sources' grown footprints, and only the
+    missing ones when the first mesh masks no sources (``background_mask_sigma`` 0)."""
+    image = _stars([(80.0, 80.0, 1e5)], seed=3)
+    ndith = np.full(SHAPE, 4, np.int16)
+    ndith[10:20, 10:40] = 0
+    mask = np.zeros(SHAPE, np.uint8)
+    band = _prepare(image, mask, _header(), "I", SYNTH, ndith)
+    assert band.mesh_mask[band.touched].all() and band.mesh_mask[15, 20]
+    assert band.mesh_mask[80, 80] and band.mesh_mask[80, 86]  # the star and its grown edge
+    assert not band.mesh_mask[140, 140]  # bare sky
+    plain = _prepare(image, mask, _header(), "I", replace(SYNTH, background_mask_sigma=0.0),
+                     ndith)
+    assert np.array_equal(plain.mesh_mask, plain.touched)
+
+
 def test_neighbour_and_masked_pixels_replaced_by_their_mirror(network):
     """MASK_TYPE CORRECT: a bright neighbour 14 px away (inside the 10" aperture) and a block
     of pixels without data in the other star's wing are replaced by the mirror pixels, so the
