@@ -1324,9 +1324,10 @@ def _subtract_neighbour_model(band: _Band, det: _Detection, radii: list[float],
     width = model_widths(cols[f"class_star_{b}"], fwhm,
                          band.seeing_arcsec / band.pixel_scale_arcsec)
     model = model_image(band.shape, det.x, det.y, auto, width, beta)
-    delta = _mesh(np.ascontiguousarray(band.image - model), band.mesh_mask, settings).back()
-    delta[band.masked] = 0.0  # masked pixels stay 0 in band.image
     in_model, _, _ = _aperture_sums(replace(band, image=model), det, radii)
+    residual = np.subtract(band.image, model, out=model)  # the model's memory, reused
+    delta = _mesh(residual, band.mesh_mask, settings).back()
+    delta[band.masked] = 0.0  # masked pixels stay 0 in band.image
     in_delta = [sep.sum_ellipse(delta, det.x, det.y, det.a, det.b, det.theta, det.kron,
                                 subpix=5)[0]]
     in_delta += [sep.sum_circle(delta, det.x, det.y, radius, subpix=5)[0] for radius in radii]
