@@ -68,8 +68,9 @@ def source_mask(data: np.ndarray, bad: np.ndarray, *, box: int, filter_size: int
     the sources; in a crowded field it sits too high, and subtracting it takes most from the
     largest apertures and the faintest sources. So the sources found above ``detect_sigma``
     (minimum area 5 px, the default 3 x 3 filter) are masked, their footprints grown by
-    ``grow_px`` (:func:`source_masked_background`). On a demo co-add with 8 times the stars the
-    first mesh was 0.70 ADU (0.08 sigma) too high, on the demo's own 0.21 ADU.
+    ``grow_px``, and the mesh is measured again without them (:func:`source_masked_background`,
+    :func:`sky_background`). On a demo co-add with 8 times the stars the first mesh was 0.70 ADU
+    (0.08 sigma) too high, on the demo's own 0.21 ADU.
 
     A fixed growth leaves the sources' wings in: their footprints end at the ``detect_sigma``
     isophote, and a galaxy's de Vaucouleurs profile holds much of its light beyond it (a star's
