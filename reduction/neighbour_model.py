@@ -30,7 +30,7 @@ model, instead of on the first mesh's pixels, gave 0, 1 and 0 bins beyond (the 6
 stars or more moved by -0.0002 mag on average, 0.0004 in absolute value) for 10% more time
 and 11 bytes a pixel more memory; on a field of injected stars on white noise
 (``tests/test_faint_auto_photometry.py``, true sky 0) that mesh sat 0.011 sigma above the
-sky, the first mesh 0.0075 and this one 0.0036 (the residual's unmasked cores lifted it).
+sky, the first mesh 0.0075 and this one 0.0036.
 Extended
 neighbours drawn as wide as their FWHM_IMAGE (up to 19 px on the demo) put more light into
 their neighbours' apertures than galaxies do, and drawn with the seeing less (1, 4 and 1
