@@ -546,12 +546,13 @@ def _detect(band: _Band, settings: PhotometrySettings) -> tuple[np.ndarray, np.n
 
 
 def _with_halos(band: _Band, objects: np.ndarray, segmap: np.ndarray,
-                settings: PhotometrySettings) -> tuple[np.ndarray, np.ndarray]:
+                settings: PhotometrySettings, memo: _WingMemo
+                ) -> tuple[np.ndarray, np.ndarray]:
     """The detections plus the sources found in the halos of the saturated ones, their fitted
-    wings subtracted (:mod:`.halo_detection`; ``halo_detection``)."""
+    wings subtracted (:mod:`.halo_detection`; ``halo_detection``); the fits go into ``memo``."""
     if not settings.halo_detection or objects.size == 0:
         return objects, segmap
-    fitted = _fitted_wings(band, objects, segmap, objects["x"], objects["y"], settings)
+    fitted = _fitted_wings(band, objects, segmap, objects["x"], objects["y"], settings, memo)
     if not fitted:
         return objects, segmap
 
@@ -674,13 +675,19 @@ def _saturated_near(saturated: np.ndarray, core_px: int, col: np.ndarray,
     return np.isfinite(distance)
 
 
+#: Wing fits of one band already made, by start position and radius (px): the halo pass and
+#: the detection fit the same saturated stars from the same cores (:func:`_wing_fits`).
+_WingMemo = dict[tuple[float, float, int], WingFit | None]
+
+
 def _wing_fits(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarray,
-               y: np.ndarray, settings: PhotometrySettings
+               y: np.ndarray, settings: PhotometrySettings, memo: _WingMemo | None = None
                ) -> tuple[np.ndarray, list[WingFit | None]]:
     """The rows of the saturated detections (:func:`_saturated_near` their peak) and the Moffat
     fits to their unsaturated wings (:func:`.sep_objects.wing_fits`), started from their cores
     (:func:`_core_starts`; ``(x, y)`` without saturated pixels), within the saturated area's
-    radius plus 6 FWHM."""
+    radius plus 6 FWHM. With ``memo`` (for ``band`` alone), a fit from the same start and
+    radius is taken from it instead of being made again."""
     saturated = _saturation_mask(band, settings)
     which = np.flatnonzero(_saturated_near(saturated, settings.saturation_core_px,
                                            objects["xpeak"], objects["ypeak"]))
@@ -693,8 +700,14 @@ def _wing_fits(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarr
     beta = band.psf_beta if math.isfinite(band.psf_beta) and band.psf_beta > 1.0 \
         else _KOLMOGOROV_BETA
     start_x, start_y = _core_starts(saturated, segmap, objects, which, x, y)
-    return which, wing_fits(band.image, band.rms, usable, start_x, start_y, radius, fwhm_px,
-                            beta)
+    memo = {} if memo is None else memo
+    keys = list(zip(start_x.tolist(), start_y.tolist(), radius.astype(int).tolist()))
+    todo = [i for i, key in enumerate(keys) if key not in memo]
+    if todo:
+        memo.update(zip([keys[i] for i in todo],
+                        wing_fits(band.image, band.rms, usable, start_x[todo], start_y[todo],
+                                  radius[todo], fwhm_px, beta)))
+    return which, [memo[key] for key in keys]
 
 
 def _core_starts(saturated: np.ndarray, segmap: np.ndarray, objects: np.ndarray,
@@ -719,9 +732,11 @@ def _core_starts(saturated: np.ndarray, segmap: np.ndarray, objects: np.ndarray,
 
 
 def _fitted_wings(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarray,
-                  y: np.ndarray, settings: PhotometrySettings) -> list[tuple[int, WingFit]]:
+                  y: np.ndarray, settings: PhotometrySettings, memo: _WingMemo | None = None
+                  ) -> list[tuple[int, WingFit]]:
     """(row, fit) of the saturated detections whose wing fit succeeded (:func:`_wing_fits`)."""
-    return [(int(k), fit) for k, fit in zip(*_wing_fits(band, objects, segmap, x, y, settings))
+    return [(int(k), fit)
+            for k, fit in zip(*_wing_fits(band, objects, segmap, x, y, settings, memo))
             if fit is not None]
 
 
@@ -757,15 +772,16 @@ def _restored_cores(band: _Band, det: _Detection, settings: PhotometrySettings,
 
 
 def _detection(band: _Band, objects: np.ndarray, segmap: np.ndarray,
-               settings: PhotometrySettings) -> _Detection:
+               settings: PhotometrySettings, memo: _WingMemo) -> _Detection:
     """Positions, ellipses and Kron radii from the detection image (converged deblending
     pieces merged, :func:`_merge_twins`, and measured as one object: the union's moments and
-    a windowed centroid started from its barycentre, :func:`_recentred`)."""
+    a windowed centroid started from its barycentre, :func:`_recentred`); saturated stars'
+    wing fits already in ``memo`` (the halo pass's) are not made again."""
     gain = band.gain if band.gain > 0 else None
     cen = windowed_centroids(band.image, objects, band.rms, band.masked, segmap,
                              np.arange(1, objects.size + 1, dtype=np.int32), gain,
                              band.psf_r_half)
-    fitted = _fitted_wings(band, objects, segmap, cen.x, cen.y, settings)
+    fitted = _fitted_wings(band, objects, segmap, cen.x, cen.y, settings, memo)
     x, y, x_err, y_err = _saturated_centres(cen.x, cen.y, cen.x_err, cen.y_err, fitted)
     seeing_px = band.seeing_arcsec / band.pixel_scale_arcsec
     owner = _merge_twins(objects, segmap, x, y, settings.deblend_twin_fwhm * seeing_px,
@@ -1433,14 +1449,15 @@ def _measure(detection: _Band, bands: list[str], prepare: Callable[[str], _Band]
         # from the extraction before the halo pass, as a block takes it (_Coadd.psf_r_half):
         # the pass flags a saturated star deblended, which takes it out of the median
         detection = replace(detection, psf_r_half=_psf_radius(detection, settings, detected))
-    objects, segmap = _with_halos(detection, *detected, settings)
+    memo: _WingMemo = {}
+    objects, segmap = _with_halos(detection, *detected, settings, memo)
     meta = {"mode": mode, "tile": detection.tile, "detection_band": detection.name,
             "bands": list(bands), "ks4release_version": __version__,
             "sep_version": sep.__version__, "pixel_origin": 1,
             "detect_background_rms_adu": float(np.median(detection.rms)),
             "settings": {k: list(v) if isinstance(v, tuple) else v
                          for k, v in asdict(settings).items()}}
-    det = _detection(detection, objects, segmap, settings) if objects.size else None
+    det = _detection(detection, objects, segmap, settings, memo) if objects.size else None
     per_band = []
     for name in bands:
         band = detection if name == detection.name else prepare(name)

@@ -665,7 +665,7 @@ def test_restored_core_follows_the_true_star():
     header["PSFBETA"] = MOFFAT_BETA
     band = _prepare(image, mask, header, "I", SYNTH, None)
     objects, segmap = _detect(band, SYNTH)
-    restored = _restored_cores(band, _detection(band, objects, segmap, SYNTH), SYNTH)
+    restored = _restored_cores(band, _detection(band, objects, segmap, SYNTH, {}), SYNTH)
     core = mask > 0
     peak = float(truth.max())
     assert np.max(np.abs(restored[core] - truth[core])) < 0.05 * peak
@@ -698,7 +698,7 @@ def test_pieces_of_a_saturated_star_are_listed_once():
     split = segmap.copy()
     split[trail] = pieces.size
     assert mask[piece["ypeak"][0], piece["xpeak"][0]] == 2
-    det = _detection(band, pieces, split, SYNTH)
+    det = _detection(band, pieces, split, SYNTH, {})
     assert det.objects.size == objects.size
     near = np.hypot(det.x - x, det.y - y) < 2.0
     assert near.sum() == 1
