@@ -702,11 +702,11 @@ def _wing_fits(band: _Band, objects: np.ndarray, segmap: np.ndarray, x: np.ndarr
     start_x, start_y = _core_starts(saturated, segmap, objects, which, x, y)
     memo = {} if memo is None else memo
     keys = list(zip(start_x.tolist(), start_y.tolist(), radius.astype(int).tolist()))
-    todo = [i for i, key in enumerate(keys) if key not in memo]
-    if todo:
-        memo.update(zip([keys[i] for i in todo],
-                        wing_fits(band.image, band.rms, usable, start_x[todo], start_y[todo],
-                                  radius[todo], fwhm_px, beta)))
+    missing = [i for i, key in enumerate(keys) if key not in memo]
+    if missing:
+        memo.update(zip([keys[i] for i in missing],
+                        wing_fits(band.image, band.rms, usable, start_x[missing], start_y[missing],
+                                  radius[missing], fwhm_px, beta)))
     return which, [memo[key] for key in keys]
 
 
