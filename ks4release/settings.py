@@ -1094,8 +1094,8 @@ class PhotometrySettings:
         "DR1 did). Faint sources near brighter ones read too bright without it, the others "
         "too faint (the mesh sits above the bare sky). On the 1/4-scale survey the 0.5-mag "
         "bins of MAG_AUTO and MAG_APER5 - true of point sources of S/N > 20 beyond 0.005 mag "
-        "by more than twice their standard error went from 5 of 236 to none (B 22-22.5 "
-        "MAG_APER5 -0.018 -> -0.010), at about 40% more photometry time. With backphoto_type "
+        "by more than twice their standard error went from 5 of 236 to 1 (B 22-22.5 "
+        "MAG_APER5 -0.018 -> -0.010), at about 20% more photometry time. With backphoto_type "
         "LOCAL the annulus levels stand instead and the model is not applied.", default=True)
     stack_flux_correction: bool = documented(
         "Divide the Kron and aperture fluxes of point-like detections (CLASS_STAR >= "

@@ -1332,7 +1332,7 @@ def _subtract_neighbour_model(band: _Band, det: _Detection, radii: list[float],
     """``[photometry] neighbour_model`` (:mod:`.neighbour_model`): the Kron and aperture fluxes
     in ``cols`` (and the S/N) lose the other detections' modelled light in their apertures and
     the level the mesh takes from the sources' light, measured again on the co-add less the
-    model of its detections."""
+    model of its detections, on the first mesh's sky pixels (``band.mesh_mask``)."""
     b = band.name.lower()
     names = ["auto"] + [f"aper{d:g}" for d in APERTURE_DIAMETERS_ARCSEC]
     auto = cols[f"flux_auto_{b}"]
